@@ -1,0 +1,120 @@
+"""Speedrun: time to the nanoGPT CPU baseline's validation loss, baseline vs our speedrun preset.
+
+(a) the baseline in our code: 4 layers x 4 heads x 128 wide, context 64, batch 12, AdamW lr 1e-3
+    (cosine to 1e-4, warm-up 100, beta2 0.99), 2000 steps, no dropout, GPT-2 architecture, fp32;
+(b) configs/speedrun-shakespeare-cpu.yaml with a time budget equal to (a)'s training time.
+Both are evaluated on the whole validation split every --eval-every seconds of training (the
+evaluation time is not counted). Prints each one's time to --target, the ratio (b)/(a), and each
+one's loss at (a)'s end; plots both curves against time.
+
+    python benchmarks/speedrun.py [--target 1.88] [--eval-every 5] [--out benchmarks/results]
+
+Ends with one JSON line: target_loss, baseline_time_to_target_s, speedrun_time_to_target_s,
+ratio, baseline_loss_at_end, speedrun_loss_at_baseline_end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from gptkit.config import load_config
+from gptkit.data import bundled_corpus, prepare
+from gptkit.train import train
+
+ROOT = Path(__file__).resolve().parents[1]
+BASELINE = [
+    "model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "model.dropout=0.0",
+    "model.bias=false", "train.batch_size=12", "train.lr=1e-3", "train.min_lr_ratio=0.1", "train.warmup_steps=100",
+    "train.beta2=0.99", "train.max_steps=2000", "train.dtype=float32", "train.eval_interval=1000000",
+    "train.tensorboard=false",
+]  # fmt: skip
+
+
+def curve(run: Path) -> list[tuple[float, float]]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [(r["train_s"], r["val_loss"]) for r in rows if "val_loss" in r]
+
+
+def time_to(points: list[tuple[float, float]], target: float) -> float | None:
+    """First time the curve reaches target, interpolated linearly between evaluations."""
+    prev = None
+    for t, loss in points:
+        if loss <= target:
+            if prev is None:
+                return t
+            (t0, l0) = prev
+            return t0 + (t - t0) * (l0 - target) / (l0 - loss)
+        prev = (t, loss)
+    return None
+
+
+def loss_at(points: list[tuple[float, float]], when: float) -> float:
+    before = [loss for t, loss in points if t <= when]
+    return before[-1] if before else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--target", type=float, default=1.88)
+    ap.add_argument("--eval-every", type=float, default=5.0, help="seconds of training between evaluations")
+    ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    ap.add_argument("--preset", default=str(ROOT / "configs" / "speedrun-shakespeare-cpu.yaml"))
+    ap.add_argument("--set", action="append", default=[], help="extra overrides for the speedrun preset")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data"
+        prepare([str(bundled_corpus())], data, "char", progress=False)
+        evals = [f"train.eval_every_s={a.eval_every}", "train.eval_batches=0", "train.sample_tokens=0"]
+
+        cfg_a = load_config(None, BASELINE + evals)
+        cfg_a.data.dir = str(data)
+        res_a = train(cfg_a, Path(tmp) / "baseline", progress=False, quiet=True)
+        pts_a = curve(Path(tmp) / "baseline") + [(res_a.elapsed_s, res_a.val["loss"])]
+        end_a = pts_a[-1][0]
+
+        cfg_b = load_config(a.preset, evals + [f"train.max_time_s={end_a}", *a.set])
+        cfg_b.data.dir = str(data)
+        res_b = train(cfg_b, Path(tmp) / "speedrun", progress=False, quiet=True)
+        pts_b = curve(Path(tmp) / "speedrun") + [(res_b.elapsed_s, res_b.val["loss"])]
+
+    ta, tb = time_to(pts_a, a.target), time_to(pts_b, a.target)
+    result = {
+        "target_loss": a.target,
+        "baseline_time_to_target_s": ta,
+        "speedrun_time_to_target_s": tb,
+        "ratio": tb / ta if ta and tb else None,
+        "baseline_loss_at_end": pts_a[-1][1],
+        "speedrun_loss_at_baseline_end": loss_at(pts_b, end_a + 1e-6),
+        "baseline_end_s": end_a,
+        "baseline_steps": res_a.step,
+        "speedrun_steps": res_b.step,
+    }
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(*zip(*pts_a), marker="o", ms=3, label="(a) baseline: GPT-2 arch, AdamW")
+    ax.plot(*zip(*pts_b), marker="o", ms=3, label="(b) speedrun preset")
+    ax.axhline(a.target, color="grey", ls="--", lw=1)
+    ax.set_xlabel("training time (s)")
+    ax.set_ylabel("validation loss (whole split)")
+    ax.set_ylim(top=min(3.5, max(v for _, v in pts_a + pts_b)))
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "speedrun.png", dpi=110)
+    print(f"(a) baseline: {ta if ta is None else round(ta, 1)} s to {a.target}, {pts_a[-1][1]:.4f} at its end ({end_a:.0f} s)")
+    at_end = result["speedrun_loss_at_baseline_end"]
+    print(f"(b) speedrun: {tb if tb is None else round(tb, 1)} s to {a.target}, {at_end:.4f} at {end_a:.0f} s")
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,259 @@
+"""Typed configuration: dataclasses loadable from YAML/TOML, overridable with dotted keys.
+
+A run's whole configuration is one `Config`; it is saved beside every checkpoint as
+`config.yaml`, so a run can be reproduced and resumed from its folder alone.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptkit.errors import GptkitError
+
+
+@dataclass
+class ModelConfig:
+    vocab_size: int = 0  # 0: take it from the tokenizer
+    block_size: int = 256  # context length in tokens
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
+    # Modern options; the defaults give the GPT-2 architecture.
+    pos_embedding: str = "learned"  # learned | rope
+    rope_base: float = 10000.0
+    norm: str = "layernorm"  # layernorm | rmsnorm
+    qk_norm: bool = False
+    mlp: str = "gelu"  # gelu | relu2 | swiglu
+    mlp_ratio: float = 4.0
+    tie_embeddings: bool = True
+    zero_init_head: bool = False  # only for an untied head
+    logit_softcap: float = 0.0  # 0: off; else logits = c * tanh(logits / c)
+    n_kv_head: int = 0  # 0: same as n_head; fewer gives grouped-query attention
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 2000
+    batch_size: int = 16  # sequences per micro-step
+    grad_accum: int = 1  # micro-steps per optimizer step
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1  # final learning rate = lr * min_lr_ratio
+    warmup_steps: int = 100
+    schedule: str = "cosine"  # cosine | wsd (warm-up, stable, linear warm-down) | constant
+    warmdown_frac: float = 0.3  # share of steps spent decaying, for schedule=wsd
+    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    muon_lr: float = 0.02
+    muon_momentum: float = 0.95
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # 0: off
+    eval_interval: int = 250
+    eval_batches: int = 20  # batches per periodic evaluation (0: the whole split); the final one covers it all
+    eval_every_s: float = 0.0  # also evaluate every this many seconds of training (0: off)
+    log_interval: int = 10
+    checkpoint_interval: int = 1000
+    seed: int = 1337
+    device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
+    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast; weights stay fp32)
+    compile: bool = False
+    max_time_s: float = 0.0  # 0: no limit; else stop (and save) after this many seconds of training
+    tensorboard: bool = True
+    sample_tokens: int = 0  # print a sample of this many tokens at the end (0: none)
+    threads: int = 0  # 0: let torch decide
+
+
+@dataclass
+class DataConfig:
+    dir: str = ""  # a folder made by `gptkit prepare`
+    tokenizer: str = "char"  # char | bpe | gpt2:PATH
+    vocab_size: int = 4096  # for tokenizer=bpe
+    val_fraction: float = 0.1
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], source: str = "config") -> Config:
+        cfg = cls()
+        if not isinstance(d, dict):
+            raise GptkitError(f"{source}: expected a mapping of sections (model, train, data), got {type(d).__name__}")
+        for section, values in d.items():
+            if values is None:
+                continue
+            if not isinstance(values, dict):
+                raise GptkitError(f"{source}: section '{section}' must be a mapping of keys to values")
+            for key, value in values.items():
+                set_key(cfg, f"{section}.{key}", value, source=source)
+        return cfg
+
+    def save(self, path: Path) -> None:
+        path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
+
+    def validate(self) -> Config:
+        validate(self)
+        return self
+
+
+def all_keys(cfg: Config | None = None) -> list[str]:
+    cfg = cfg or Config()
+    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+
+
+def _unknown_key(key: str, source: str) -> GptkitError:
+    near = difflib.get_close_matches(key, all_keys(), n=1, cutoff=0.5)
+    hint = f"; did you mean '{near[0]}'?" if near else "; see the README for the list of keys"
+    return GptkitError(f"{source}: unknown config key '{key}'{hint}")
+
+
+def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
+    """Turn a YAML value or a --set string into the field's type, or say why it cannot be."""
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+            return value.lower() in ("true", "yes", "1", "on")
+        if isinstance(value, int) and value in (0, 1):
+            return bool(value)
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                f = float(value.replace("_", ""))
+                if f.is_integer():
+                    return int(f)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+    tname = getattr(typ, "__name__", str(typ))
+    raise GptkitError(f"{source}: {key} must be a {tname}, got {value!r}")
+
+
+def set_key(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
+    parts = key.split(".")
+    if len(parts) != 2 or not hasattr(cfg, parts[0]) or not dataclasses.is_dataclass(getattr(cfg, parts[0])):
+        raise _unknown_key(key, source)
+    section = getattr(cfg, parts[0])
+    hints = typing.get_type_hints(type(section))
+    if parts[1] not in hints:
+        raise _unknown_key(key, source)
+    setattr(section, parts[1], _coerce(value, hints[parts[1]], key, source))
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    for item in overrides or []:
+        if "=" not in item:
+            raise GptkitError(f"--set {item!r}: expected key=value, e.g. --set train.lr=3e-4")
+        key, value = item.split("=", 1)
+        set_key(cfg, key.strip(), yaml.safe_load(value) if value.strip() else "", source="--set")
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults, then the file (YAML or TOML), then `key=value` overrides; validated."""
+    cfg = Config()
+    if path:
+        p = Path(path)
+        if not p.is_file():
+            raise GptkitError(f"config file not found: {p}")
+        text = p.read_text(encoding="utf-8")
+        try:
+            if p.suffix == ".toml":
+                try:
+                    import tomllib
+                except ModuleNotFoundError:  # Python 3.10
+                    import tomli as tomllib  # type: ignore[no-redef]
+                data = tomllib.loads(text)
+            else:
+                data = yaml.safe_load(text) or {}
+        except Exception as e:  # a syntax error in the user's file
+            raise GptkitError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from e
+        cfg = Config.from_dict(data, source=str(p))
+    apply_overrides(cfg, overrides or [])
+    return cfg.validate()
+
+
+def _check(ok: bool, msg: str) -> None:
+    if not ok:
+        raise GptkitError(msg)
+
+
+def validate(cfg: Config) -> None:
+    m, t, d = cfg.model, cfg.train, cfg.data
+    for key in ("block_size", "n_layer", "n_head", "n_embd"):
+        _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
+    _check(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {m.vocab_size}")
+    _check(
+        m.n_embd % m.n_head == 0,
+        f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
+        f"e.g. n_embd={m.n_head * max(1, round(m.n_embd / m.n_head))}",
+    )
+    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
+    _check(m.pos_embedding in ("learned", "rope"), f"model.pos_embedding must be learned or rope, got {m.pos_embedding!r}")
+    _check(m.norm in ("layernorm", "rmsnorm"), f"model.norm must be layernorm or rmsnorm, got {m.norm!r}")
+    _check(m.mlp in ("gelu", "relu2", "swiglu"), f"model.mlp must be gelu, relu2 or swiglu, got {m.mlp!r}")
+    _check(m.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {m.mlp_ratio}")
+    _check(m.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}")
+    kv = m.n_kv_head or m.n_head
+    _check(
+        0 < kv <= m.n_head and m.n_head % kv == 0,
+        f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})",
+    )
+    if m.pos_embedding == "rope":
+        _check((m.n_embd // m.n_head) % 2 == 0, "RoPE needs an even head size (n_embd / n_head)")
+    _check(t.eval_batches >= 0, f"train.eval_batches must be >= 0 (0 = the whole split), got {t.eval_batches}")
+    _check(t.eval_every_s >= 0, f"train.eval_every_s must be >= 0 (0 = off), got {t.eval_every_s}")
+    for key in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "checkpoint_interval"):
+        _check(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
+    _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
+    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
+    _check(t.schedule in ("cosine", "wsd", "constant"), f"train.schedule must be cosine, wsd or constant, got {t.schedule!r}")
+    _check(0 <= t.warmdown_frac <= 1, f"train.warmdown_frac must be in [0, 1], got {t.warmdown_frac}")
+    _check(t.optimizer in ("adamw", "muon"), f"train.optimizer must be adamw or muon, got {t.optimizer!r}")
+    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
+    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
+    _check(t.max_time_s >= 0, f"train.max_time_s must be >= 0 (0 = no limit), got {t.max_time_s}")
+    _check(
+        t.dtype in ("auto", "float32", "bfloat16", "float16"),
+        f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}",
+    )
+    _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+    _check(
+        d.tokenizer in ("char", "bpe") or d.tokenizer.startswith("gpt2:"),
+        f"data.tokenizer must be char, bpe or gpt2:PATH, got {d.tokenizer!r}",
+    )
+    _check(
+        d.vocab_size >= 256 or d.tokenizer != "bpe", f"data.vocab_size must be >= 256 for a byte-level BPE, got {d.vocab_size}"
+    )
+    _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")

@@ -1,0 +1,296 @@
+"""A GPT decoder, as the textbooks draw it.
+
+    x = token embedding + position embedding
+    for each of N blocks:
+        x = x + Attention(LayerNorm(x))      # causal multi-head self-attention
+        x = x + MLP(LayerNorm(x))
+    logits = LMHead(LayerNorm(x))            # P(y_t | y_<t) = softmax(logits_t)
+
+The defaults are GPT-2's architecture, so weights convert both ways with Hugging Face
+`transformers`. Modern options (RoPE, RMSNorm, QK-norm, ReLU^2/SwiGLU, untied head, logit
+soft-capping, grouped-query attention) are config switches, all off by default.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from gptkit.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight; no mean subtraction, no bias."""
+
+    def __init__(self, dim: int, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+
+
+def make_norm(cfg: ModelConfig) -> nn.Module:
+    if cfg.norm == "rmsnorm":
+        return RMSNorm(cfg.n_embd)
+    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+
+
+def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin of position * frequency, shape (length, head_dim / 2)."""
+    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate each pair (x1_i, x2_i) of the head dimension by its position's angle; x: (B, H, T, D)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+
+
+@dataclass
+class KVCache:
+    """Keys and values of past positions, per layer, so each new token costs one position's work."""
+
+    k: torch.Tensor  # (n_layer, B, n_kv_head, max_len, head_dim)
+    v: torch.Tensor
+    pos: int = 0  # how many positions are filled
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        kv_heads = cfg.n_kv_head or cfg.n_head
+        shape = (cfg.n_layer, batch, kv_heads, max_len, cfg.n_embd // cfg.n_head)
+        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+
+    @property
+    def max_len(self) -> int:
+        return self.k.size(3)
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.layer = layer
+        self.n_head = cfg.n_head
+        self.n_kv_head = cfg.n_kv_head or cfg.n_head
+        self.head_dim = cfg.n_embd // cfg.n_head
+        # Q, K and V projections fused into one matmul (GPT-2's c_attn).
+        self.c_attn = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        self.qk_norm = cfg.qk_norm
+        self.dropout = cfg.dropout
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None,
+        cache: KVCache | None,
+    ) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(
+            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
+        )
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        if self.qk_norm:
+            q = F.rms_norm(q, (self.head_dim,))
+            k = F.rms_norm(k, (self.head_dim,))
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        past = 0
+        if cache is not None:
+            past = cache.pos
+            cache.k[self.layer, :, :, past : past + T] = k
+            cache.v[self.layer, :, :, past : past + T] = v
+            k = cache.k[self.layer, :, :, : past + T]
+            v = cache.v[self.layer, :, :, : past + T]
+
+        # softmax(Q K^T / sqrt(d) + causal mask) V. New query i sits at position past + i and may
+        # see keys 0 .. past + i; SDPA's is_causal aligns top-left, right only when past == 0.
+        mask = None
+        if past > 0 and T > 1:
+            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=(past == 0 and T > 1),
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_head != self.n_head,
+        )
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return F.dropout(self.c_proj(y), self.dropout, self.training)
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        self.kind = cfg.mlp
+        hidden = int(cfg.mlp_ratio * cfg.n_embd)
+        if self.kind == "swiglu":
+            # Two input matrices instead of one: keep the parameter count of the plain MLP.
+            hidden = int(2 * hidden / 3)
+            self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)
+        else:
+            self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
+        self.dropout = cfg.dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.c_fc(x)
+        if self.kind == "gelu":
+            h = F.gelu(h, approximate="tanh")  # GPT-2's "gelu_new"
+        elif self.kind == "relu2":
+            h = F.relu(h).square()
+        else:
+            gate, up = h.chunk(2, dim=-1)
+            h = F.silu(gate) * up
+        return F.dropout(self.c_proj(h), self.dropout, self.training)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int) -> None:
+        super().__init__()
+        self.ln_1 = make_norm(cfg)
+        self.attn = CausalSelfAttention(cfg, layer)
+        self.ln_2 = make_norm(cfg)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None) -> torch.Tensor:
+        x = x + self.attn(self.ln_1(x), rope, cache)
+        x = x + self.mlp(self.ln_2(x))
+        return x
+
+
+class GPT(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        if cfg.vocab_size <= 0:
+            raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
+        self.config = cfg
+        self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
+        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
+        self.ln_f = make_norm(cfg)
+        self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
+        if cfg.pos_embedding == "rope":
+            cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2: scale the residual-stream output projections by 1/sqrt(2 * n_layer) so the
+        # residual's variance does not grow with depth.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+        if cfg.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        elif cfg.zero_init_head:
+            nn.init.zeros_(self.lm_head.weight)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, nn.Linear):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        last_only: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """idx: (B, T) token ids. Returns logits (B, T, V) -- (B, 1, V) with last_only -- and,
+        given targets (-100 marks positions without loss), the mean cross-entropy."""
+        B, T = idx.shape
+        past = cache.pos if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.config.block_size})")
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
+        else:
+            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+        x = self.drop(x)
+        for block in self.blocks:
+            x = block(x, rope, cache)
+        if cache is not None:
+            cache.pos += T
+        x = self.ln_f(x)
+        if last_only:
+            x = x[:, -1:, :]
+        logits = self.lm_head(x)
+        if self.config.logit_softcap > 0:
+            c = self.config.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+        return logits, loss
+
+    # --- accounting ---
+
+    def num_params(self, non_embedding: bool = True) -> int:
+        """Parameters, counted once when tied; position embeddings excluded when non_embedding."""
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding and self.wpe is not None:
+            n -= self.wpe.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None, training: bool = True) -> float:
+        """Matmul FLOPs per token: 2 per weight of every Linear (the LM head included) plus the
+        attention scores and weighted sum; x3 for training (forward + backward)."""
+        cfg = self.config
+        T = seq_len or cfg.block_size
+        linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        attention = 2 * 2 * cfg.n_layer * T * cfg.n_embd  # QK^T and AV, full (not halved by the mask)
+        forward = 2 * linear + attention
+        return 3 * forward if training else forward
+
+    def state_dict_for_save(self) -> dict[str, torch.Tensor]:
+        """State dict without the tied head's duplicate (safetensors stores no shared tensors)."""
+        sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            sd.pop("lm_head.weight", None)
+        return sd
+
+    def load_saved_state(self, sd: dict[str, torch.Tensor]) -> None:
+        if self.config.tie_embeddings:
+            sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
+        missing, unexpected = self.load_state_dict(sd, strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and self.config.tie_embeddings)]
+        if missing or unexpected:
+            raise KeyError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+    def resize_vocab(self, new_size: int) -> None:
+        """Grow the embedding (and head) to new_size rows; new rows start at the mean embedding."""
+        old = self.wte.weight.data
+        if new_size <= old.size(0):
+            return
+        extra = old.mean(0, keepdim=True).repeat(new_size - old.size(0), 1)
+        self.wte = nn.Embedding(new_size, old.size(1), device=old.device, dtype=old.dtype)
+        self.wte.weight.data.copy_(torch.cat([old, extra]))
+        if self.config.tie_embeddings:
+            self.lm_head = nn.Linear(old.size(1), new_size, bias=False, device=old.device, dtype=old.dtype)
+            self.lm_head.weight = self.wte.weight
+        else:
+            head = self.lm_head.weight.data
+            self.lm_head = nn.Linear(old.size(1), new_size, bias=False, device=old.device, dtype=old.dtype)
+            self.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True).repeat(new_size - head.size(0), 1)]))
+        self.config.vocab_size = new_size

@@ -1,0 +1,115 @@
+"""Optimizers and the learning-rate schedule.
+
+AdamW decays matrices only (not biases, gains or embeddings' neighbours of that kind). Muon
+(momentum orthogonalised by a Newton-Schulz iteration) trains the hidden matrices, with AdamW
+for embeddings, the head and the 1-D parameters, as the speedrun literature does.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from gptkit.config import TrainConfig
+from gptkit.model import GPT
+
+
+def lr_factor(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
+    """The learning rate at `step` as a fraction of the peak: linear warm-up, then cosine decay,
+    a stable phase and a linear warm-down (wsd), or constant. With a time budget
+    (train.max_time_s), progress is whichever of steps and time has run further, so the decay
+    ends when the budget does."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    if cfg.schedule == "constant":
+        return 1.0
+    floor = cfg.min_lr_ratio
+    progress = min(1.0, max((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), time_frac))
+    if cfg.schedule == "wsd":
+        start = 1 - cfg.warmdown_frac
+        if progress < start:
+            return 1.0
+        return 1.0 - (1.0 - floor) * (progress - start) / max(cfg.warmdown_frac, 1e-9)
+    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
+    """Approximately orthogonal matrices with the singular vectors of g (..., m, n), singular
+    values pushed towards 1, by a quintic Newton-Schulz iteration in bf16."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    x = g.bfloat16()
+    transposed = x.size(-2) > x.size(-1)
+    if transposed:
+        x = x.mT
+    x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        s = x @ x.mT
+        x = a * x + (b * s + c * s @ s) @ x
+    if transposed:
+        x = x.mT
+    return x.to(g.dtype)
+
+
+class Muon(torch.optim.Optimizer):
+    """SGD with Nesterov momentum whose update is orthogonalised, for 2-D hidden weights.
+    Matrices of the same shape are orthogonalised together in one batched iteration: on a CPU
+    the many small matmuls of one-at-a-time cost more in overhead than in arithmetic."""
+
+    def __init__(
+        self, params: list[torch.nn.Parameter], lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0
+    ) -> None:
+        super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
+
+    @torch.no_grad()
+    def step(self, closure: None = None) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            by_shape: dict[tuple[int, ...], list[torch.nn.Parameter]] = {}
+            for p in group["params"]:
+                if p.grad is not None:
+                    by_shape.setdefault(tuple(p.shape), []).append(p)
+            for shape, params in by_shape.items():
+                bufs = []
+                for p in params:
+                    state = self.state[p]
+                    if "momentum_buffer" not in state:
+                        state["momentum_buffer"] = torch.zeros_like(p)
+                    bufs.append(state["momentum_buffer"])
+                grads = [p.grad for p in params]
+                torch._foreach_lerp_(bufs, grads, 1 - group["momentum"])
+                nesterov = torch.stack(grads).lerp_(torch.stack(bufs), group["momentum"])
+                updates = newton_schulz(nesterov).unbind(0)
+                # Same update RMS whatever the matrix's aspect ratio.
+                scale = max(1.0, shape[0] / shape[1]) ** 0.5
+                if group["weight_decay"]:
+                    torch._foreach_mul_(params, 1 - group["lr"] * group["weight_decay"])
+                torch._foreach_add_(params, updates, alpha=-group["lr"] * scale)
+
+
+def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+    """AdamW alone, or Muon (hidden matrices) + AdamW (everything else). Each group's `base_lr`
+    is scaled by lr_factor every step."""
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    embed_or_head = {n for n in params if n.startswith(("wte", "wpe", "lm_head"))}
+    matrices = [p for n, p in params.items() if p.dim() >= 2 and n not in embed_or_head]
+    embeddings = [p for n, p in params.items() if p.dim() >= 2 and n in embed_or_head]
+    vectors = [p for n, p in params.items() if p.dim() < 2]
+    adam_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if device.type == "cuda":
+        adam_kw["fused"] = True
+    if cfg.optimizer == "muon":
+        muon = Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum)
+        adam = torch.optim.AdamW(
+            [{"params": embeddings, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}], **adam_kw
+        )
+        optimizers: list[torch.optim.Optimizer] = [muon, adam]
+    else:
+        adam = torch.optim.AdamW(
+            [{"params": matrices + embeddings, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+            **adam_kw,
+        )
+        optimizers = [adam]
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group["base_lr"] = group["lr"]
+    return optimizers

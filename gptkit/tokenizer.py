@@ -1,0 +1,251 @@
+"""Tokenizers behind one interface: character-level, byte-level BPE (Hugging Face `tokenizers`)
+and GPT-2's published BPE. Each saves to and loads from a folder as JSON."""
+
+from __future__ import annotations
+
+import json
+import unicodedata
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+
+import numpy as np
+
+from gptkit.errors import GptkitError
+
+EOT = "<|endoftext|>"
+META_FILE = "gptkit_tokenizer.json"
+
+
+class Tokenizer:
+    """encode / decode / vocab_size / special tokens; subclasses implement the first two."""
+
+    kind: str = ""
+    special_tokens: dict[str, int]
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def eot_id(self) -> int:
+        return self.special_tokens[EOT]
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [np.asarray(self.encode(t), dtype=np.int64) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        raise NotImplementedError
+
+    def token_byte_lengths(self) -> np.ndarray:
+        """UTF-8 bytes each token stands for (0 for special tokens), for bits-per-byte."""
+        raise NotImplementedError
+
+    def save(self, folder: Path) -> None:
+        raise NotImplementedError
+
+
+class CharTokenizer(Tokenizer):
+    """One id per character seen in the corpus, then the special tokens."""
+
+    kind = "char"
+
+    def __init__(self, chars: list[str], specials: list[str] | None = None) -> None:
+        self.chars = list(chars)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        specials = specials if specials is not None else [EOT]
+        self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(specials)}
+        self.itos = self.chars + list(self.special_tokens)
+        # Fast path for encoding: a code point -> id table.
+        size = max((ord(c) for c in self.chars), default=0) + 1
+        self._table = np.full(size, -1, dtype=np.int64)
+        for c, i in self.stoi.items():
+            self._table[ord(c)] = i
+
+    @classmethod
+    def train(cls, texts: Iterable[str]) -> CharTokenizer:
+        seen: set[str] = set()
+        for t in texts:
+            seen.update(t)
+        if not seen:
+            raise GptkitError("cannot build a character tokenizer from an empty corpus")
+        return cls(sorted(seen))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.itos)
+
+    def encode(self, text: str) -> list[int]:
+        return self.encode_array(text).tolist()
+
+    def encode_array(self, text: str) -> np.ndarray:
+        codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
+        ids = np.where(codes < self._table.size, self._table[np.minimum(codes, self._table.size - 1)], -1)
+        bad = np.flatnonzero(ids < 0)
+        if bad.size:
+            pos = int(bad[0])
+            ch = text[pos]
+            name = unicodedata.name(ch, "unnamed")
+            raise GptkitError(
+                f"character {ch!r} (U+{ord(ch):04X} {name}) at position {pos} is not in this character "
+                f"tokenizer's vocabulary of {len(self.chars)} characters; use only characters from the training "
+                "corpus, or train with data.tokenizer=bpe, which represents any text"
+            )
+        return ids
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        return [self.encode_array(t) for t in texts]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        n = len(self.itos)
+        return "".join(self.itos[i] if 0 <= i < n else "\ufffd" for i in ids)
+
+    def token_byte_lengths(self) -> np.ndarray:
+        lengths = [len(c.encode("utf-8")) for c in self.chars] + [0] * len(self.special_tokens)
+        return np.asarray(lengths, dtype=np.int64)
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = {"kind": self.kind, "chars": self.chars, "special_tokens": list(self.special_tokens)}
+        (folder / META_FILE).write_text(json.dumps(meta, ensure_ascii=False))
+
+
+class HFTokenizer(Tokenizer):
+    """A byte-level BPE from Hugging Face `tokenizers`: trained here ("bpe") or GPT-2's ("gpt2")."""
+
+    def __init__(self, tok: object, kind: str) -> None:
+        self.tok = tok
+        self.kind = kind
+        self.special_tokens = {EOT: tok.token_to_id(EOT)}  # type: ignore[attr-defined]
+        if self.special_tokens[EOT] is None:
+            raise GptkitError(f"tokenizer has no {EOT} token")
+
+    @staticmethod
+    def _byte_level(model: object) -> object:
+        from tokenizers import Tokenizer as HFTok
+        from tokenizers import decoders, pre_tokenizers
+
+        tok = HFTok(model)  # type: ignore[arg-type]
+        # No prefix space and no normalizer: decode(encode(s)) == s for every string.
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        return tok
+
+    @classmethod
+    def train(cls, texts: Iterable[str], vocab_size: int) -> HFTokenizer:
+        from tokenizers import models, pre_tokenizers, trainers
+
+        tok = cls._byte_level(models.BPE())
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            special_tokens=[EOT],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer=trainer)  # type: ignore[attr-defined]
+        return cls(tok, "bpe")
+
+    @classmethod
+    def gpt2(cls, path: str | Path) -> HFTokenizer:
+        """GPT-2's BPE from a folder holding vocab.json + merges.txt or encoder.json + vocab.bpe."""
+        from tokenizers import AddedToken, models
+
+        p = Path(path)
+        pairs = [("vocab.json", "merges.txt"), ("encoder.json", "vocab.bpe")]
+        for vocab, merges in pairs:
+            if (p / vocab).is_file() and (p / merges).is_file():
+                try:
+                    tok = cls._byte_level(models.BPE.from_file(str(p / vocab), str(p / merges)))
+                except Exception as e:
+                    raise GptkitError(f"{p}: cannot read GPT-2 BPE files: {e}") from e
+                tok.add_special_tokens([AddedToken(EOT, special=True)])  # type: ignore[attr-defined]
+                return cls(tok, "gpt2")
+        if (p / "tokenizer.json").is_file():
+            return cls._load_hf_json(p / "tokenizer.json", "gpt2")
+        raise GptkitError(
+            f"{p}: no GPT-2 tokenizer files found; expected vocab.json + merges.txt (Hugging Face names) "
+            "or encoder.json + vocab.bpe (OpenAI names)"
+        )
+
+    @classmethod
+    def _load_hf_json(cls, file: Path, kind: str) -> HFTokenizer:
+        from tokenizers import Tokenizer as HFTok
+
+        try:
+            return cls(HFTok.from_file(str(file)), kind)
+        except GptkitError:
+            raise
+        except Exception as e:
+            raise GptkitError(f"{file}: not a readable tokenizer file: {e}") from e
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tok.get_vocab_size(with_added_tokens=True)  # type: ignore[attr-defined]
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids  # type: ignore[attr-defined]
+
+    def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
+        # Rust-side batch encoding, parallel over all cores.
+        encs = self.tok.encode_batch_fast(texts, add_special_tokens=False)  # type: ignore[attr-defined]
+        return [np.asarray(e.ids, dtype=np.int64) for e in encs]
+
+    def decode(self, ids: Iterable[int]) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)  # type: ignore[attr-defined]
+
+    def token_byte_lengths(self) -> np.ndarray:
+        # Byte-level BPE spells each byte as one printable character, so a token's string
+        # length is its byte count.
+        lengths = np.zeros(self.vocab_size, dtype=np.int64)
+        special = set(self.special_tokens.values())
+        for token, i in self.tok.get_vocab(with_added_tokens=True).items():  # type: ignore[attr-defined]
+            lengths[i] = 0 if i in special else len(token)
+        return lengths
+
+    def save(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.tok.save(str(folder / "tokenizer.json"))  # type: ignore[attr-defined]
+        (folder / META_FILE).write_text(json.dumps({"kind": self.kind}))
+
+
+def load_tokenizer(folder: str | Path) -> Tokenizer:
+    folder = Path(folder)
+    meta_file = folder / META_FILE
+    if not meta_file.is_file():
+        raise GptkitError(f"{folder}: no tokenizer here (missing {META_FILE})")
+    try:
+        meta = json.loads(meta_file.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptkitError(f"{meta_file}: corrupt tokenizer file ({e})") from e
+    kind = meta.get("kind")
+    if kind == "char":
+        return CharTokenizer(meta["chars"], meta.get("special_tokens", [EOT]))
+    if kind in ("bpe", "gpt2"):
+        return HFTokenizer._load_hf_json(folder / "tokenizer.json", kind)
+    raise GptkitError(f"{meta_file}: unknown tokenizer kind {kind!r}")
+
+
+def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: int = 4096) -> Tokenizer:
+    """spec: "char" or "bpe" (trained on texts) or "gpt2:PATH" (loaded from files)."""
+    if spec.startswith("gpt2:"):
+        return HFTokenizer.gpt2(spec.split(":", 1)[1])
+    if texts is None:
+        raise ValueError(f"tokenizer {spec!r} needs texts to train on")
+    if spec == "char":
+        return CharTokenizer.train(texts)
+    if spec == "bpe":
+        return HFTokenizer.train(texts, vocab_size)
+    raise GptkitError(f"unknown tokenizer {spec!r}; use char, bpe or gpt2:PATH")
+
+
+def iter_batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
+    batch: list[str] = []
+    for item in items:
+        batch.append(item)
+        if len(batch) >= size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch

@@ -1,0 +1,430 @@
+"""The training loop: one loop for pretraining and fine-tuning.
+
+AdamW (or Muon + AdamW), warm-up then cosine decay, gradient clipping and accumulation,
+optional autocast and torch.compile, periodic evaluation, a progress bar, metrics to
+metrics.jsonl and TensorBoard, checkpoints that resume exactly, and a clean stop on
+Ctrl-C / SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import signal
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gptkit.checkpoint import TrainingState, is_run, load_training_state, save_checkpoint
+from gptkit.config import Config
+from gptkit.data import Batches, DataSet, prepare
+from gptkit.errors import GptkitError
+from gptkit.evaluate import summarize, token_losses
+from gptkit.model import GPT
+from gptkit.optim import build_optimizers, lr_factor
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise GptkitError(f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise GptkitError("train.device=cuda but no CUDA GPU is available; use train.device=cpu or auto")
+    return dev
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls run several times faster than fp32 on this CPU."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if device.type == "cpu" and cpu_has_fast_bf16():
+            return torch.bfloat16
+        return torch.float32
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+
+
+def autocast_context(device: torch.device, dtype: torch.dtype) -> Any:
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    step: int
+    val: dict[str, Any] = field(default_factory=dict)  # final evaluation over the whole split
+    losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss) as logged
+    interrupted: str = ""  # "SIGINT"/"SIGTERM" when a signal stopped the run
+    elapsed_s: float = 0.0
+
+
+class _StopFlag:
+    """Ctrl-C and SIGTERM set a flag; the loop saves a checkpoint and returns."""
+
+    def __init__(self) -> None:
+        self.signal = ""
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> _StopFlag:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+
+def _absolute_or_relative(path: Path, run_dir: Path) -> str:
+    """Paths inside the run folder are stored relative to it, so the folder can move."""
+    path, run_dir = path.resolve(), run_dir.resolve()
+    try:
+        return str(path.relative_to(run_dir))
+    except ValueError:
+        return str(path)
+
+
+def setup_run(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, text: str | None, progress: bool) -> DataSet:
+    """Check the run folder, prepare data if asked, and write config + tokenizer into the run."""
+    if resume:
+        if not is_run(run_dir):
+            raise GptkitError(f"--resume {run_dir}: not a gptkit run folder (no config.yaml)")
+    elif is_run(run_dir):
+        if not overwrite:
+            raise GptkitError(
+                f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, --overwrite to replace it, "
+                "or choose another --out"
+            )
+        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "tensorboard", "data", "tokenizer"):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+        for name in ("metrics.jsonl", "loss.png", "config.yaml"):
+            (run_dir / name).unlink(missing_ok=True)
+    if text is not None and not resume:
+        data_dir = run_dir / "data"
+        prepare(
+            [text], data_dir, cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.val_fraction, overwrite=True, progress=progress
+        )
+        cfg.data.dir = "data"
+    if not cfg.data.dir:
+        raise GptkitError("no training data: pass --data DATA_DIR (from `gptkit prepare`) or --text FILE")
+    data_path = Path(cfg.data.dir)
+    if not data_path.is_absolute():
+        data_path = run_dir / data_path if (resume or text is not None) else data_path
+    ds = DataSet(data_path)
+    if not resume:
+        cfg.data.dir = _absolute_or_relative(data_path, run_dir)
+        cfg.data.tokenizer = cfg.data.tokenizer if text is not None else ds.tokenizer.kind
+    if cfg.model.vocab_size == 0:
+        cfg.model.vocab_size = ds.tokenizer.vocab_size
+    elif cfg.model.vocab_size < ds.tokenizer.vocab_size:
+        raise GptkitError(
+            f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
+            f"({ds.tokenizer.vocab_size}); leave it 0 to take the tokenizer's"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ds.tokenizer.save(run_dir / "tokenizer")
+    cfg.save(run_dir / "config.yaml")
+    return ds
+
+
+class MetricsLog:
+    """metrics.jsonl always; TensorBoard when it is installed and enabled."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None) -> None:
+        path = run_dir / "metrics.jsonl"
+        if resume_step is not None and path.exists():
+            # Rows logged after the checkpoint we resume from are about to be redone.
+            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= resume_step]
+            path.write_text("".join(r + "\n" for r in rows))
+        self.file = open(path, "a")
+        self.tb = None
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+            except ImportError:
+                pass
+
+    def log(self, step: int, **values: float) -> None:
+        self.file.write(json.dumps({"step": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(k, v, step)
+
+    def close(self) -> None:
+        self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def plot_losses(run_dir: Path) -> Path | None:
+    """loss.png: train and validation loss against step, from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), label="validation", marker="o", ms=3)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    out = run_dir / "loss.png"
+    fig.savefig(out, dpi=110)
+    plt.close(fig)
+    return out
+
+
+class _Bar:
+    """A rich progress bar showing loss, tokens/s and ETA (nothing when disabled)."""
+
+    def __init__(self, enabled: bool, total: int, start: int) -> None:
+        self.p = None
+        if enabled:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.p = Progress(
+                TextColumn("[bold]train"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  ETA"),
+                TimeRemainingColumn(),
+            )
+            self.task = self.p.add_task("train", total=total, completed=start, loss="-", tps="-")
+            self.p.start()
+
+    def update(self, step: int, loss: float | None = None, tps: float | None = None) -> None:
+        if self.p is not None:
+            fields = {}
+            if loss is not None:
+                fields = {"loss": f"{loss:.4f}", "tps": f"{tps:,.0f}"}
+            self.p.update(self.task, completed=step, **fields)
+
+    def print(self, msg: str) -> None:
+        if self.p is not None:
+            self.p.console.print(msg)
+        else:
+            print(msg, flush=True)
+
+    def stop(self) -> None:
+        if self.p is not None:
+            self.p.stop()
+
+
+def train(
+    cfg: Config,
+    run_dir: str | Path,
+    resume: bool = False,
+    overwrite: bool = False,
+    text: str | None = None,
+    progress: bool = True,
+    on_eval: Callable[[int, float], None] | None = None,
+    init_from: GPT | None = None,
+    quiet: bool = False,
+    stop_at: int | None = None,
+) -> TrainResult:
+    """Train (or resume) the run in `run_dir` as `cfg` says; returns the final evaluation.
+
+    on_eval(step, val_loss) is called after each periodic evaluation (hyperparameter search
+    uses it to prune); init_from starts from given weights instead of a fresh initialisation;
+    stop_at pauses the run after that step with a checkpoint, as an interruption would."""
+    run_dir = Path(run_dir)
+    ds = setup_run(cfg, run_dir, resume, overwrite, text, progress)
+    tc = cfg.train
+    device = resolve_device(tc.device)
+    dtype = resolve_dtype(tc.dtype, device)
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    torch.manual_seed(tc.seed)
+
+    train_tokens, val_tokens = ds.split("train"), ds.split("val")
+    batches = Batches(train_tokens, cfg.model.block_size, tc.batch_size, tc.seed, "train")
+    if len(val_tokens) < 2:
+        raise GptkitError(f"{ds.folder}: the validation split is empty; use a larger --val-fraction or corpus")
+
+    model = init_from if init_from is not None else GPT(cfg.model)
+    model.to(device)
+    optimizers = build_optimizers(model, tc, device)
+    state = TrainingState()
+    if resume:
+        state = load_training_state(run_dir, model, optimizers)
+        torch.set_rng_state(state.tensors["torch"])
+        batches.load_state(state.tensors["sampler"])
+        if device.type == "cuda" and "cuda" in state.tensors:
+            torch.cuda.set_rng_state(state.tensors["cuda"])
+    step_fn = torch.compile(model) if tc.compile else model
+    amp = autocast_context(device, dtype)
+    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.block_size
+    log = MetricsLog(run_dir, tc.tensorboard, state.step if resume else None)
+    byte_lengths = ds.tokenizer.token_byte_lengths()
+    result = TrainResult(run_dir=run_dir, step=state.step)
+
+    def checkpoint() -> None:
+        state.tensors = {"torch": torch.get_rng_state(), "sampler": batches.state()}
+        if device.type == "cuda":
+            state.tensors["cuda"] = torch.cuda.get_rng_state()
+        save_checkpoint(run_dir, model, optimizers, state)
+
+    if not quiet:
+        print(
+            f"gptkit: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} MFLOPs/token "
+            f"(training), {device.type} {str(dtype).replace('torch.', '')}, {len(train_tokens):,} train tokens, "
+            f"run folder {run_dir}",
+            flush=True,
+        )
+    bar = _Bar(progress and not quiet, tc.max_steps, state.step)
+    t_start = time.perf_counter() - state.elapsed_s
+    t_log, tokens_at_log = time.perf_counter(), 0
+    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+    loss_count = 0
+    eval_s, last_eval = 0.0, 0.0  # seconds spent evaluating; training time of the last evaluation
+    model.train()
+    try:
+        with _StopFlag() as stop:
+            while state.step < tc.max_steps:
+                time_frac = (time.perf_counter() - t_start - eval_s) / tc.max_time_s if tc.max_time_s else 0.0
+                factor = lr_factor(state.step, tc, time_frac)
+                for opt in optimizers:
+                    for group in opt.param_groups:
+                        group["lr"] = group["base_lr"] * factor
+                for _ in range(tc.grad_accum):
+                    x, y = batches.next()
+                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                    with amp:
+                        _, loss = step_fn(x, y)
+                    scaler.scale(loss / tc.grad_accum).backward()
+                    loss_sum += loss.detach() / tc.grad_accum
+                if tc.grad_clip > 0:
+                    for opt in optimizers:
+                        scaler.unscale_(opt)
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
+                for opt in optimizers:
+                    scaler.step(opt)
+                scaler.update()
+                for opt in optimizers:
+                    opt.zero_grad(set_to_none=True)
+                state.step += 1
+                state.tokens_seen += tokens_per_step
+                tokens_at_log += tokens_per_step
+                loss_count += 1
+
+                if state.step % tc.log_interval == 0 or state.step == tc.max_steps:
+                    loss_val = (loss_sum / loss_count).item()
+                    loss_sum.zero_()
+                    loss_count = 0
+                    if not math.isfinite(loss_val):
+                        raise GptkitError(
+                            f"training diverged at step {state.step} (loss {loss_val}); lower train.lr or raise "
+                            "train.warmup_steps. The last checkpoint is kept."
+                        )
+                    now = time.perf_counter()
+                    tps = tokens_at_log / max(now - t_log, 1e-9)
+                    t_log, tokens_at_log = now, 0
+                    log.log(state.step, loss=loss_val, lr=tc.lr * factor, tokens_per_s=tps, elapsed_s=now - t_start)
+                    result.losses.append((state.step, loss_val))
+                    bar.update(state.step, loss_val, tps)
+                else:
+                    bar.update(state.step)
+
+                train_s = time.perf_counter() - t_start - eval_s
+                due = state.step % tc.eval_interval == 0 or (tc.eval_every_s > 0 and train_s - last_eval >= tc.eval_every_s)
+                if due and state.step < tc.max_steps:
+                    t_eval, last_eval = time.perf_counter(), train_s
+                    # eval_batches random batches (a fresh generator: training's RNG is untouched), or all.
+                    gen = torch.Generator().manual_seed(tc.seed + state.step) if tc.eval_batches else None
+                    total, count, _ = token_losses(model, val_tokens, tc.batch_size, device, amp, tc.eval_batches or None, gen)
+                    val_loss = total / count
+                    log.log(state.step, val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)), train_s=train_s)
+                    if not quiet:
+                        bar.print(f"step {state.step}: val loss {val_loss:.4f} ({train_s:.0f}s)")
+                    if on_eval is not None:
+                        on_eval(state.step, val_loss)
+                    eval_s += time.perf_counter() - t_eval
+                    t_log, tokens_at_log = time.perf_counter(), 0  # evaluation time is not training time
+
+                state.elapsed_s = time.perf_counter() - t_start
+                out_of_time = tc.max_time_s > 0 and state.elapsed_s - eval_s >= tc.max_time_s
+                if stop_at is not None and state.step >= stop_at and state.step < tc.max_steps:
+                    stop.signal = "stop_at"
+                if stop.signal or out_of_time or state.step % tc.checkpoint_interval == 0:
+                    checkpoint()
+                if stop.signal:
+                    result.interrupted = stop.signal
+                    bar.stop()
+                    if not quiet:
+                        print(
+                            f"gptkit: {stop.signal} received; checkpoint saved at step {state.step}. "
+                            f"Continue with: gptkit train --resume {run_dir}",
+                            flush=True,
+                        )
+                    break
+                if out_of_time:
+                    break
+            if not result.interrupted:
+                checkpoint()
+    finally:
+        bar.stop()
+        log.close()
+
+    result.step = state.step
+    result.elapsed_s = state.elapsed_s
+    if not result.interrupted:
+        total, count, predicted = token_losses(model, val_tokens, tc.batch_size, device, amp)
+        result.val = summarize(total, count, predicted, byte_lengths)
+        _append_final(run_dir, state.step, result.val)
+        plot_losses(run_dir)
+        if not quiet:
+            print(
+                f"gptkit: done at step {state.step} in {state.elapsed_s:.0f}s: validation loss {result.val['loss']:.4f} "
+                f"(whole split, {result.val['tokens']:,} tokens), bits/byte {result.val['bits_per_byte']:.3f}",
+                flush=True,
+            )
+    return result
+
+
+def _append_final(run_dir: Path, step: int, val: dict[str, Any]) -> None:
+    with open(run_dir / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": step, "final_val_loss": val["loss"], "final_val_bits_per_byte": val["bits_per_byte"]}) + "\n")

@@ -1,0 +1,65 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared" / "data"
+SHAKESPEARE = SHARED / "tinyshakespeare.txt"
+
+# Small and deterministic on a 2-core machine.
+torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def tiny_overrides(**extra: object) -> list[str]:
+    """A model and schedule small enough that a test trains in seconds."""
+    base = {
+        "model.n_layer": 2,
+        "model.n_head": 2,
+        "model.n_embd": 32,
+        "model.block_size": 32,
+        "train.batch_size": 8,
+        "train.max_steps": 20,
+        "train.eval_interval": 10,
+        "train.eval_batches": 2,
+        "train.log_interval": 1,
+        "train.warmup_steps": 2,
+        "train.dtype": "float32",
+        "train.tensorboard": False,
+        "train.sample_tokens": 0,
+    }
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+@pytest.fixture(scope="session")
+def small_text(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The first 60,000 characters of tiny Shakespeare."""
+    p = tmp_path_factory.mktemp("corpus") / "small.txt"
+    p.write_text(SHAKESPEARE.read_text(encoding="utf-8")[:60_000], encoding="utf-8")
+    return p
+
+
+@pytest.fixture(scope="session")
+def small_data(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> Path:
+    from gptkit.data import prepare
+
+    out = tmp_path_factory.mktemp("data") / "small"
+    prepare([str(small_text)], out, "char", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> Path:
+    """A tiny run trained for 80 steps, shared by the read-only tests."""
+    from gptkit.config import load_config
+    from gptkit.train import train
+
+    run = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = load_config(None, tiny_overrides(**{"train.max_steps": 80, "train.lr": 1e-2, "train.eval_interval": 20}))
+    cfg.data.dir = str(small_data)
+    train(cfg, run, progress=False, quiet=True)
+    return run

@@ -1,0 +1,103 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from gptkit.checkpoint import load_model
+from gptkit.errors import GptkitError
+from gptkit.generate import SamplingParams, TextStream, generate, generate_ids, process_logits
+
+
+@pytest.fixture(scope="module")
+def model_tok(trained_run: Path):  # noqa: ANN201
+    model, tok, _ = load_model(trained_run)
+    return model, tok
+
+
+def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
+    out = list(ids)
+    for _ in range(n):
+        window = torch.tensor([out[-model.config.block_size :]])
+        logits, _ = model(window)
+        out.append(int(logits[0, -1].argmax()))
+    return out[len(ids) :]
+
+
+def test_greedy_through_cache_equals_full_recompute(model_tok) -> None:  # noqa: ANN001
+    model, tok = model_tok
+    ids = tok.encode("First Citizen:\n")
+    got = [int(t[0]) for t in generate_ids(model, torch.tensor([ids]), SamplingParams(max_new_tokens=12, temperature=0))]
+    assert got == greedy_without_cache(model, ids, 12)
+
+
+def test_long_generation_and_prompt_beyond_context(model_tok) -> None:  # noqa: ANN001
+    model, tok = model_tok
+    block = model.config.block_size
+    long_prompt = ("All the world's a stage " * 10)[: 3 * block]
+    params = SamplingParams(max_new_tokens=3 * block, temperature=1.0, seed=1, stop_at_eot=False)
+    s = TextStream(model, tok, long_prompt, params)
+    text = "".join(s)
+    assert s.completion_tokens == 3 * block and len(text) == 3 * block  # char model: a token per character
+    assert s.finish_reason == "length" and s.prompt_tokens == 3 * block
+
+
+def test_seed_reproducible_and_temperature_matters(model_tok) -> None:  # noqa: ANN001
+    model, tok = model_tok
+    a = generate(model, tok, "ROMEO:", SamplingParams(max_new_tokens=40, temperature=1.0, seed=3))
+    b = generate(model, tok, "ROMEO:", SamplingParams(max_new_tokens=40, temperature=1.0, seed=3))
+    c = generate(model, tok, "ROMEO:", SamplingParams(max_new_tokens=40, temperature=1.0, seed=4))
+    assert a == b and a != c
+
+
+def test_stop_strings_cut_the_text(model_tok) -> None:  # noqa: ANN001
+    model, tok = model_tok
+    full = generate(model, tok, "ROMEO:", SamplingParams(max_new_tokens=60, temperature=1.0, seed=7, stop_at_eot=False))
+    stop = full[10:12]
+    s = TextStream(
+        model, tok, "ROMEO:", SamplingParams(max_new_tokens=60, temperature=1.0, seed=7, stop=[stop], stop_at_eot=False)
+    )
+    pieces = list(s)
+    text = "".join(pieces)
+    assert text == full[: full.index(stop)]
+    assert s.finish_reason == "stop"
+
+
+def test_top_k_and_top_p_restrict_the_support() -> None:
+    torch.manual_seed(0)
+    logits = torch.randn(4, 100)
+    ctx = torch.zeros(4, 1, dtype=torch.long)
+    k = process_logits(logits, ctx, SamplingParams(temperature=1.0, top_k=5))
+    assert ((k > float("-inf")).sum(-1) == 5).all()
+    p = process_logits(logits, ctx, SamplingParams(temperature=1.0, top_p=0.5))
+    probs = logits.softmax(-1)
+    for row in range(4):
+        kept = (p[row] > float("-inf")).nonzero().flatten()
+        mass = probs[row, kept].sum()
+        assert mass >= 0.5
+        # Minimal: without its least likely token the kept set would fall short of top_p.
+        assert mass - probs[row, kept].min() < 0.5
+    assert (process_logits(logits, ctx, SamplingParams(temperature=0)).argmax(-1) == logits.argmax(-1)).all()
+
+
+def test_repetition_penalty_lowers_seen_tokens() -> None:
+    logits = torch.tensor([[2.0, -1.0, 0.5]])
+    out = process_logits(logits, torch.tensor([[0, 1]]), SamplingParams(temperature=1.0, repetition_penalty=2.0))
+    assert out.tolist() == [[1.0, -2.0, 0.5]]
+
+
+def test_bad_sampling_params(model_tok) -> None:  # noqa: ANN001
+    model, tok = model_tok
+    for bad in (dict(temperature=-1), dict(top_p=0), dict(top_k=-1), dict(max_new_tokens=-5), dict(repetition_penalty=0)):
+        with pytest.raises(GptkitError):
+            generate(model, tok, "a", SamplingParams(**bad))  # type: ignore[arg-type]
+
+
+def test_bf16_weights_decode(model_tok) -> None:  # noqa: ANN001
+    model, tok = model_tok
+    import copy
+
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    text = generate(bf, tok, "ROMEO:", SamplingParams(max_new_tokens=20, temperature=0))
+    assert len(text) == 20

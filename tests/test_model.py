@@ -1,0 +1,124 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gptkit.config import ModelConfig
+from gptkit.model import GPT, KVCache
+
+VARIANTS = {
+    "gpt2": {},
+    "rope": {"pos_embedding": "rope"},
+    "rmsnorm": {"norm": "rmsnorm", "bias": False},
+    "qk_norm": {"qk_norm": True},
+    "relu2": {"mlp": "relu2"},
+    "swiglu": {"mlp": "swiglu"},
+    "untied": {"tie_embeddings": False, "zero_init_head": False},
+    "softcap": {"logit_softcap": 15.0},
+    "gqa": {"n_kv_head": 2},
+    "modern": {
+        "pos_embedding": "rope",
+        "norm": "rmsnorm",
+        "qk_norm": True,
+        "mlp": "relu2",
+        "tie_embeddings": False,
+        "logit_softcap": 30.0,
+        "n_kv_head": 1,
+        "bias": False,
+    },
+}
+
+
+def make(**kw: object) -> GPT:
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=50, block_size=24, n_layer=2, n_head=4, n_embd=32, **kw)  # type: ignore[arg-type]
+    return GPT(cfg).eval()
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_shapes_and_loss(variant: str) -> None:
+    m = make(**VARIANTS[variant])
+    x = torch.randint(0, 50, (3, 24))
+    logits, loss = m(x, torch.randint(0, 50, (3, 24)))
+    assert logits.shape == (3, 24, 50)
+    assert loss is not None and loss.ndim == 0 and torch.isfinite(loss)
+    # At initialisation the prediction is near uniform: loss close to ln(vocab).
+    assert abs(loss.item() - torch.log(torch.tensor(50.0)).item()) < 0.5
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_causality(variant: str) -> None:
+    """Changing a future token never changes the logits of earlier positions."""
+    m = make(**VARIANTS[variant])
+    x = torch.randint(0, 50, (2, 20))
+    base, _ = m(x)
+    for t in (0, 7, 19):
+        y = x.clone()
+        y[:, t] = (y[:, t] + 1) % 50
+        changed, _ = m(y)
+        torch.testing.assert_close(changed[:, :t], base[:, :t], atol=0, rtol=0)
+        assert not torch.allclose(changed[:, t:], base[:, t:])
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_kv_cache_equals_full_forward(variant: str) -> None:
+    m = make(**VARIANTS[variant])
+    x = torch.randint(0, 50, (2, 24))
+    full, _ = m(x)
+    cache = KVCache.empty(m.config, 2, 24, x.device, torch.float32)
+    steps = [m(x[:, :5], cache=cache)[0]]  # a prefill of 5, then a chunk of 3, then one by one
+    steps.append(m(x[:, 5:8], cache=cache)[0])
+    for t in range(8, 24):
+        steps.append(m(x[:, t : t + 1], cache=cache)[0])
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
+    assert cache.pos == 24
+
+
+def test_context_overflow_is_an_error() -> None:
+    m = make()
+    with pytest.raises(ValueError, match="longer than the context"):
+        m(torch.zeros(1, 25, dtype=torch.long))
+
+
+def test_gpt2_init_and_tying() -> None:
+    torch.manual_seed(0)
+    m = GPT(ModelConfig(vocab_size=100, block_size=64, n_layer=8, n_head=4, n_embd=128))
+    assert m.lm_head.weight is m.wte.weight
+    std_proj = m.blocks[0].attn.c_proj.weight.std().item()
+    std_fc = m.blocks[0].mlp.c_fc.weight.std().item()
+    assert abs(std_fc - 0.02) < 0.002
+    assert abs(std_proj - 0.02 / (2 * 8) ** 0.5) < 0.001
+    assert m.blocks[0].attn.c_attn.bias.abs().sum() == 0
+
+
+def test_param_count_and_flops_match_gpt2_small() -> None:
+    m = GPT(ModelConfig(vocab_size=50257, block_size=1024, n_layer=12, n_head=12, n_embd=768))
+    # GPT-2 small: 124,439,808 parameters with position embeddings, tied head.
+    assert m.num_params(non_embedding=False) == 124_439_808
+    assert m.num_params() == 124_439_808 - 1024 * 768
+    linear = 12 * (768 * 2304 + 768 * 768 + 2 * 768 * 3072) + 768 * 50257
+    assert m.flops_per_token(1024, training=False) == 2 * linear + 4 * 12 * 1024 * 768
+    assert m.flops_per_token(1024) == 3 * m.flops_per_token(1024, training=False)
+
+
+def test_save_state_without_shared_head() -> None:
+    m = make()
+    sd = m.state_dict_for_save()
+    assert "lm_head.weight" not in sd
+    m2 = make(**{})
+    torch.nn.init.zeros_(m2.wte.weight)
+    m2.load_saved_state(sd)
+    x = torch.randint(0, 50, (1, 10))
+    torch.testing.assert_close(m2(x)[0], m(x)[0])
+    with pytest.raises(KeyError):
+        m2.load_saved_state({k: v for k, v in sd.items() if k != "ln_f.weight"})
+
+
+def test_ignore_index_masks_loss() -> None:
+    m = make()
+    x = torch.randint(0, 50, (2, 10))
+    y = x.clone()
+    y[:, :5] = -100
+    logits, loss = m(x, y)
+    ref = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 50), x[:, 5:].reshape(-1))
+    torch.testing.assert_close(loss, ref)
