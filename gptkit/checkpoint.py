@@ -174,6 +174,8 @@ def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
 
 def load_run_config(run_dir: Path) -> Config:
     f = Path(run_dir) / "config.yaml"
+    if not Path(run_dir).is_dir():
+        raise GptkitError(f"{run_dir}: no such run folder")
     if not f.is_file():
         raise GptkitError(f"{run_dir}: not a gptkit run folder (no config.yaml)")
     return load_config(f)

@@ -22,7 +22,7 @@ from gptkit.errors import GptkitError
 from gptkit.tokenizer import EOT, HFTokenizer, load_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
-IGNORED_SUFFIXES = ("attn.bias", "attn.masked_bias")  # causal-mask buffers of older versions
+IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older versions
 
 
 def _hf_config_to_ours(hf: dict, source: Path) -> Config:
@@ -265,7 +265,7 @@ def _export_tokenizer(tok: object, folder: Path, max_len: int) -> None:
     else:  # char-level: one word-level token per character, joined back without spaces
         vocab = {c: i for i, c in enumerate(tok.itos)}  # type: ignore[attr-defined]
         hf = HFTok(models.WordLevel(vocab, unk_token=EOT))
-        hf.pre_tokenizer = pre_tokenizers.Split(Regex("(?s)."), behavior="isolated")
+        hf.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
         hf.decoder = decoders.Fuse()
         hf.add_special_tokens([EOT])
     hf.save(str(folder / "tokenizer.json"))  # type: ignore[attr-defined]

