@@ -65,8 +65,8 @@ def step_fn(build, dtype: torch.dtype, compile_: bool):  # noqa: ANN001, ANN201
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=8, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=4, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to build on 2 cores)")
     a = ap.parse_args()
     torch.manual_seed(0)

@@ -196,6 +196,23 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", verify: 
     return model.to(device).eval(), tok, cfg
 
 
+def load_for_finetune(run_dir: str | Path, block_size: int | None = None, dropout: float = 0.0) -> GPT:
+    """A run's weights in a fresh model for further training, optionally with a shorter context
+    (the first block_size position embeddings are kept) and a different dropout."""
+    import copy
+
+    base, _, cfg = load_model(run_dir, "cpu")
+    mcfg = copy.deepcopy(cfg.model)
+    mcfg.dropout = dropout
+    mcfg.block_size = min(block_size or mcfg.block_size, mcfg.block_size)
+    model = GPT(mcfg)
+    sd = base.state_dict_for_save()
+    if "wpe.weight" in sd:
+        sd["wpe.weight"] = sd["wpe.weight"][: mcfg.block_size]
+    model.load_saved_state(sd)
+    return model.train()
+
+
 def load_training_state(run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer]) -> TrainingState:
     ckpt = checkpoint_dir(run_dir)
     info = _read_info(ckpt, verify=True)

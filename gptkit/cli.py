@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    p.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights (fine-tuning); its model and tokenizer")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("generate", help="sample text from a trained run")
@@ -86,7 +87,7 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from gptkit.checkpoint import load_model, load_run_config
+    from gptkit.checkpoint import load_for_finetune, load_model, load_run_config
     from gptkit.config import apply_overrides, load_config
     from gptkit.data import bundled_corpus, default_preset
     from gptkit.generate import SamplingParams, generate
@@ -107,7 +108,20 @@ def cmd_train(a: argparse.Namespace) -> None:
         name = Path(a.data or text or cfg.data.dir).stem
         name = "shakespeare-char" if text == str(bundled_corpus()) else name
         run_dir = Path(a.out) if a.out else Path("runs") / name
-    result = train(cfg, run_dir, resume=bool(a.resume), overwrite=a.overwrite, text=text, progress=not a.no_progress)
+    init = None
+    if a.init_from:
+        if a.resume:
+            raise GptkitError("--init-from starts a new run; it cannot be combined with --resume")
+        if not a.config:  # the CPU preset's schedule is for training from scratch
+            cfg = load_config(None, a.set)
+        # The architecture is the base run's; the config may shorten the context and set dropout.
+        init = load_for_finetune(a.init_from, cfg.model.block_size, cfg.model.dropout)
+        cfg.model = init.config
+        if not a.data:
+            cfg.data.tokenizer = f"run:{a.init_from}"
+    result = train(
+        cfg, run_dir, resume=bool(a.resume), overwrite=a.overwrite, text=text, progress=not a.no_progress, init_from=init
+    )
     if result.interrupted:
         sys.exit(130 if result.interrupted == "SIGINT" else 143)
     if cfg.train.sample_tokens > 0:

@@ -75,7 +75,7 @@ class TrainConfig:
 @dataclass
 class DataConfig:
     dir: str = ""  # a folder made by `gptkit prepare`
-    tokenizer: str = "char"  # char | bpe | gpt2:PATH
+    tokenizer: str = "char"  # char | bpe | gpt2:PATH | run:RUN_DIR (the tokenizer of another run)
     vocab_size: int = 4096  # for tokenizer=bpe
     val_fraction: float = 0.1
 
@@ -250,8 +250,8 @@ def validate(cfg: Config) -> None:
     )
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     _check(
-        d.tokenizer in ("char", "bpe") or d.tokenizer.startswith("gpt2:"),
-        f"data.tokenizer must be char, bpe or gpt2:PATH, got {d.tokenizer!r}",
+        d.tokenizer in ("char", "bpe") or d.tokenizer.startswith(("gpt2:", "run:")),
+        f"data.tokenizer must be char, bpe, gpt2:PATH or run:RUN_DIR, got {d.tokenizer!r}",
     )
     _check(
         d.vocab_size >= 256 or d.tokenizer != "bpe", f"data.vocab_size must be >= 256 for a byte-level BPE, got {d.vocab_size}"

@@ -7,6 +7,7 @@ a time from a lazily opened file, so a conversion holds at most the output plus 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from collections.abc import Iterator
@@ -23,6 +24,21 @@ from gptkit.tokenizer import EOT, HFTokenizer, load_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older versions
+
+
+@contextlib.contextmanager
+def _staged_folder(out: Path) -> Iterator[Path]:
+    """Write into a sibling temporary folder; only a complete result replaces `out`."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _hf_config_to_ours(hf: dict, source: Path) -> Config:
@@ -114,10 +130,7 @@ def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None,
             f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.model.vocab_size} embeddings"
         )
 
-    tmp = out.with_name(out.name + ".converting")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with _staged_folder(out) as tmp:
         sd: dict[str, torch.Tensor] = {}
         for hf_name, t in _open_hf_weights(folder):
             name = _our_name(hf_name)
@@ -142,11 +155,6 @@ def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None,
         save_file(sd, str(tmp / CKPT / MODEL_FILE))
         del sd
         _write_state(tmp / CKPT)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -195,10 +203,7 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
         raise GptkitError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
     tok = load_tokenizer(run_dir / "tokenizer") if (run_dir / "tokenizer").is_dir() else None
     m = cfg.model
-    tmp = out.with_name(out.name + ".exporting")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with _staged_folder(out) as tmp:
         sd: dict[str, torch.Tensor] = {}
         with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
             for name in f.keys():
@@ -248,11 +253,6 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tok is not None:
             _export_tokenizer(tok, tmp, m.block_size)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -187,7 +187,7 @@ def prepare(
         tok = tokenizer
         for _ in counted_chunks():
             pass
-    elif tokenizer.startswith("gpt2:"):
+    elif tokenizer.startswith(("gpt2:", "run:")):
         tok = build_tokenizer(tokenizer)
         for _ in counted_chunks():
             pass

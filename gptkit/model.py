@@ -19,8 +19,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptkit.config import ModelConfig
+
+# Attention kernels for bf16 training on a CPU with short contexts: there the fused kernel's
+# backward is slower than the plain formula; in fp32, or from about 256 tokens on, it is faster
+# (benchmarks/attention_backend.py measures both).
+CPU_TRAIN_ATTENTION = [SDPBackend.MATH]
+CPU_MATH_ATTENTION_MAX_T = 128
 
 
 class RMSNorm(nn.Module):
@@ -119,15 +126,18 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if past > 0 and T > 1:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
+        kwargs = dict(
             attn_mask=mask,
             is_causal=(past == 0 and T > 1),
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
+        cpu_bf16_training = x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+        if cpu_bf16_training and T <= CPU_MATH_ATTENTION_MAX_T:
+            with sdpa_kernel(CPU_TRAIN_ATTENTION):
+                y = F.scaled_dot_product_attention(q, k, v, **kwargs)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, **kwargs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 

@@ -228,16 +228,18 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
 
 
 def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: int = 4096) -> Tokenizer:
-    """spec: "char" or "bpe" (trained on texts) or "gpt2:PATH" (loaded from files)."""
+    """spec: "char" or "bpe" (trained on texts), "gpt2:PATH" (GPT-2's files) or "run:RUN_DIR" (a run's)."""
     if spec.startswith("gpt2:"):
         return HFTokenizer.gpt2(spec.split(":", 1)[1])
+    if spec.startswith("run:"):
+        return load_tokenizer(Path(spec.split(":", 1)[1]) / "tokenizer")
     if texts is None:
         raise ValueError(f"tokenizer {spec!r} needs texts to train on")
     if spec == "char":
         return CharTokenizer.train(texts)
     if spec == "bpe":
         return HFTokenizer.train(texts, vocab_size)
-    raise GptkitError(f"unknown tokenizer {spec!r}; use char, bpe or gpt2:PATH")
+    raise GptkitError(f"unknown tokenizer {spec!r}; use char, bpe, gpt2:PATH or run:RUN_DIR")
 
 
 def iter_batches(items: Iterable[str], size: int) -> Iterator[list[str]]:

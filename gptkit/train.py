@@ -81,6 +81,7 @@ class TrainResult:
     losses: list[tuple[int, float]] = field(default_factory=list)  # (step, train loss) as logged
     interrupted: str = ""  # "SIGINT"/"SIGTERM" when a signal stopped the run
     elapsed_s: float = 0.0
+    train_s: float = 0.0  # elapsed_s less the time spent in periodic evaluations
 
 
 class _StopFlag:
@@ -284,6 +285,11 @@ def train(
     if len(val_tokens) < 2:
         raise GptkitError(f"{ds.folder}: the validation split is empty; use a larger --val-fraction or corpus")
 
+    if init_from is not None and ds.tokenizer.vocab_size > init_from.config.vocab_size:
+        raise GptkitError(
+            f"the data's tokenizer has {ds.tokenizer.vocab_size} tokens but the model starts from one with "
+            f"{init_from.config.vocab_size}; prepare the data with the base run's tokenizer (data.tokenizer=run:BASE_RUN)"
+        )
     model = init_from if init_from is not None else GPT(cfg.model)
     model.to(device)
     optimizers = build_optimizers(model, tc, device)
@@ -411,6 +417,7 @@ def train(
 
     result.step = state.step
     result.elapsed_s = state.elapsed_s
+    result.train_s = state.elapsed_s - eval_s
     if not result.interrupted:
         total, count, predicted = token_losses(model, val_tokens, tc.batch_size, device, amp)
         result.val = summarize(total, count, predicted, byte_lengths)

@@ -155,3 +155,20 @@ def test_default_preset_is_the_configs_file() -> None:
     assert load_config(ROOT / "configs" / "shakespeare-char.yaml") == load_config(default_preset())
     cfg = load_config(default_preset())
     assert cfg.train.max_time_s <= 280  # the main job must finish within five minutes
+
+
+def test_init_from_fine_tunes_a_run(tmp_path: Path, trained_run: Path, small_text: Path) -> None:
+    cfg = tmp_path / "ft.yaml"
+    cfg.write_text("model:\n  block_size: 16\n  dropout: 0.1\ntrain:\n  max_steps: 5\n  lr: 0.0003\n  log_interval: 1\n")
+    out = tmp_path / "ft"
+    args = ["--set", "train.tensorboard=false", "--set", "train.dtype=float32", "--no-progress"]
+    p = gptkit(
+        "train", "--init-from", str(trained_run), "--config", str(cfg), "--text", str(small_text), "--out", str(out), *args
+    )
+    assert p.returncode == 0, p.stderr
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    base_final = [json.loads(r) for r in (trained_run / "metrics.jsonl").read_text().splitlines() if "final" in r][0]
+    first = next(r["loss"] for r in rows if "loss" in r)
+    assert first < base_final["final_val_loss"] + 0.3  # starts where the base run ended, not from scratch (~4.2)
+    saved = (out / "config.yaml").read_text()
+    assert "block_size: 16" in saved and "n_embd: 32" in saved and "run:" in saved

@@ -171,7 +171,7 @@ def test_bad_hf_folders(tmp_path: Path, problem: str) -> None:
     with pytest.raises(GptkitError):
         import_hf(folder, tmp_path / "out", tokenizer=tokenizer)
     assert not (tmp_path / "out").exists()
-    assert not list(tmp_path.glob("*.converting"))
+    assert not list(tmp_path.glob("*.partial"))
 
 
 def test_export_refuses_modern_architecture(tmp_path: Path, small_data: Path) -> None:
