@@ -18,12 +18,15 @@ from pathlib import Path
 
 import torch
 
+# VmHWM (the peak resident set of this process image): unlike ru_maxrss it is not inherited
+# from the parent across fork + exec.
 CODE = """
-import resource, sys
+import sys
 import torch, gptkit.convert, gptkit.checkpoint
 if sys.argv[1] == "convert":
     gptkit.convert.import_hf(sys.argv[2], sys.argv[3])
-print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
+print(int(hwm.split()[1]) * 1024)
 """
 
 

@@ -62,6 +62,22 @@ def main() -> None:
         assert out.shape[1] == PROMPT + n
         return batch * n / (time.perf_counter() - t)
 
+    # The batch-1 ceiling: the time to stream every weight matrix once through F.linear (what one
+    # decoding step must do at least), on this machine, now.
+    mats = [m.weight for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    vecs = {w.size(1): torch.randn(1, w.size(1)) for w in mats}
+
+    def stream_weights() -> None:
+        for w in mats:
+            torch.nn.functional.linear(vecs[w.size(1)], w)
+
+    stream_weights()
+    t = time.perf_counter()
+    for _ in range(5):
+        stream_weights()
+    ceiling = 5 / (time.perf_counter() - t)
+    print(f"fp32 weight-streaming ceiling at batch 1: {ceiling:.1f} tok/s")
+
     runs = {
         "gptkit_fp32": lambda b: run_ours(ours, b),
         "gptkit_bf16": lambda b: run_ours(ours_bf16, b),
@@ -84,6 +100,7 @@ def main() -> None:
         "ratio_b1": round(med["gptkit_fp32"][1] / med["transformers_fp32"][1], 2),
         "ratio_b8": round(med["gptkit_fp32"][8] / med["transformers_fp32"][8], 2),
         "ratio_b1_bf16": round(med["gptkit_bf16"][1] / med["transformers_fp32"][1], 2),
+        "fp32_weight_streaming_ceiling_b1": round(ceiling, 1),
     }
     print(json.dumps(out))
 

@@ -4,7 +4,7 @@ Same shape (6 layers, 6 heads, 384 wide, context 256, batch 8, vocab 65), same A
 each in fp32 and in its fastest mode (bf16 autocast; torch.compile too with --compile),
 measured side by side in one run. Repeats are interleaved so machine noise hits both alike.
 
-    python benchmarks/train_throughput.py [--steps 8] [--rounds 3] [--compile]
+    python benchmarks/train_throughput.py [--steps 4] [--rounds 7] [--compile] [--shape speedrun-baseline-4x128]
 
 Ends with one JSON line: tokens/s per setting, MFU against the measured matmul peaks, and
 ratio_fp32 / ratio_fastest (gptkit / transformers).
@@ -23,7 +23,8 @@ from common import matmul_peak, median_time
 from gptkit.config import ModelConfig
 from gptkit.model import GPT
 
-L, H, C, T, B, V = 6, 6, 384, 256, 8, 65
+SHAPES = {"gpt2-6x384": (6, 6, 384, 256, 8, 65), "speedrun-baseline-4x128": (4, 4, 128, 64, 12, 65)}
+L, H, C, T, B, V = SHAPES["gpt2-6x384"]
 
 
 def ours(compile_: bool = False) -> tuple[torch.nn.Module, object]:
@@ -68,7 +69,10 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=4, help="timed steps per round")
     ap.add_argument("--rounds", type=int, default=7)
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to build on 2 cores)")
+    ap.add_argument("--shape", choices=list(SHAPES), default="gpt2-6x384")
     a = ap.parse_args()
+    global L, H, C, T, B, V
+    L, H, C, T, B, V = SHAPES[a.shape]
     torch.manual_seed(0)
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     flops_per_token = GPT(ModelConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C)).flops_per_token(T)

@@ -287,20 +287,3 @@ class GPT(nn.Module):
         missing = [k for k in missing if not (k == "lm_head.weight" and self.config.tie_embeddings)]
         if missing or unexpected:
             raise KeyError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
-
-    def resize_vocab(self, new_size: int) -> None:
-        """Grow the embedding (and head) to new_size rows; new rows start at the mean embedding."""
-        old = self.wte.weight.data
-        if new_size <= old.size(0):
-            return
-        extra = old.mean(0, keepdim=True).repeat(new_size - old.size(0), 1)
-        self.wte = nn.Embedding(new_size, old.size(1), device=old.device, dtype=old.dtype)
-        self.wte.weight.data.copy_(torch.cat([old, extra]))
-        if self.config.tie_embeddings:
-            self.lm_head = nn.Linear(old.size(1), new_size, bias=False, device=old.device, dtype=old.dtype)
-            self.lm_head.weight = self.wte.weight
-        else:
-            head = self.lm_head.weight.data
-            self.lm_head = nn.Linear(old.size(1), new_size, bias=False, device=old.device, dtype=old.dtype)
-            self.lm_head.weight.data.copy_(torch.cat([head, head.mean(0, keepdim=True).repeat(new_size - head.size(0), 1)]))
-        self.config.vocab_size = new_size

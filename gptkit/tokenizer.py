@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import unicodedata
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -240,14 +240,3 @@ def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: i
     if spec == "bpe":
         return HFTokenizer.train(texts, vocab_size)
     raise GptkitError(f"unknown tokenizer {spec!r}; use char, bpe, gpt2:PATH or run:RUN_DIR")
-
-
-def iter_batches(items: Iterable[str], size: int) -> Iterator[list[str]]:
-    batch: list[str] = []
-    for item in items:
-        batch.append(item)
-        if len(batch) >= size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch

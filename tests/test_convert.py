@@ -186,3 +186,15 @@ def test_export_refuses_modern_architecture(tmp_path: Path, small_data: Path) ->
     with pytest.raises(GptkitError, match="model.pos_embedding=learned"):
         export_hf(tmp_path / "r", tmp_path / "hf")
     assert not (tmp_path / "hf").exists()
+
+
+def test_prepare_with_gpt2_tokenizer(tmp_path: Path, small_text: Path) -> None:
+    from gptkit.data import DataSet, prepare
+
+    meta = prepare([str(small_text)], tmp_path / "d", f"gpt2:{GPT2_HF}", progress=False)
+    assert meta.tokenizer == "gpt2" and meta.vocab_size == 50257 and meta.dtype == "uint16"
+    ds = DataSet(tmp_path / "d")
+    text = small_text.read_text()
+    ids = ds.split("train").tolist() + ds.split("val").tolist()
+    assert ds.tokenizer.decode(ids) == text
+    assert abs(len(ids) - len(THEIRS_GPT2(text)["input_ids"])) <= 2  # only the split point may differ
