@@ -72,6 +72,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tokenizer", help="GPT-2 tokenizer files, when HF_DIR has none")
     p.add_argument("--overwrite", action="store_true")
 
+    p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable)")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--text", help="a text file, prepared into STUDY_DIR/data")
+    src.add_argument("--data", help="a data folder from `gptkit prepare`")
+    p.add_argument("--space", required=True, help="search space YAML")
+    p.add_argument("--trials", type=int, required=True)
+    p.add_argument("--budget", required=True, help="per trial: 60s, 2m, 2000steps or 5Mtokens")
+    p.add_argument("--out", required=True, metavar="STUDY_DIR")
+    p.add_argument("--config", help="base config (default: the bundled CPU preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--storage", help="Optuna storage URL (default: sqlite in STUDY_DIR)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
+    p.add_argument("--objective", default="loss", choices=["loss", "bits_per_byte"])
+    p.add_argument("--keep-top", type=int, default=0, help="keep only the best K trial folders (0: all)")
+
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder")
     p.add_argument("run", help="run folder")
     p.add_argument("--to-hf", required=True, metavar="HF_DIR")
@@ -176,7 +192,19 @@ def cmd_export(a: argparse.Namespace) -> None:
     print(f"gptkit: exported {a.run} -> {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
 
 
+def cmd_tune(a: argparse.Namespace) -> None:
+    from gptkit.data import default_preset
+    from gptkit.tune import tune
+
+    summary = tune(
+        a.space, a.trials, a.budget, a.out, a.text, a.data, a.config or str(default_preset()), a.set,
+        a.storage, a.workers, a.pruner, a.objective, a.keep_top,
+    )  # fmt: skip
+    print(json.dumps(summary))
+
+
 COMMANDS = {
+    "tune": cmd_tune,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "generate": cmd_generate,

@@ -1,0 +1,351 @@
+"""Hyperparameter search with Optuna: every trial is an ordinary gptkit training run (the same
+loop) under an equal budget; intermediate validation losses feed a pruner; the study lives in
+a database (SQLite in the study folder by default), so re-running the same command continues it.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import multiprocessing as mp
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gptkit.config import Config, load_config, set_key
+from gptkit.errors import GptkitError
+
+
+@dataclass
+class Budget:
+    kind: str  # "seconds" | "steps" | "tokens"
+    amount: float
+
+    def apply(self, cfg: Config) -> None:
+        t = cfg.train
+        if self.kind == "seconds":
+            t.max_time_s, t.max_steps = self.amount, 10**9
+            t.eval_every_s, t.eval_interval = self.amount / 6, 10**9
+        else:
+            per_step = t.batch_size * t.grad_accum * cfg.model.block_size
+            steps = int(self.amount) if self.kind == "steps" else max(1, math.ceil(self.amount / per_step))
+            t.max_steps, t.max_time_s = steps, 0.0
+            t.eval_interval, t.eval_every_s = max(1, steps // 6), 0.0
+            t.warmup_steps = min(t.warmup_steps, steps // 10)  # a short budget still gets to decay
+
+
+def parse_budget(text: str) -> Budget:
+    """60s | 2m | 2000steps | 5Mtokens (K, M, G suffixes for tokens)."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|steps?|([kmg]?)tokens?)\s*", text.lower())
+    if not m:
+        raise GptkitError(f"--budget {text!r}: expected e.g. 60s, 2m, 2000steps or 5Mtokens")
+    value, unit = float(m.group(1)), m.group(2)
+    if value <= 0:
+        raise GptkitError(f"--budget {text!r}: must be positive")
+    if unit in ("s", "sec"):
+        return Budget("seconds", value)
+    if unit in ("m", "min"):
+        return Budget("seconds", value * 60)
+    if unit.startswith("step"):
+        return Budget("steps", value)
+    scale = {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(3)]
+    return Budget("tokens", value * scale)
+
+
+def load_space(path: str | Path) -> dict[str, dict[str, Any]]:
+    """A YAML mapping of config keys to {type: float|int|categorical, low, high, log, choices}."""
+    p = Path(path)
+    if not p.is_file():
+        raise GptkitError(f"search space file not found: {p}")
+    try:
+        space = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise GptkitError(f"{p}: cannot parse: {str(e).splitlines()[0]}") from None
+    if not isinstance(space, dict) or not space:
+        raise GptkitError(f"{p}: expected a non-empty mapping of config keys to ranges")
+    probe = Config()
+    for key, spec in space.items():
+        if not isinstance(spec, dict):
+            raise GptkitError(f"{p}: {key}: expected a mapping like {{type: float, low: 1e-4, high: 1e-2, log: true}}")
+        kind = spec.get("type")
+        if kind == "categorical":
+            choices = spec.get("choices")
+            if not isinstance(choices, list) or not choices:
+                raise GptkitError(f"{p}: {key}: categorical needs a non-empty list of choices")
+            for c in choices:
+                set_key(probe, key, c, source=str(p))  # names the key and checks each value's type
+        elif kind in ("float", "int"):
+            if "low" not in spec or "high" not in spec:
+                raise GptkitError(f"{p}: {key}: {kind} needs low and high")
+            low, high = spec["low"], spec["high"]
+            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+                raise GptkitError(f"{p}: {key}: low and high must be numbers")
+            if low >= high:
+                raise GptkitError(f"{p}: {key}: empty range (low {low} must be below high {high})")
+            if spec.get("log") and low <= 0:
+                raise GptkitError(f"{p}: {key}: a log scale needs low > 0")
+            set_key(probe, key, low, source=str(p))
+        else:
+            raise GptkitError(f"{p}: {key}: type must be float, int or categorical, got {kind!r}")
+    return space
+
+
+def _suggest(trial: Any, key: str, spec: dict[str, Any]) -> Any:
+    if spec["type"] == "categorical":
+        return trial.suggest_categorical(key, spec["choices"])
+    if spec["type"] == "int":
+        return trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
+    return trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+
+
+def _pruner(name: str) -> Any:
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=3, n_warmup_steps=0)
+    if name == "hyperband":
+        return optuna.pruners.HyperbandPruner()
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise GptkitError(f"--pruner {name!r}: use median, hyperband or none")
+
+
+def _storage(url: str) -> Any:
+    import optuna
+
+    try:
+        return optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60)
+    except Exception as e:
+        raise GptkitError(f"--storage {url!r}: cannot open ({str(e).splitlines()[0]})") from None
+
+
+@dataclass
+class TuneJob:
+    base: Config
+    space: dict[str, dict[str, Any]]
+    budget: Budget
+    out: Path
+    data_dir: Path
+    objective: str = "loss"  # loss | bits_per_byte
+    pruner: str = "median"
+    threads: int = 0
+
+    def objective_fn(self, trial: Any) -> float:
+        import optuna
+
+        from gptkit.train import train
+
+        cfg = copy.deepcopy(self.base)
+        for key, spec in self.space.items():
+            set_key(cfg, key, _suggest(trial, key, spec), source="search space")
+        self.budget.apply(cfg)
+        cfg.data.dir = str(self.data_dir)
+        cfg.train.sample_tokens, cfg.train.tensorboard = 0, False
+        if self.threads:
+            cfg.train.threads = self.threads
+        try:
+            cfg.validate()
+        except GptkitError as e:  # e.g. n_embd not divisible by a sampled n_head: not a valid trial
+            raise optuna.TrialPruned(str(e)) from None
+
+        def report(step: int, val_loss: float) -> None:
+            trial.report(val_loss, step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (val loss {val_loss:.4f})")
+
+        run = self.out / "trials" / f"trial-{trial.number:04d}"
+        try:
+            result = train(cfg, run, overwrite=True, progress=False, quiet=True, on_eval=report)
+        except GptkitError as e:
+            if "diverged" in str(e):
+                return float("nan")  # Optuna marks the trial failed; the study goes on
+            raise
+        value = result.val["bits_per_byte"] if self.objective == "bits_per_byte" else result.val["loss"]
+        print(f"trial {trial.number}: {self.objective} {value:.4f}  {trial.params}", flush=True)
+        return value
+
+
+def _worker(job: TuneJob, url: str, trials: int) -> None:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.load_study(study_name="gptkit", storage=_storage(url), pruner=_pruner(job.pruner))
+    _optimize(study, job, trials)
+
+
+def _finished(study: Any) -> int:
+    """Trials that count towards --trials: completed, pruned, or failed by themselves (a trial
+    that was killed with its study is retried instead)."""
+    from optuna.trial import TrialState
+
+    states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+    return sum(not t.user_attrs.get("interrupted") for t in study.get_trials(deepcopy=False, states=states))
+
+
+def _optimize(study: Any, job: TuneJob, trials: int) -> None:
+    import optuna
+
+    def stop_when_done(study: Any, trial: Any) -> None:
+        if _finished(study) >= trials:
+            study.stop()
+
+    if _finished(study) >= trials:
+        return
+    study.optimize(
+        job.objective_fn,
+        callbacks=[stop_when_done],
+        catch=(RuntimeError, ValueError, optuna.exceptions.OptunaError),
+    )
+
+
+def tune(
+    space_file: str,
+    trials: int,
+    budget: str,
+    out: str | Path,
+    text: str | None = None,
+    data: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    storage: str | None = None,
+    workers: int = 1,
+    pruner: str = "median",
+    objective: str = "loss",
+    keep_top: int = 0,
+) -> dict[str, Any]:
+    """Run (or continue) a study; returns the summary that the CLI prints as JSON."""
+    try:
+        import optuna
+    except ImportError:
+        raise GptkitError("gptkit tune needs Optuna: pip install 'gptkit[tune]'") from None
+    from optuna.trial import TrialState
+
+    from gptkit.data import prepare
+
+    if trials < 1:
+        raise GptkitError(f"--trials must be >= 1, got {trials}")
+    if workers < 1:
+        raise GptkitError(f"--workers must be >= 1, got {workers}")
+    if objective not in ("loss", "bits_per_byte"):
+        raise GptkitError(f"--objective must be loss or bits_per_byte, got {objective!r}")
+    space = load_space(space_file)
+    parsed = parse_budget(budget)
+    base = load_config(config, overrides or [])
+    _pruner(pruner)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if text is not None:
+        data_dir = out / "data"
+        if not (data_dir / "meta.json").exists():
+            prepare([text], data_dir, base.data.tokenizer, base.data.vocab_size, base.data.val_fraction, progress=False)
+    elif data is not None:
+        data_dir = Path(data).resolve()
+    else:
+        raise GptkitError("no data: pass --text FILE or --data DATA_DIR")
+    url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="gptkit", storage=_storage(url), direction="minimize", load_if_exists=True, pruner=_pruner(pruner)
+    )
+    if storage is None:
+        # Our own SQLite file: nobody else runs trials in it, so a trial left RUNNING was killed
+        # with an earlier run of this command. Close it and run its parameters again.
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.enqueue_trial(t.params, skip_if_exists=False)
+    job = TuneJob(base, space, parsed, out, data_dir, objective, pruner)
+    if workers == 1:
+        _optimize(study, job, trials)
+    else:
+        job.threads = max(1, (mp.cpu_count() or 1) // workers)
+        ctx = mp.get_context("spawn")
+        procs = [ctx.Process(target=_worker, args=(job, url, trials)) for _ in range(workers)]
+        for p in procs:
+            p.start()
+        for p in procs:
+            p.join()
+    return _report(study, job, keep_top)
+
+
+def _report(study: Any, job: TuneJob, keep_top: int) -> dict[str, Any]:
+    from optuna.trial import TrialState
+
+    all_trials = study.get_trials(deepcopy=False)
+    done = [t for t in all_trials if t.state == TrialState.COMPLETE]
+    summary: dict[str, Any] = {
+        "completed": len(done),
+        "pruned": sum(t.state == TrialState.PRUNED for t in all_trials),
+        "failed": sum(t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") for t in all_trials),
+        "interrupted": sum(bool(t.user_attrs.get("interrupted")) for t in all_trials),
+        "best_value": None,
+        "best_params": None,
+        "best_config": None,
+    }
+    _print_table(all_trials, job.objective)
+    if not done:
+        return summary
+    best = study.best_trial
+    cfg = copy.deepcopy(job.base)
+    for key, value in best.params.items():
+        set_key(cfg, key, value, source="best trial")
+    job.budget.apply(cfg)
+    cfg.data.dir = str(job.data_dir)
+    best_file = job.out / "best.yaml"
+    cfg.save(best_file)
+    summary.update(best_value=best.value, best_params=best.params, best_config=str(best_file))
+    _plots(study, job.out)
+    if keep_top > 0:
+        keep = {t.number for t in sorted(done, key=lambda t: t.value)[:keep_top]}
+        for t in all_trials:
+            if t.number not in keep:
+                shutil.rmtree(job.out / "trials" / f"trial-{t.number:04d}", ignore_errors=True)
+    (job.out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _print_table(trials: list[Any], objective: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="trials")
+    for col in ("#", "state", objective, "params"):
+        table.add_column(col)
+    for t in trials:
+        value = f"{t.value:.4f}" if t.value is not None else "-"
+        table.add_row(str(t.number), t.state.name.lower(), value, json.dumps(t.params))
+    Console(stderr=True).print(table)
+
+
+def _plots(study: Any, out: Path) -> None:
+    """Optimisation history, parameter importances and parallel coordinates as PNG files."""
+    import warnings
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from optuna.visualization import matplotlib as ov
+
+    plots = {
+        "history.png": ov.plot_optimization_history,
+        "importances.png": ov.plot_param_importances,
+        "parallel_coordinates.png": ov.plot_parallel_coordinate,
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Optuna marks its matplotlib backend experimental
+        for name, fn in plots.items():
+            try:
+                ax = fn(study)
+                fig = ax.figure if hasattr(ax, "figure") else ax.flat[0].figure
+                fig.set_size_inches(8, 5)
+                fig.tight_layout()
+                fig.savefig(out / name, dpi=100)
+                plt.close(fig)
+            except Exception as e:  # too few trials for importances, and the like
+                print(f"gptkit: skipped {name}: {e}", flush=True)
