@@ -116,10 +116,14 @@ def _pruner(name: str) -> Any:
 
 
 def _storage(url: str) -> Any:
+    import warnings
+
     import optuna
 
     try:
-        return optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are stable in practice
+            return optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60)
     except Exception as e:
         raise GptkitError(f"--storage {url!r}: cannot open ({str(e).splitlines()[0]})") from None
 
