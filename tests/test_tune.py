@@ -151,3 +151,15 @@ def test_bad_command_lines(tmp_path: Path, small_data: Path, extra: list[str], m
             cmd += [k, v]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
+
+
+def test_parallel_workers_share_the_study(tmp_path: Path, small_data: Path) -> None:
+    space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
+    summary = tune(
+        str(write_space(tmp_path, space)), 4, "10steps", tmp_path / "s", data=str(small_data),
+        config=str(base_config(tmp_path)), workers=2, pruner="none",
+    )  # fmt: skip
+    # Two processes each finish the trial they are in when the count is reached: 4 or 5 trials.
+    assert 4 <= summary["completed"] <= 5
+    trials = list((tmp_path / "s" / "trials").iterdir())
+    assert len(trials) == summary["completed"]
