@@ -111,20 +111,8 @@ def save_checkpoint(
     save_file(model.state_dict_for_save(), str(tmp / MODEL_FILE))
     opt_tensors, opt_meta = optimizer_to_flat(optimizers)
     save_file({**opt_tensors, **{f"rng.{k}": v.contiguous() for k, v in state.tensors.items()}}, str(tmp / STATE_FILE))
-    files = {}
-    for name in (MODEL_FILE, STATE_FILE):
-        _fsync(tmp / name)
-        files[name] = {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-    info = {
-        "step": state.step,
-        "tokens_seen": state.tokens_seen,
-        "elapsed_s": state.elapsed_s,
-        "optimizers": opt_meta,
-        "files": files,
-    }
-    (tmp / "state.json").write_text(json.dumps(info, indent=1))
-    _fsync(tmp / "state.json")
-    _fsync(tmp)
+    info = {"step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "optimizers": opt_meta}
+    write_state_json(tmp, info, [MODEL_FILE, STATE_FILE])
     # Swap: the old checkpoint stays whole until the new one is in place.
     if final.exists():
         if old.exists():
@@ -135,6 +123,17 @@ def save_checkpoint(
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+def write_state_json(ckpt: Path, info: dict[str, Any], names: list[str]) -> None:
+    """Flush the checkpoint's files to disk and record their sizes and hashes in state.json."""
+    files = {}
+    for name in names:
+        _fsync(ckpt / name)
+        files[name] = {"bytes": (ckpt / name).stat().st_size, "sha256": _sha256(ckpt / name)}
+    (ckpt / "state.json").write_text(json.dumps({**info, "files": files}, indent=1))
+    _fsync(ckpt / "state.json")
+    _fsync(ckpt)
 
 
 def checkpoint_dir(run_dir: Path) -> Path:

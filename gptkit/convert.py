@@ -17,7 +17,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gptkit.checkpoint import CKPT, MODEL_FILE, checkpoint_dir, load_run_config
+from gptkit.checkpoint import CKPT, MODEL_FILE, checkpoint_dir, load_run_config, write_state_json
 from gptkit.config import Config
 from gptkit.errors import GptkitError
 from gptkit.tokenizer import EOT, HFTokenizer, load_tokenizer
@@ -154,24 +154,10 @@ def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None,
         (tmp / CKPT).mkdir()
         save_file(sd, str(tmp / CKPT / MODEL_FILE))
         del sd
-        _write_state(tmp / CKPT)
+        # A weights-only checkpoint: no optimizer state.
+        info = {"step": 0, "tokens_seen": 0, "elapsed_s": 0.0, "optimizers": [], "weights_only": True}
+        write_state_json(tmp / CKPT, info, [MODEL_FILE])
     return out
-
-
-def _write_state(ckpt: Path) -> None:
-    """state.json for a checkpoint that holds weights only (no optimizer state)."""
-    from gptkit.checkpoint import _sha256
-
-    f = ckpt / MODEL_FILE
-    info = {
-        "step": 0,
-        "tokens_seen": 0,
-        "elapsed_s": 0.0,
-        "optimizers": [],
-        "weights_only": True,
-        "files": {MODEL_FILE: {"bytes": f.stat().st_size, "sha256": _sha256(f)}},
-    }
-    (ckpt / "state.json").write_text(json.dumps(info, indent=1))
 
 
 def check_exportable(cfg: Config) -> None:

@@ -139,16 +139,22 @@ class TuneJob:
     pruner: str = "median"
     threads: int = 0
 
+    def config_for(self, params: dict[str, Any]) -> Config:
+        """The base config with a trial's parameters and the budget: what a trial trains, and
+        what best.yaml holds for the best one."""
+        cfg = copy.deepcopy(self.base)
+        for key, value in params.items():
+            set_key(cfg, key, value, source="search space")
+        self.budget.apply(cfg)
+        cfg.data.dir = str(self.data_dir)
+        return cfg
+
     def objective_fn(self, trial: Any) -> float:
         import optuna
 
         from gptkit.train import train
 
-        cfg = copy.deepcopy(self.base)
-        for key, spec in self.space.items():
-            set_key(cfg, key, _suggest(trial, key, spec), source="search space")
-        self.budget.apply(cfg)
-        cfg.data.dir = str(self.data_dir)
+        cfg = self.config_for({key: _suggest(trial, key, spec) for key, spec in self.space.items()})
         cfg.train.sample_tokens, cfg.train.tensorboard = 0, False
         if self.threads:
             cfg.train.threads = self.threads
@@ -295,13 +301,8 @@ def _report(study: Any, job: TuneJob, keep_top: int) -> dict[str, Any]:
     if not done:
         return summary
     best = study.best_trial
-    cfg = copy.deepcopy(job.base)
-    for key, value in best.params.items():
-        set_key(cfg, key, value, source="best trial")
-    job.budget.apply(cfg)
-    cfg.data.dir = str(job.data_dir)
     best_file = job.out / "best.yaml"
-    cfg.save(best_file)
+    job.config_for(best.params).save(best_file)
     summary.update(best_value=best.value, best_params=best.params, best_config=str(best_file))
     _plots(study, job.out)
     if keep_top > 0:
