@@ -26,11 +26,13 @@ from safetensors.torch import load_file, save_file
 
 from gptkit.config import Config, load_config
 from gptkit.errors import GptkitError
+from gptkit.lora import adapter_state, apply_lora, has_lora, load_adapter_state
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 
 CKPT = "checkpoint"
 MODEL_FILE = "model.safetensors"
+ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "optimizer.safetensors"
 
 
@@ -54,12 +56,11 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def optimizer_to_flat(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def optimizer_to_flat(states: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Optimizer state dicts -> tensors (for safetensors) + JSON-able metadata, no pickle."""
     tensors: dict[str, torch.Tensor] = {}
     meta: list[dict[str, Any]] = []
-    for k, opt in enumerate(optimizers):
-        sd = opt.state_dict()
+    for k, sd in enumerate(states):
         scalars: dict[str, dict[str, Any]] = {}
         for idx, st in sd["state"].items():
             for name, value in st.items():
@@ -71,10 +72,10 @@ def optimizer_to_flat(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str
     return tensors, meta
 
 
-def optimizer_from_flat(
-    optimizers: list[torch.optim.Optimizer], tensors: dict[str, torch.Tensor], meta: list[dict[str, Any]]
-) -> None:
-    for k, (opt, m) in enumerate(zip(optimizers, meta)):
+def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The state dicts optimizer_to_flat stored (index-keyed, as one process's optimizers have them)."""
+    out = []
+    for k, m in enumerate(meta):
         state: dict[int, dict[str, Any]] = {}
         prefix = f"optim{k}."
         for key, value in tensors.items():
@@ -83,7 +84,8 @@ def optimizer_from_flat(
                 state.setdefault(int(idx), {})[name] = value
         for idx, scalars in m["scalars"].items():
             state.setdefault(int(idx), {}).update(scalars)
-        opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
+        out.append({"state": state, "param_groups": m["param_groups"]})
+    return out
 
 
 @dataclass
@@ -102,17 +104,25 @@ def save_checkpoint(
     model: GPT,
     optimizers: list[torch.optim.Optimizer],
     state: TrainingState,
+    weights: dict[str, torch.Tensor] | None = None,
+    optimizer_states: list[dict[str, Any]] | None = None,
 ) -> Path:
+    """Write the checkpoint atomically. weights / optimizer_states, when given, are the whole
+    tensors gathered from a sharded run; by default they come from model and optimizers."""
     run_dir = Path(run_dir)
     tmp, final, old = run_dir / f"{CKPT}.tmp", run_dir / CKPT, run_dir / f"{CKPT}.old"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(model.state_dict_for_save(), str(tmp / MODEL_FILE))
-    opt_tensors, opt_meta = optimizer_to_flat(optimizers)
+    # A LoRA run stores only its adapter (and new embedding rows); the base run holds the rest.
+    weights_file = ADAPTER_FILE if has_lora(model) else MODEL_FILE
+    if weights is None:
+        weights = adapter_state(model) if has_lora(model) else model.state_dict_for_save()
+    save_file(weights, str(tmp / weights_file))
+    opt_tensors, opt_meta = optimizer_to_flat(optimizer_states or [opt.state_dict() for opt in optimizers])
     save_file({**opt_tensors, **{f"rng.{k}": v.contiguous() for k, v in state.tensors.items()}}, str(tmp / STATE_FILE))
     info = {"step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "optimizers": opt_meta}
-    write_state_json(tmp, info, [MODEL_FILE, STATE_FILE])
+    write_state_json(tmp, info, [weights_file, STATE_FILE])
     # Swap: the old checkpoint stays whole until the new one is in place.
     if final.exists():
         if old.exists():
@@ -180,6 +190,46 @@ def load_run_config(run_dir: Path) -> Config:
     return load_config(f)
 
 
+def _load_weights(model: GPT, ckpt: Path, device: str | torch.device = "cpu") -> None:
+    """The checkpoint's full weights, or its adapter into a model that already holds the base."""
+    name = ADAPTER_FILE if has_lora(model) else MODEL_FILE
+    if not (ckpt / name).is_file():
+        raise GptkitError(f"{ckpt / name} is missing; the checkpoint does not match the run's config.yaml")
+    sd = _load_tensors(ckpt / name, str(device))
+    try:
+        if has_lora(model):
+            load_adapter_state(model, sd)
+        else:
+            model.load_saved_state(sd)
+    except (KeyError, RuntimeError) as e:
+        raise GptkitError(f"{ckpt / name}: weights do not fit the run's config.yaml ({e})") from None
+
+
+def weights_sha256(run_dir: str | Path) -> str:
+    """The recorded checksum of a run's full weights (from state.json, nothing re-read)."""
+    info = _read_info(checkpoint_dir(Path(run_dir)), verify=False)
+    if MODEL_FILE not in info["files"]:
+        raise GptkitError(f"{run_dir} holds a LoRA adapter, not full weights; merge it first with: gptkit merge {run_dir}")
+    return info["files"][MODEL_FILE]["sha256"]
+
+
+def finetune_start(cfg: Config, seed: int = 0) -> GPT:
+    """The model a fine-tuning run starts from: its base run's weights (context cut to
+    cfg.model.block_size), the embedding grown to cfg.model.vocab_size, and LoRA adapters when
+    cfg.lora.enabled. Loading a LoRA run rebuilds this, then reads the adapter over it."""
+    f = cfg.finetune
+    if f.base_sha256 and weights_sha256(f.base) != f.base_sha256:
+        raise GptkitError(
+            f"the base run {f.base} has changed since this fine-tune started (its weights' checksum differs); "
+            "the adapter belongs to the old weights"
+        )
+    model = load_for_finetune(f.base, cfg.model.block_size, cfg.model.dropout)
+    model.grow_vocab(cfg.model.vocab_size, seed)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora, f.base_vocab_size or None)
+    return model
+
+
 def load_model(run_dir: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> tuple[GPT, Tokenizer, Config]:
     """The trained model (in eval mode), its tokenizer and its config, from a run folder."""
     run_dir = Path(run_dir)
@@ -187,11 +237,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", verify: 
     ckpt = checkpoint_dir(run_dir)
     _read_info(ckpt, verify)
     tok = load_tokenizer(run_dir / "tokenizer")
-    model = GPT(cfg.model)
-    try:
-        model.load_saved_state(_load_tensors(ckpt / MODEL_FILE))
-    except (KeyError, RuntimeError) as e:
-        raise GptkitError(f"{ckpt / MODEL_FILE}: weights do not fit the run's config.yaml ({e})") from None
+    model = finetune_start(cfg) if cfg.lora.enabled else GPT(cfg.model)
+    _load_weights(model, ckpt)
     return model.to(device).eval(), tok, cfg
 
 
@@ -200,7 +247,11 @@ def load_for_finetune(run_dir: str | Path, block_size: int | None = None, dropou
     (the first block_size position embeddings are kept) and a different dropout."""
     import copy
 
+    from gptkit.lora import merge_lora
+
     base, _, cfg = load_model(run_dir, "cpu")
+    if has_lora(base):  # a LoRA run as a base: fold its adapter in first
+        merge_lora(base)
     mcfg = copy.deepcopy(cfg.model)
     mcfg.dropout = dropout
     mcfg.block_size = min(block_size or mcfg.block_size, mcfg.block_size)
@@ -212,21 +263,27 @@ def load_for_finetune(run_dir: str | Path, block_size: int | None = None, dropou
     return model.train()
 
 
-def load_training_state(run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer]) -> TrainingState:
+def read_training_state(run_dir: Path, model: GPT) -> tuple[TrainingState, list[dict[str, Any]]]:
+    """Load the checkpoint's weights into model (unwrapped, before any sharding) and return the
+    training state with the optimizers' whole, index-keyed state dicts."""
     ckpt = checkpoint_dir(run_dir)
     info = _read_info(ckpt, verify=True)
     device = next(model.parameters()).device
-    try:
-        model.load_saved_state(_load_tensors(ckpt / MODEL_FILE, str(device)))
-    except (KeyError, RuntimeError) as e:
-        raise GptkitError(f"{ckpt / MODEL_FILE}: weights do not fit the run's config.yaml ({e})") from None
+    _load_weights(model, ckpt, device)
     tensors = _load_tensors(ckpt / STATE_FILE)
     opt_tensors = {k: v.to(device) if not k.endswith(".step") else v for k, v in tensors.items() if k.startswith("optim")}
-    optimizer_from_flat(optimizers, opt_tensors, info["optimizers"])
-    return TrainingState(
+    state = TrainingState(
         step=info["step"],
         tokens_seen=info["tokens_seen"],
         elapsed_s=info["elapsed_s"],
         tensors={k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
         optimizer_meta=info["optimizers"],
     )
+    return state, optimizer_from_flat(opt_tensors, info["optimizers"])
+
+
+def load_training_state(run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer]) -> TrainingState:
+    state, opt_states = read_training_state(run_dir, model)
+    for opt, sd in zip(optimizers, opt_states):
+        opt.load_state_dict(sd)
+    return state

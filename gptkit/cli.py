@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -48,13 +49,57 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights (fine-tuning); its model and tokenizer")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
     p.add_argument("--no-progress", action="store_true")
 
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("run", help="run folder")
     p.add_argument("--prompt", default="", help="text to continue")
     p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--chat", action="store_true", help="send the prompt as a user turn through the chat template")
     _add_sampling(p)
+
+    p = sub.add_parser("finetune", help="instruction fine-tuning (full or LoRA) from a base run")
+    p.add_argument("base", nargs="?", help="the base run folder")
+    p.add_argument("--data", nargs="+", default=[], metavar="FILE", help="JSON / JSONL files, Alpaca or chat format")
+    p.add_argument("--out", help="run folder to write")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    p.add_argument("--config", help="YAML or TOML config (default: the bundled finetune preset)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--skip-invalid", action="store_true", help="skip malformed records (counted) instead of stopping")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue the fine-tuning run in this folder")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
+    p.add_argument("--no-progress", action="store_true")
+
+    p = sub.add_parser("merge", help="fold a LoRA run's adapter into its base weights")
+    p.add_argument("run", help="a LoRA run folder")
+    p.add_argument("--out", help="merged run folder (default: RUN-merged)")
+    p.add_argument("--overwrite", action="store_true")
+
+    p = sub.add_parser("chat", help="chat with a run in the terminal (or one user turn per line of piped stdin)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--system", default="", help="system message")
+    _add_sampling(p)
+
+    p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API, with a chat page at /")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set GPTKIT_API_KEY)")
+    p.add_argument("--model-name", default=None, help="the model id clients use (default: the run folder's name)")
+    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
+    p.add_argument("--max-batch", type=int, default=16, help="samples decoded together in one batch")
+    p.add_argument("--queue-limit", type=int, default=64, help="samples queued or running before requests get 429")
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+
+    p = sub.add_parser("make-tasks", help="write synthetic instruction tasks (the fine-tuning demo)")
+    p.add_argument("--out", required=True, help="JSONL file to write")
+    p.add_argument("--n", type=int, default=4000)
+    p.add_argument("--split", default="train", choices=["train", "test"])
+    p.add_argument("--seed", type=int, default=0)
 
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a run (JSON)")
     p.add_argument("run", help="run folder")
@@ -65,6 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
+    p.add_argument("--instructions", nargs="+", metavar="FILE", help="instruction files: response loss and answer match")
+    p.add_argument("--max-new-tokens", type=int, default=128, help="for --instructions: answer length cap")
+    p.add_argument("--limit", type=int, default=None, help="for --instructions: only the first N conversations")
 
     p = sub.add_parser("convert", help="import a Hugging Face GPT-2 model folder as a gptkit run")
     p.add_argument("--from-hf", required=True, metavar="HF_DIR", help="folder with config.json + model.safetensors")
@@ -115,6 +163,12 @@ def cmd_train(a: argparse.Namespace) -> None:
             raise GptkitError("--resume takes the run's own config and data; only --set may change keys (e.g. train.max_steps)")
         run_dir = Path(a.resume)
         cfg = apply_overrides(load_run_config(run_dir), a.set).validate()
+        cfg.train.fsdp = cfg.train.fsdp or a.fsdp
+        if cfg.finetune.base:  # a fine-tuning run resumes through its own entry point
+            from gptkit.finetune import finetune
+
+            _exit_if_interrupted(finetune(None, None, run_dir, cfg, resume=True, progress=not a.no_progress))
+            return
     else:
         cfg = load_config(a.config or default_preset(), a.set)
         if not a.data and not a.text and not cfg.data.dir:
@@ -124,6 +178,8 @@ def cmd_train(a: argparse.Namespace) -> None:
         name = Path(a.data or text or cfg.data.dir).stem
         name = "shakespeare-char" if text == str(bundled_corpus()) else name
         run_dir = Path(a.out) if a.out else Path("runs") / name
+    if a.fsdp:
+        cfg.train.fsdp = True
     init = None
     if a.init_from:
         if a.resume:
@@ -138,9 +194,8 @@ def cmd_train(a: argparse.Namespace) -> None:
     result = train(
         cfg, run_dir, resume=bool(a.resume), overwrite=a.overwrite, text=text, progress=not a.no_progress, init_from=init
     )
-    if result.interrupted:
-        sys.exit(130 if result.interrupted == "SIGINT" else 143)
-    if cfg.train.sample_tokens > 0:
+    _exit_if_interrupted(result)
+    if cfg.train.sample_tokens > 0 and os.environ.get("RANK", "0") == "0":
         model, tok, _ = load_model(run_dir, "cpu")
         params = SamplingParams(max_new_tokens=cfg.train.sample_tokens, temperature=0.8, seed=cfg.train.seed)
         print("--- sample ---")
@@ -148,25 +203,123 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(f"--- more: gptkit generate {run_dir} --prompt 'ROMEO:' ---")
 
 
-def cmd_generate(a: argparse.Namespace) -> None:
+def _exit_if_interrupted(result: object) -> None:
+    interrupted = getattr(result, "interrupted", "")
+    if interrupted:
+        sys.exit(130 if interrupted == "SIGINT" else 143)
+
+
+def _sampling(a: argparse.Namespace, seed_offset: int = 0) -> object:
+    from gptkit.generate import SamplingParams
+
+    seed = None if a.seed is None else a.seed + seed_offset
+    return SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.stop, seed).validate()
+
+
+def _load_for_sampling(a: argparse.Namespace) -> tuple:
     import torch
 
     from gptkit.checkpoint import load_model
-    from gptkit.generate import SamplingParams, TextStream
+    from gptkit.lora import merge_lora
     from gptkit.train import resolve_device
+
+    model, tok, cfg = load_model(a.run, resolve_device(a.device))
+    merge_lora(model)  # sampling needs no separate adapter path
+    if a.dtype == "bfloat16":
+        model = model.to(torch.bfloat16)
+    return model.eval(), tok, cfg
+
+
+def cmd_finetune(a: argparse.Namespace) -> None:
+    from gptkit.finetune import finetune, finetune_config
+
+    if a.resume:
+        if a.base or a.data or a.out or a.config:
+            raise GptkitError("--resume takes the run's own config and data; only --set may change keys")
+        from gptkit.checkpoint import load_run_config
+        from gptkit.config import apply_overrides
+
+        cfg = apply_overrides(load_run_config(Path(a.resume)), a.set).validate()
+        cfg.train.fsdp = cfg.train.fsdp or a.fsdp
+        _exit_if_interrupted(finetune(None, None, a.resume, cfg, resume=True, progress=not a.no_progress))
+        return
+    if not a.base:
+        raise GptkitError("name the base run: gptkit finetune BASE_RUN --data FILE --out RUN")
+    if not a.data:
+        raise GptkitError("no instruction data: pass --data FILE (JSON or JSONL, Alpaca or chat format)")
+    if not a.out:
+        raise GptkitError("pass --out RUN, the folder for the fine-tuned run")
+    cfg = finetune_config(a.config, a.set + (["finetune.skip_invalid=true"] if a.skip_invalid else []))
+    cfg.train.fsdp = cfg.train.fsdp or a.fsdp
+    result = finetune(a.base, a.data, a.out, cfg, lora=a.lora or None, overwrite=a.overwrite, progress=not a.no_progress)
+    _exit_if_interrupted(result)
+    print(f"gptkit: try it: gptkit chat {a.out}   or   gptkit eval {a.out} --instructions FILE")
+
+
+def cmd_merge(a: argparse.Namespace) -> None:
+    from gptkit.finetune import merge
+
+    out = merge(a.run, a.out, a.overwrite)
+    print(f"gptkit: merged {a.run} -> {out}")
+
+
+def cmd_chat(a: argparse.Namespace) -> None:
+    from gptkit.chat import ChatSession, run_chat
+
+    model, tok, _ = _load_for_sampling(a)
+    run_chat(ChatSession(model, tok, _sampling(a), a.system), sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
+
+
+def cmd_serve(a: argparse.Namespace) -> None:
+    try:
+        from gptkit.serve import ServeConfig, serve
+    except ImportError as e:
+        raise GptkitError(f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'gptkit[serve]'") from None
+    for name in ("max_tokens_cap", "max_batch", "queue_limit", "max_request_bytes"):
+        if getattr(a, name) < 1:
+            raise GptkitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not 0 <= a.port < 65536:
+        raise GptkitError(f"--port must be in 0..65535, got {a.port}")
+    from gptkit.checkpoint import load_run_config
+
+    load_run_config(Path(a.run))  # a clear error for a wrong folder before anything starts
+    sc = ServeConfig(
+        model_name=a.model_name or Path(a.run).resolve().name,
+        api_key=a.api_key or os.environ.get("GPTKIT_API_KEY") or None,
+        max_tokens_cap=a.max_tokens_cap, max_request_bytes=a.max_request_bytes, max_batch=a.max_batch,
+        queue_limit=a.queue_limit,
+    )  # fmt: skip
+    serve(a.run, a.host, a.port, sc, a.device, a.dtype)
+
+
+def cmd_make_tasks(a: argparse.Namespace) -> None:
+    from gptkit.tasks import write_tasks
+
+    if a.n < 1:
+        raise GptkitError(f"--n must be >= 1, got {a.n}")
+    print(f"gptkit: wrote {a.n} {a.split} examples to {write_tasks(a.out, a.n, a.split, a.seed)}")
+
+
+def cmd_generate(a: argparse.Namespace) -> None:
+
+    from gptkit.generate import TextStream
+    from gptkit.template import ChatTemplate, Message
 
     if a.num_samples < 1:
         raise GptkitError(f"--num-samples must be >= 1, got {a.num_samples}")
-    model, tok, _ = load_model(a.run, resolve_device(a.device))
-    if a.dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
+    model, tok, _ = _load_for_sampling(a)
+    template = ChatTemplate(tok)
     for i in range(a.num_samples):
-        seed = None if a.seed is None else a.seed + i
-        params = SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.stop, seed)
+        params = _sampling(a, i)
         if a.num_samples > 1:
             print(f"--- sample {i + 1} ---")
-        sys.stdout.write(a.prompt)
-        for piece in TextStream(model, tok, a.prompt, params):
+        if a.chat:
+            ids, _ = template.encode([Message("user", a.prompt)], generation_prompt=True)
+            stream = TextStream(model, tok, ids, params, template.stop_ids, template.stop_strings)
+        else:
+            sys.stdout.write(a.prompt)
+            stream = TextStream(model, tok, a.prompt, params)
+        for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
@@ -175,6 +328,13 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     from gptkit.evaluate import evaluate
 
+    if a.instructions:
+        from gptkit.finetune import evaluate_instructions
+
+        if a.data or a.text:
+            raise GptkitError("--instructions evaluates answers; it cannot be combined with --data or --text")
+        print(json.dumps(evaluate_instructions(a.run, a.instructions, a.device, a.max_new_tokens, a.batch_size or 16, a.limit)))
+        return
     print(json.dumps(evaluate(a.run, a.data, a.text, a.split, a.device, a.batch_size, a.max_batches)))
 
 
@@ -211,6 +371,11 @@ COMMANDS = {
     "eval": cmd_eval,
     "convert": cmd_convert,
     "export": cmd_export,
+    "finetune": cmd_finetune,
+    "merge": cmd_merge,
+    "chat": cmd_chat,
+    "make-tasks": cmd_make_tasks,
+    "serve": cmd_serve,
 }
 
 
@@ -219,7 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         COMMANDS[args.command](args)
     except GptkitError as e:
-        print(f"gptkit: error: {e}", file=sys.stderr)
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports; every rank exits
+            print(f"gptkit: error: {e}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("gptkit: interrupted", file=sys.stderr)

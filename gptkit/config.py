@@ -66,6 +66,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
     dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast; weights stay fp32)
     compile: bool = False
+    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP
     max_time_s: float = 0.0  # 0: no limit; else stop (and save) after this many seconds of training
     tensorboard: bool = True
     sample_tokens: int = 0  # print a sample of this many tokens at the end (0: none)
@@ -81,10 +82,34 @@ class DataConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Instruction fine-tuning (`gptkit finetune`); empty `base` means pretraining."""
+
+    base: str = ""  # the base run folder the weights come from
+    data: list[str] = field(default_factory=list)  # instruction files, JSON or JSONL (Alpaca or chat format)
+    val_fraction: float = 0.1  # share of examples held out for the validation loss
+    block_size: int = 0  # 0: the base's context; else examples are cut to this many tokens
+    skip_invalid: bool = False  # skip malformed records (counted) instead of stopping at the first
+    base_vocab_size: int = 0  # rows of the base model's embedding; rows past it are new tokens
+    base_sha256: str = ""  # checksum of the base weights, so an adapter never meets the wrong base
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    rank: int = 8
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # on the adapter's input
+    targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # Linear names (suffixes)
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -154,6 +179,12 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     elif typ is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
+    elif typing.get_origin(typ) is list:
+        if isinstance(value, str):  # --set lora.targets=c_attn,c_fc
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+            return [str(v) for v in value]
+        raise GptkitError(f"{source}: {key} must be a list of strings (YAML list or comma-separated), got {value!r}")
     tname = getattr(typ, "__name__", str(typ))
     raise GptkitError(f"{source}: {key} must be a {tname}, got {value!r}")
 
@@ -257,3 +288,10 @@ def validate(cfg: Config) -> None:
         d.vocab_size >= 256 or d.tokenizer != "bpe", f"data.vocab_size must be >= 256 for a byte-level BPE, got {d.vocab_size}"
     )
     _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
+    f, lo = cfg.finetune, cfg.lora
+    _check(0 <= f.val_fraction < 1, f"finetune.val_fraction must be in [0, 1), got {f.val_fraction}")
+    _check(f.block_size >= 0, f"finetune.block_size must be >= 0 (0 = the base's context), got {f.block_size}")
+    _check(lo.rank > 0, f"lora.rank must be positive, got {lo.rank}")
+    _check(lo.alpha > 0, f"lora.alpha must be positive, got {lo.alpha}")
+    _check(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
+    _check(bool(lo.targets), "lora.targets must name at least one Linear layer, e.g. c_attn,c_proj,c_fc")

@@ -161,6 +161,8 @@ def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None,
 
 
 def check_exportable(cfg: Config) -> None:
+    if cfg.lora.enabled:
+        raise GptkitError("this run holds a LoRA adapter, not full weights; merge it first: gptkit merge RUN --out MERGED")
     m = cfg.model
     problems = []
     if m.pos_embedding != "learned":

@@ -31,9 +31,14 @@ def bundled_corpus() -> Path:
     return Path(__file__).parent / "data" / "tinyshakespeare.txt"
 
 
+def preset(name: str) -> Path:
+    """A configuration shipped inside the package (gptkit/presets/NAME.yaml)."""
+    return Path(__file__).parent / "presets" / f"{name}.yaml"
+
+
 def default_preset() -> Path:
     """The main job's configuration, used by `gptkit train` without --config."""
-    return Path(__file__).parent / "presets" / "shakespeare-char.yaml"
+    return preset("shakespeare-char")
 
 
 def resolve_inputs(inputs: list[str]) -> list[Path]:

@@ -28,11 +28,13 @@ def token_losses(
     autocast: Any = None,
     max_batches: int | None = None,
     generator: torch.Generator | None = None,
+    split: tuple[int, int] | None = None,
 ) -> tuple[float, int, np.ndarray]:
     """Sum of next-token losses (nats), the number of predictions, and the predicted token ids.
 
     With a generator, `max_batches` batches of random windows (a quick estimate during training);
-    without, every window of the stream in order."""
+    without, every window of the stream in order. split=(rank, world): only every world-th
+    window from rank on, so that processes share the work and their sums add up."""
     T = model.config.block_size
     n = len(tokens)
     if n < 2:
@@ -44,6 +46,8 @@ def token_losses(
         starts = np.arange(0, n - 1, T)
         if max_batches is not None:
             starts = starts[: max_batches * batch_size]
+    if split is not None:
+        starts = starts[split[0] :: split[1]]
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
@@ -69,13 +73,17 @@ def token_losses(
     return total, count, np.concatenate(predicted)
 
 
-def summarize(total_nats: float, count: int, predicted: np.ndarray, byte_lengths: np.ndarray | None) -> dict[str, Any]:
+def summarize(total_nats: float, count: int, n_bytes: int | None) -> dict[str, Any]:
+    """Loss, perplexity, tokens and (given the predicted text's UTF-8 bytes) bits per byte."""
     loss = total_nats / count
     out: dict[str, Any] = {"loss": loss, "perplexity": math.exp(min(loss, 700.0)), "tokens": count}
-    if byte_lengths is not None:
-        n_bytes = int(byte_lengths[np.clip(predicted, 0, len(byte_lengths) - 1)].sum())
+    if n_bytes is not None:
         out["bits_per_byte"] = total_nats / math.log(2) / n_bytes if n_bytes else float("nan")
     return out
+
+
+def predicted_bytes(predicted: np.ndarray, byte_lengths: np.ndarray) -> int:
+    return int(byte_lengths[np.clip(predicted, 0, len(byte_lengths) - 1)].sum())
 
 
 def evaluate(
@@ -104,6 +112,8 @@ def evaluate(
             raise GptkitError(f"{p}: file is empty")
         tokens = np.asarray(tok.encode(content), dtype=np.int64)
     else:
+        if data is None and cfg.finetune.base:
+            raise GptkitError(f"{run_dir} is a fine-tuned run: evaluate it with --instructions FILE (or --text FILE)")
         folder = Path(data) if data is not None else _run_data_dir(Path(run_dir), cfg.data.dir)
         ds = DataSet(folder)
         if ds.tokenizer.vocab_size != tok.vocab_size or ds.tokenizer.kind != tok.kind:
@@ -111,7 +121,7 @@ def evaluate(
         tokens = ds.split(split)
     amp = autocast_context(dev, resolve_dtype(cfg.train.dtype, dev))
     total, count, predicted = token_losses(model, tokens, batch_size or cfg.train.batch_size, dev, amp, max_batches)
-    return summarize(total, count, predicted, tok.token_byte_lengths())
+    return summarize(total, count, predicted_bytes(predicted, tok.token_byte_lengths()))
 
 
 def _run_data_dir(run_dir: Path, configured: str) -> Path:

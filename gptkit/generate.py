@@ -64,11 +64,17 @@ def process_logits(logits: torch.Tensor, context: torch.Tensor, p: SamplingParam
     return logits
 
 
-def sample_next(logits: torch.Tensor, context: torch.Tensor, p: SamplingParams, gen: torch.Generator | None) -> torch.Tensor:
+def sample_next(
+    logits: torch.Tensor, context: torch.Tensor, p: SamplingParams, gen: torch.Generator | list[torch.Generator | None] | None
+) -> torch.Tensor:
+    """The next token of each row; gen may be one generator for the batch or one per row (each
+    request of a batched server keeps its own seed)."""
     logits = process_logits(logits, context, p)
     if p.temperature == 0:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
+    if isinstance(gen, list):
+        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(gen)]).squeeze(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
@@ -77,81 +83,139 @@ def generate_ids(
     model: GPT,
     prompt: torch.Tensor,
     params: SamplingParams,
-    gen: torch.Generator | None = None,
+    gen: torch.Generator | list[torch.Generator | None] | None = None,
+    pad: torch.Tensor | None = None,
 ) -> Iterator[torch.Tensor]:
-    """Yield the next token ids (B,) for a batch of equal-length prompts (B, T), one step at a time."""
+    """Yield the next token ids (B,) for a batch of prompts (B, T), one step at a time. Prompts
+    of unequal length come left-padded, pad[b] tokens in row b (see GPT.forward)."""
     block = model.config.block_size
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
     ids = prompt.to(device)
+    pad = pad.to(device) if pad is not None else None
     if ids.size(1) == 0:
         raise GptkitError("the prompt is empty; give at least one token")
     context = ids  # everything so far, for the repetition penalty
     cache = KVCache.empty(model.config, ids.size(0), block, device, dtype)
-    logits, _ = model(ids[:, -block:], cache=cache, last_only=True)
+    if ids.size(1) > block and pad is not None:
+        pad = (pad - (ids.size(1) - block)).clamp(min=0)
+    logits, _ = model(ids[:, -block:], cache=cache, last_only=True, pad=pad)
     for _ in range(params.max_new_tokens):
         nxt = sample_next(logits[:, -1], context, params, gen)
         yield nxt
         context = torch.cat([context, nxt[:, None]], dim=1)
         if cache.pos >= block:
             keep = max(1, block * 3 // 4)
+            if pad is not None:
+                pad = (pad - (cache.pos + 1 - keep)).clamp(min=0)
             cache.pos = 0
-            logits, _ = model(context[:, -keep:], cache=cache, last_only=True)
+            logits, _ = model(context[:, -keep:], cache=cache, last_only=True, pad=pad)
         else:
-            logits, _ = model(nxt[:, None], cache=cache, last_only=True)
+            logits, _ = model(nxt[:, None], cache=cache, last_only=True, pad=pad)
+
+
+class Detokenizer:
+    """Turns one sample's token ids into text deltas, holding back what may still become a stop
+    string and half-decoded characters. `feed` returns the new text; `done` says the sample has
+    ended ("stop": a stop id or string, "length": max_new_tokens)."""
+
+    def __init__(self, tok: Tokenizer, params: SamplingParams, stop_ids: set[int], stops: list[str]) -> None:
+        self.tok, self.params, self.stop_ids, self.stops = tok, params, stop_ids, stops
+        self.hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
+        self.out: list[int] = []
+        self.text = ""
+        self.emitted = 0  # characters of self.text already returned
+        self.completion_tokens = 0
+        self.finish_reason = ""
+
+    @property
+    def done(self) -> bool:
+        return bool(self.finish_reason)
+
+    def feed(self, t: int) -> str:
+        self.completion_tokens += 1
+        if t in self.stop_ids:
+            self.finish_reason = "stop"
+            return self.flush()
+        self.out.append(t)
+        self.text = self.tok.decode(self.out)
+        starts = (self.text.find(s, max(0, self.emitted - self.hold)) for s in self.stops)
+        hit = min((i for i in starts if i >= 0), default=-1)
+        if hit >= 0:
+            self.text = self.text[:hit]
+            self.finish_reason = "stop"
+            return self.flush()
+        if self.completion_tokens >= self.params.max_new_tokens:
+            self.finish_reason = "length"
+            return self.flush()
+        safe = len(self.text) - self.hold
+        if self.text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
+            safe = min(safe, len(self.text) - 1)
+        if safe > self.emitted:
+            delta, self.emitted = self.text[self.emitted : safe], safe
+            return delta
+        return ""
+
+    def flush(self) -> str:
+        delta, self.emitted = self.text[self.emitted :], len(self.text)
+        return delta
 
 
 class TextStream:
-    """Text deltas of one sample, stopping at a stop string (not included), at the end-of-text
-    token, or after max_new_tokens. After iteration, `finish_reason` is "stop" or "length" and
-    `completion_tokens` counts the tokens generated."""
+    """Text deltas of one sample, stopping at a stop string (not included), at a stop token
+    (end-of-text by default), or after max_new_tokens. After iteration, `finish_reason` is
+    "stop" or "length" and `completion_tokens` counts the tokens generated."""
 
-    def __init__(self, model: GPT, tok: Tokenizer, prompt: str | list[int], params: SamplingParams) -> None:
+    def __init__(
+        self, model: GPT, tok: Tokenizer, prompt: str | list[int], params: SamplingParams,
+        stop_ids: list[int] | None = None, extra_stop: list[str] | None = None,
+    ) -> None:  # fmt: skip
+        """stop_ids: token ids that end the sample (besides end-of-text, when params.stop_at_eot);
+        extra_stop: stop strings added to params.stop (a chat template's end of turn)."""
         self.model, self.tok, self.params = model, tok, params.validate()
+        ids = set(stop_ids or [])
+        if params.stop_at_eot:
+            ids.add(tok.eot_id)
         self.prompt_ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not self.prompt_ids:
             self.prompt_ids = [tok.eot_id]  # an empty prompt starts a fresh document
-        self.finish_reason = "length"
-        self.completion_tokens = 0
-        self.text = ""
+        self.detok = Detokenizer(tok, self.params, ids, [s for s in list(params.stop) + list(extra_stop or []) if s])
 
     @property
     def prompt_tokens(self) -> int:
         return len(self.prompt_ids)
 
+    @property
+    def completion_tokens(self) -> int:
+        return self.detok.completion_tokens
+
+    @property
+    def finish_reason(self) -> str:
+        return self.detok.finish_reason or "length"
+
+    @property
+    def text(self) -> str:
+        return self.detok.text
+
     def __iter__(self) -> Iterator[str]:
+        if self.params.max_new_tokens == 0:
+            return
         device = next(self.model.parameters()).device
         gen = None
         if self.params.seed is not None:
             gen = torch.Generator(device=device).manual_seed(self.params.seed)
         prompt = torch.tensor([self.prompt_ids], dtype=torch.long)
-        out: list[int] = []
-        emitted = 0  # characters of self.text already yielded
-        stops = [s for s in self.params.stop if s]
-        hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
         for nxt in generate_ids(self.model, prompt, self.params, gen):
-            t = int(nxt[0])
-            self.completion_tokens += 1
-            if self.params.stop_at_eot and t == self.tok.eot_id:
-                self.finish_reason = "stop"
+            delta = self.detok.feed(int(nxt[0]))
+            if delta:
+                yield delta
+            if self.detok.done:
                 break
-            out.append(t)
-            self.text = self.tok.decode(out)
-            hit = min((i for i in (self.text.find(s, max(0, emitted - hold)) for s in stops) if i >= 0), default=-1)
-            if hit >= 0:
-                self.text = self.text[:hit]
-                self.finish_reason = "stop"
-                break
-            safe = len(self.text) - hold
-            if self.text.endswith("\ufffd"):  # half of a multi-byte character: wait for the rest
-                safe = min(safe, len(self.text) - 1)
-            if safe > emitted:
-                yield self.text[emitted:safe]
-                emitted = safe
-        if len(self.text) > emitted:
-            yield self.text[emitted:]
 
 
-def generate(model: GPT, tok: Tokenizer, prompt: str, params: SamplingParams) -> str:
+def generate(
+    model: GPT, tok: Tokenizer, prompt: str | list[int], params: SamplingParams,
+    stop_ids: list[int] | None = None, extra_stop: list[str] | None = None,
+) -> str:  # fmt: skip
     """The completion of `prompt` as one string."""
-    return "".join(TextStream(model, tok, prompt, params))
+    return "".join(TextStream(model, tok, prompt, params, stop_ids, extra_stop))

@@ -99,6 +99,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
+        pad: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
@@ -126,9 +127,17 @@ class CausalSelfAttention(nn.Module):
         mask = None
         if past > 0 and T > 1:
             mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
+        if pad is not None:  # left-padded rows of a batch: no query sees its row's padding
+            keys = torch.arange(past + T, device=x.device)
+            visible = (keys[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
+            mask = visible if mask is None else visible & mask
+            if past == 0 and T > 1:
+                mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+            # A fully padded query row would make softmax NaN; let it see itself (its output is unused).
+            mask = mask | (keys[None, :] == past + torch.arange(T, device=x.device)[:, None])
         kwargs = dict(
             attn_mask=mask,
-            is_causal=(past == 0 and T > 1),
+            is_causal=(mask is None and past == 0 and T > 1),
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
@@ -176,8 +185,11 @@ class Block(nn.Module):
         self.ln_2 = make_norm(cfg)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None) -> torch.Tensor:
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(
+        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
+        pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        x = x + self.attn(self.ln_1(x), rope, cache, pad)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -224,22 +236,32 @@ class GPT(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         last_only: bool = False,
+        pad: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, V) -- (B, 1, V) with last_only -- and,
-        given targets (-100 marks positions without loss), the mean cross-entropy."""
+        given targets (-100 marks positions without loss), the mean cross-entropy.
+
+        pad (B,): rows of a batch of unequal prompts are left-padded by pad[b] tokens, which no
+        position attends to and which do not count as positions, so each row computes what it
+        would alone."""
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.config.block_size})")
         x = self.wte(idx)
+        pos = torch.arange(past, past + T, device=idx.device)
+        if pad is not None:
+            pos = (pos[None, :] - pad[:, None]).clamp(min=0)  # (B, T)
         rope = None
         if self.wpe is not None:
-            x = x + self.wpe(torch.arange(past, past + T, device=idx.device))
-        else:
+            x = x + self.wpe(pos)
+        elif pad is None:
             rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+        else:
+            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, D/2)
         x = self.drop(x)
         for block in self.blocks:
-            x = block(x, rope, cache)
+            x = block(x, rope, cache, pad)
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)
@@ -253,6 +275,30 @@ class GPT(nn.Module):
         if targets is not None:
             loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
         return logits, loss
+
+    @torch.no_grad()
+    def grow_vocab(self, new_size: int, seed: int = 0) -> None:
+        """Append rows for new tokens to the embedding (and an untied head). Each new row is drawn
+        from a normal with the existing rows' mean and per-dimension spread, so a new token starts
+        as a typical token, distinct from the other new ones, rather than as an outlier."""
+        old = self.config.vocab_size
+        if new_size <= old:
+            return
+        gen = torch.Generator().manual_seed(seed)
+
+        def grown(w: torch.Tensor) -> nn.Parameter:
+            mean, std = w.float().mean(0), w.float().std(0)
+            rows = mean + std * torch.randn(new_size - old, w.size(1), generator=gen)
+            return nn.Parameter(torch.cat([w, rows.to(w.device, w.dtype)]))
+
+        self.wte.weight = grown(self.wte.weight)
+        self.wte.num_embeddings = new_size
+        if self.config.tie_embeddings:
+            self.lm_head.weight = self.wte.weight
+        else:
+            self.lm_head.weight = grown(self.lm_head.weight)
+        self.lm_head.out_features = new_size
+        self.config.vocab_size = new_size
 
     # --- accounting ---
 

@@ -92,8 +92,9 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
     embed_or_head = {n for n in params if n.startswith(("wte", "wpe", "lm_head"))}
     matrices = [p for n, p in params.items() if p.dim() >= 2 and n not in embed_or_head]
-    embeddings = [p for n, p in params.items() if p.dim() >= 2 and n in embed_or_head]
-    vectors = [p for n, p in params.items() if p.dim() < 2]
+    embeddings = [p for n, p in params.items() if p.dim() >= 2 and n in embed_or_head and not hasattr(p, "frozen_rows")]
+    # 1-D parameters, and embeddings of which only some rows train (LoRA): decay would move the rest.
+    vectors = [p for n, p in params.items() if p.dim() < 2 or hasattr(p, "frozen_rows")]
     adam_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     if device.type == "cuda":
         adam_kw["fused"] = True

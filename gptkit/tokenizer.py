@@ -14,6 +14,12 @@ from gptkit.errors import GptkitError
 
 EOT = "<|endoftext|>"
 META_FILE = "gptkit_tokenizer.json"
+TEMPLATE_FILE = "chat_template.json"
+
+
+def _save_template(tok: Tokenizer, folder: Path) -> None:
+    if tok.chat_template:
+        (folder / TEMPLATE_FILE).write_text(json.dumps(tok.chat_template, indent=1))
 
 
 class Tokenizer:
@@ -21,6 +27,7 @@ class Tokenizer:
 
     kind: str = ""
     special_tokens: dict[str, int]
+    chat_template: dict[str, str] | None = None  # role -> marker token, "end" -> end of turn; see template.py
 
     @property
     def vocab_size(self) -> int:
@@ -39,6 +46,13 @@ class Tokenizer:
     def decode(self, ids: Iterable[int]) -> str:
         raise NotImplementedError
 
+    def encode_plain(self, text: str) -> list[int]:
+        """Encode text in which special-token strings are plain text."""
+        return self.encode(text)
+
+    def add_tokens(self, chars: Iterable[str] = (), specials: Iterable[str] = ()) -> Tokenizer:
+        raise NotImplementedError
+
     def token_byte_lengths(self) -> np.ndarray:
         """UTF-8 bytes each token stands for (0 for special tokens), for bits-per-byte."""
         raise NotImplementedError
@@ -52,17 +66,34 @@ class CharTokenizer(Tokenizer):
 
     kind = "char"
 
-    def __init__(self, chars: list[str], specials: list[str] | None = None) -> None:
+    def __init__(self, chars: list[str], specials: list[str] | None = None, added: list[tuple[str, bool]] | None = None) -> None:
+        # ids: the corpus's characters, then the special tokens, then tokens added later (new
+        # characters or specials, in order), so that growing the vocabulary never moves an id.
         self.chars = list(chars)
-        self.stoi = {c: i for i, c in enumerate(self.chars)}
         specials = specials if specials is not None else [EOT]
+        self.base_specials = list(specials)
+        self.added = list(added or [])
+        self.itos = self.chars + list(specials) + [t for t, _ in self.added]
         self.special_tokens = {s: len(self.chars) + i for i, s in enumerate(specials)}
-        self.itos = self.chars + list(self.special_tokens)
+        base = len(self.chars) + len(specials)
+        self.stoi = {c: i for i, c in enumerate(self.chars)}
+        for k, (t, special) in enumerate(self.added):
+            (self.special_tokens if special else self.stoi)[t] = base + k
         # Fast path for encoding: a code point -> id table.
-        size = max((ord(c) for c in self.chars), default=0) + 1
+        size = max((ord(c) for c in self.stoi), default=0) + 1
         self._table = np.full(size, -1, dtype=np.int64)
         for c, i in self.stoi.items():
             self._table[ord(c)] = i
+
+    def add_tokens(self, chars: Iterable[str] = (), specials: Iterable[str] = ()) -> CharTokenizer:
+        """A copy with new characters and special tokens appended (existing ones are skipped)."""
+        added = list(self.added)
+        for c in sorted(set(chars) - set(self.stoi)):
+            added.append((c, False))
+        for t in specials:
+            if t not in self.special_tokens:
+                added.append((t, True))
+        return CharTokenizer(self.chars, self.base_specials, added)
 
     @classmethod
     def train(cls, texts: Iterable[str]) -> CharTokenizer:
@@ -98,18 +129,28 @@ class CharTokenizer(Tokenizer):
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
         return [self.encode_array(t) for t in texts]
 
+    def encode_plain(self, text: str) -> list[int]:
+        # Conversation text (chat, serve, instruction eval) may hold characters the vocabulary
+        # lacks; they become "?" (or are dropped) rather than stopping a conversation.
+        unknown = "?" if "?" in self.stoi else ""
+        return self.encode("".join(c if c in self.stoi else unknown for c in text))
+
     def decode(self, ids: Iterable[int]) -> str:
         n = len(self.itos)
         return "".join(self.itos[i] if 0 <= i < n else "\ufffd" for i in ids)
 
     def token_byte_lengths(self) -> np.ndarray:
-        lengths = [len(c.encode("utf-8")) for c in self.chars] + [0] * len(self.special_tokens)
+        special = set(self.special_tokens.values())
+        lengths = [0 if i in special else len(t.encode("utf-8")) for i, t in enumerate(self.itos)]
         return np.asarray(lengths, dtype=np.int64)
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
-        meta = {"kind": self.kind, "chars": self.chars, "special_tokens": list(self.special_tokens)}
+        meta = {"kind": self.kind, "chars": self.chars, "special_tokens": self.base_specials}
+        if self.added:
+            meta["added"] = [[t, special] for t, special in self.added]
         (folder / META_FILE).write_text(json.dumps(meta, ensure_ascii=False))
+        _save_template(self, folder)
 
 
 class HFTokenizer(Tokenizer):
@@ -195,6 +236,26 @@ class HFTokenizer(Tokenizer):
     def decode(self, ids: Iterable[int]) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=False)  # type: ignore[attr-defined]
 
+    def encode_plain(self, text: str) -> list[int]:
+        # Special-token strings inside user text stay text: a message cannot forge a role marker.
+        self.tok.encode_special_tokens = True  # type: ignore[attr-defined]
+        try:
+            return self.encode(text)
+        finally:
+            self.tok.encode_special_tokens = False  # type: ignore[attr-defined]
+
+    def add_tokens(self, chars: Iterable[str] = (), specials: Iterable[str] = ()) -> HFTokenizer:
+        """A copy with new special tokens appended (byte-level BPE already spells any character)."""
+        from tokenizers import AddedToken
+        from tokenizers import Tokenizer as HFTok
+
+        tok = HFTok.from_str(self.tok.to_str())  # type: ignore[attr-defined]
+        new = [t for t in specials if t not in self.special_tokens]
+        tok.add_special_tokens([AddedToken(t, special=True) for t in new])
+        out = HFTokenizer(tok, self.kind)
+        out.special_tokens.update({t: tok.token_to_id(t) for t in list(self.special_tokens) + new})
+        return out
+
     def token_byte_lengths(self) -> np.ndarray:
         # Byte-level BPE spells each byte as one printable character, so a token's string
         # length is its byte count.
@@ -207,7 +268,8 @@ class HFTokenizer(Tokenizer):
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(folder / "tokenizer.json"))  # type: ignore[attr-defined]
-        (folder / META_FILE).write_text(json.dumps({"kind": self.kind}))
+        (folder / META_FILE).write_text(json.dumps({"kind": self.kind, "special_tokens": list(self.special_tokens)}))
+        _save_template(self, folder)
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
@@ -221,10 +283,20 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
         raise GptkitError(f"{meta_file}: corrupt tokenizer file ({e})") from e
     kind = meta.get("kind")
     if kind == "char":
-        return CharTokenizer(meta["chars"], meta.get("special_tokens", [EOT]))
-    if kind in ("bpe", "gpt2"):
-        return HFTokenizer._load_hf_json(folder / "tokenizer.json", kind)
-    raise GptkitError(f"{meta_file}: unknown tokenizer kind {kind!r}")
+        added = [(str(t), bool(special)) for t, special in meta.get("added", [])]
+        tok: Tokenizer = CharTokenizer(meta["chars"], meta.get("special_tokens", [EOT]), added)
+    elif kind in ("bpe", "gpt2"):
+        tok = HFTokenizer._load_hf_json(folder / "tokenizer.json", kind)
+        for t in meta.get("special_tokens", []):
+            tid = tok.tok.token_to_id(t)  # type: ignore[attr-defined]
+            if tid is not None:
+                tok.special_tokens[t] = tid
+    else:
+        raise GptkitError(f"{meta_file}: unknown tokenizer kind {kind!r}")
+    template_file = folder / TEMPLATE_FILE
+    if template_file.is_file():
+        tok.chat_template = json.loads(template_file.read_text(encoding="utf-8"))
+    return tok
 
 
 def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: int = 4096) -> Tokenizer:

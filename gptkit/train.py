@@ -18,17 +18,21 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
 import torch
 
-from gptkit.checkpoint import TrainingState, is_run, load_training_state, save_checkpoint
+from gptkit import distributed
+from gptkit.checkpoint import TrainingState, is_run, read_training_state, save_checkpoint
 from gptkit.config import Config
 from gptkit.data import Batches, DataSet, prepare
+from gptkit.distributed import DistContext
 from gptkit.errors import GptkitError
-from gptkit.evaluate import summarize, token_losses
+from gptkit.evaluate import predicted_bytes, summarize, token_losses
 from gptkit.model import GPT
 from gptkit.optim import build_optimizers, lr_factor
+from gptkit.tokenizer import Tokenizer
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -114,8 +118,8 @@ def _absolute_or_relative(path: Path, run_dir: Path) -> str:
         return str(path)
 
 
-def setup_run(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, text: str | None, progress: bool) -> DataSet:
-    """Check the run folder, prepare data if asked, and write config + tokenizer into the run."""
+def init_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    """Refuse to clobber a run unless asked; clear it for --overwrite."""
     if resume:
         if not is_run(run_dir):
             raise GptkitError(f"--resume {run_dir}: not a gptkit run folder (no config.yaml)")
@@ -129,11 +133,20 @@ def setup_run(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, text: s
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ("metrics.jsonl", "loss.png", "config.yaml"):
             (run_dir / name).unlink(missing_ok=True)
+
+
+def setup_run(
+    cfg: Config, run_dir: Path, resume: bool, overwrite: bool, text: str | None, progress: bool, ctx: DistContext | None = None
+) -> DataSet:
+    """Check the run folder, prepare data if asked, and write config + tokenizer into the run
+    (rank 0 writes; every rank ends with the same config and data set)."""
+    ctx = ctx or DistContext()
+    ctx.on_main(lambda: init_run_folder(run_dir, resume, overwrite))
     if text is not None and not resume:
         data_dir = run_dir / "data"
-        prepare(
+        ctx.on_main(lambda: prepare(
             [text], data_dir, cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.val_fraction, overwrite=True, progress=progress
-        )
+        ))  # fmt: skip
         cfg.data.dir = "data"
     if not cfg.data.dir:
         raise GptkitError("no training data: pass --data DATA_DIR (from `gptkit prepare`) or --text FILE")
@@ -151,10 +164,62 @@ def setup_run(cfg: Config, run_dir: Path, resume: bool, overwrite: bool, text: s
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({ds.tokenizer.vocab_size}); leave it 0 to take the tokenizer's"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    ds.tokenizer.save(run_dir / "tokenizer")
-    cfg.save(run_dir / "config.yaml")
+    ctx.on_main(lambda: _write_run(run_dir, ds.tokenizer, cfg))
     return ds
+
+
+def _write_run(run_dir: Path, tok: Tokenizer, cfg: Config) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    tok.save(run_dir / "tokenizer")
+    cfg.save(run_dir / "config.yaml")
+
+
+class TrainData(Protocol):
+    """What the training loop needs from its data: pretraining shards and instruction
+    examples both provide it, so one loop serves both."""
+
+    tokenizer: Tokenizer
+    description: str  # for the start-up line, e.g. "1,003,854 train tokens"
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...  # (x, y); y == -100: no loss
+
+    def state(self) -> torch.Tensor: ...
+
+    def load_state(self, state: torch.Tensor) -> None: ...
+
+    def evaluate(
+        self, model: GPT, batch_size: int, device: torch.device, amp: Any, max_batches: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[float, int, np.ndarray]: ...  # fmt: skip
+
+
+class ShardData:
+    """Pretraining: random windows of the train shard; validation over the val shard."""
+
+    def __init__(self, ds: DataSet, block_size: int, batch_size: int, seed: int, ctx: DistContext | None = None) -> None:
+        self.tokenizer = ds.tokenizer
+        self.train_tokens, self.val_tokens = ds.split("train"), ds.split("val")
+        if len(self.val_tokens) < 2:
+            raise GptkitError(f"{ds.folder}: the validation split is empty; use a larger --val-fraction or corpus")
+        # Every rank draws the global batch from the same generator and keeps its own rows.
+        self.batches = Batches(self.train_tokens, block_size, batch_size, seed, "train")
+        self.ctx = ctx or DistContext()
+        self.rows = self.ctx.shard(batch_size)
+        self.description = f"{len(self.train_tokens):,} train tokens"
+        self.state, self.load_state = self.batches.state, self.batches.load_state
+
+    def next(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.batches.next()
+        return x[self.rows], y[self.rows]
+
+    def evaluate(
+        self, model: GPT, batch_size: int, device: torch.device, amp: Any, max_batches: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> tuple[float, int, np.ndarray]:  # fmt: skip
+        # Under DDP each rank scores its share of the windows; the caller sums. FSDP's forward is
+        # a collective, so there every rank scores all windows alike.
+        split = (self.ctx.rank, self.ctx.world) if self.ctx.enabled and not self.ctx.fsdp else None
+        return token_losses(model, self.val_tokens, batch_size, device, amp, max_batches, generator, split)
 
 
 class MetricsLog:
@@ -265,59 +330,93 @@ def train(
     init_from: GPT | None = None,
     quiet: bool = False,
     stop_at: int | None = None,
+    data: TrainData | None = None,
 ) -> TrainResult:
     """Train (or resume) the run in `run_dir` as `cfg` says; returns the final evaluation.
 
     on_eval(step, val_loss) is called after each periodic evaluation (hyperparameter search
     uses it to prune); init_from starts from given weights instead of a fresh initialisation;
-    stop_at pauses the run after that step with a checkpoint, as an interruption would."""
+    stop_at pauses the run after that step with a checkpoint, as an interruption would; data
+    replaces the config's token shards (fine-tuning passes its instruction examples)."""
     run_dir = Path(run_dir)
-    ds = setup_run(cfg, run_dir, resume, overwrite, text, progress)
     tc = cfg.train
-    device = resolve_device(tc.device)
+    ctx, device = distributed.setup(tc.device, tc.fsdp, tc.batch_size)
+    try:
+        return _train(cfg, run_dir, ctx, device, resume, overwrite, text, progress, on_eval, init_from, quiet, stop_at, data)
+    finally:
+        distributed.shutdown(ctx)
+
+
+def _train(
+    cfg: Config, run_dir: Path, ctx: DistContext, device: torch.device, resume: bool, overwrite: bool, text: str | None,
+    progress: bool, on_eval: Callable[[int, float], None] | None, init_from: GPT | None, quiet: bool, stop_at: int | None,
+    data: TrainData | None,
+) -> TrainResult:  # fmt: skip
+    tc = cfg.train
+    quiet = quiet or not ctx.main  # one rank speaks
+    if ctx.fsdp and ctx.enabled and (tc.optimizer == "muon" or cfg.lora.enabled):
+        raise GptkitError("--fsdp shards every matrix, but Muon and LoRA need whole ones here; use train.optimizer=adamw "
+                          "without --lora, or plain data parallelism (no --fsdp)")  # fmt: skip
+    if data is None:
+        ds = setup_run(cfg, run_dir, resume, overwrite, text, progress and ctx.main, ctx)
+        data = ShardData(ds, cfg.model.block_size, tc.batch_size, tc.seed, ctx)
+    else:
+        ctx.on_main(lambda: init_run_folder(run_dir, resume, overwrite))
+        ctx.on_main(lambda: _write_run(run_dir, data.tokenizer, cfg))
+        if hasattr(data, "bind"):
+            data.bind(ctx)
     dtype = resolve_dtype(tc.dtype, device)
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
 
-    train_tokens, val_tokens = ds.split("train"), ds.split("val")
-    batches = Batches(train_tokens, cfg.model.block_size, tc.batch_size, tc.seed, "train")
-    if len(val_tokens) < 2:
-        raise GptkitError(f"{ds.folder}: the validation split is empty; use a larger --val-fraction or corpus")
-
-    if init_from is not None and ds.tokenizer.vocab_size > init_from.config.vocab_size:
+    if init_from is not None and data.tokenizer.vocab_size > init_from.config.vocab_size:
         raise GptkitError(
-            f"the data's tokenizer has {ds.tokenizer.vocab_size} tokens but the model starts from one with "
+            f"the data's tokenizer has {data.tokenizer.vocab_size} tokens but the model starts from one with "
             f"{init_from.config.vocab_size}; prepare the data with the base run's tokenizer (data.tokenizer=run:BASE_RUN)"
         )
     model = init_from if init_from is not None else GPT(cfg.model)
     model.to(device)
-    optimizers = build_optimizers(model, tc, device)
-    state = TrainingState()
-    if resume:
-        state = load_training_state(run_dir, model, optimizers)
+    state, opt_states = TrainingState(), None
+    if resume:  # whole weights into the unwrapped model; optimizer state once it is built
+        state, opt_states = read_training_state(run_dir, model)
         torch.set_rng_state(state.tensors["torch"])
-        batches.load_state(state.tensors["sampler"])
+        data.load_state(state.tensors["sampler"])
         if device.type == "cuda" and "cuda" in state.tensors:
             torch.cuda.set_rng_state(state.tensors["cuda"])
-    step_fn = torch.compile(model) if tc.compile else model
+    wrapped = distributed.wrap(model, ctx, device)
+    optimizers = build_optimizers(model, tc, device)
+    if opt_states is not None:
+        distributed.load_full_optimizer_states(model, optimizers, opt_states, ctx)
+    step_fn = torch.compile(wrapped) if tc.compile else wrapped
     amp = autocast_context(device, dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    tokens_per_step = tc.batch_size * tc.grad_accum * cfg.model.block_size
-    log = MetricsLog(run_dir, tc.tensorboard, state.step if resume else None)
-    byte_lengths = ds.tokenizer.token_byte_lengths()
+    log = MetricsLog(run_dir, tc.tensorboard, state.step if resume else None) if ctx.main else None
+    byte_lengths = data.tokenizer.token_byte_lengths()
     result = TrainResult(run_dir=run_dir, step=state.step)
 
     def checkpoint() -> None:
-        state.tensors = {"torch": torch.get_rng_state(), "sampler": batches.state()}
+        state.tensors = {"torch": torch.get_rng_state(), "sampler": data.state()}
         if device.type == "cuda":
             state.tensors["cuda"] = torch.cuda.get_rng_state()
-        save_checkpoint(run_dir, model, optimizers, state)
+        # Gathering is collective under FSDP; writing is rank 0's.
+        weights = distributed.full_model_state(model, ctx) if ctx.fsdp and ctx.enabled else None
+        opt_states = distributed.full_optimizer_states(model, optimizers, ctx)
+        ctx.on_main(lambda: save_checkpoint(run_dir, model, optimizers, state, weights, opt_states))
+
+    def evaluate(max_batches: int | None = None, gen: torch.Generator | None = None) -> tuple[float, int, int]:
+        """Validation (loss sum, predictions, bytes), summed over the ranks that share the work."""
+        total, count, predicted = data.evaluate(model if not ctx.fsdp else wrapped, tc.batch_size, device, amp,
+                                                max_batches, gen)  # fmt: skip
+        n_bytes = predicted_bytes(predicted, byte_lengths)
+        if ctx.enabled and not ctx.fsdp:
+            total, count, n_bytes = ctx.sum([total, count, n_bytes], device)
+        return total, int(count), int(n_bytes)
 
     if not quiet:
         print(
             f"gptkit: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} MFLOPs/token "
-            f"(training), {device.type} {str(dtype).replace('torch.', '')}, {len(train_tokens):,} train tokens, "
+            f"(training), {device.type} {str(dtype).replace('torch.', '')}, {data.description}, "
             f"run folder {run_dir}",
             flush=True,
         )
@@ -336,12 +435,14 @@ def train(
                 for opt in optimizers:
                     for group in opt.param_groups:
                         group["lr"] = group["base_lr"] * factor
-                for _ in range(tc.grad_accum):
-                    x, y = batches.next()
+                step_tokens = 0
+                for micro in range(tc.grad_accum):
+                    x, y = data.next()
+                    step_tokens += x.numel() * ctx.world
                     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with amp:
+                    with distributed.sync_context(wrapped, ctx, micro == tc.grad_accum - 1), amp:
                         _, loss = step_fn(x, y)
-                    scaler.scale(loss / tc.grad_accum).backward()
+                        scaler.scale(loss / tc.grad_accum).backward()
                     loss_sum += loss.detach() / tc.grad_accum
                 if tc.grad_clip > 0:
                     for opt in optimizers:
@@ -353,12 +454,12 @@ def train(
                 for opt in optimizers:
                     opt.zero_grad(set_to_none=True)
                 state.step += 1
-                state.tokens_seen += tokens_per_step
-                tokens_at_log += tokens_per_step
+                state.tokens_seen += step_tokens
+                tokens_at_log += step_tokens
                 loss_count += 1
 
                 if state.step % tc.log_interval == 0 or state.step == tc.max_steps:
-                    loss_val = (loss_sum / loss_count).item()
+                    loss_val = ctx.sum([(loss_sum / loss_count).item()], device)[0] / ctx.world
                     loss_sum.zero_()
                     loss_count = 0
                     if not math.isfinite(loss_val):
@@ -369,7 +470,8 @@ def train(
                     now = time.perf_counter()
                     tps = tokens_at_log / max(now - t_log, 1e-9)
                     t_log, tokens_at_log = now, 0
-                    log.log(state.step, loss=loss_val, lr=tc.lr * factor, tokens_per_s=tps, elapsed_s=now - t_start)
+                    if log is not None:
+                        log.log(state.step, loss=loss_val, lr=tc.lr * factor, tokens_per_s=tps, elapsed_s=now - t_start)
                     result.losses.append((state.step, loss_val))
                     bar.update(state.step, loss_val, tps)
                 else:
@@ -381,9 +483,10 @@ def train(
                     t_eval, last_eval = time.perf_counter(), train_s
                     # eval_batches random batches (a fresh generator: training's RNG is untouched), or all.
                     gen = torch.Generator().manual_seed(tc.seed + state.step) if tc.eval_batches else None
-                    total, count, _ = token_losses(model, val_tokens, tc.batch_size, device, amp, tc.eval_batches or None, gen)
+                    total, count, _ = evaluate(tc.eval_batches or None, gen)
                     val_loss = total / count
-                    log.log(state.step, val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)), train_s=train_s)
+                    if log is not None:
+                        log.log(state.step, val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)), train_s=train_s)
                     if not quiet:
                         bar.print(f"step {state.step}: val loss {val_loss:.4f} ({train_s:.0f}s)")
                     if on_eval is not None:
@@ -395,6 +498,9 @@ def train(
                 out_of_time = tc.max_time_s > 0 and state.elapsed_s - eval_s >= tc.max_time_s
                 if stop_at is not None and state.step >= stop_at and state.step < tc.max_steps:
                     stop.signal = "stop_at"
+                if ctx.enabled:  # every rank stops (and checkpoints) at the same step
+                    signalled, out_of_time = ctx.any([bool(stop.signal), out_of_time], device)
+                    stop.signal = stop.signal or ("SIGTERM" if signalled else "")
                 if stop.signal or out_of_time or state.step % tc.checkpoint_interval == 0:
                     checkpoint()
                 if stop.signal:
@@ -413,16 +519,18 @@ def train(
                 checkpoint()
     finally:
         bar.stop()
-        log.close()
+        if log is not None:
+            log.close()
 
     result.step = state.step
     result.elapsed_s = state.elapsed_s
     result.train_s = state.elapsed_s - eval_s
     if not result.interrupted:
-        total, count, predicted = token_losses(model, val_tokens, tc.batch_size, device, amp)
-        result.val = summarize(total, count, predicted, byte_lengths)
-        _append_final(run_dir, state.step, result.val)
-        plot_losses(run_dir)
+        total, count, n_bytes = evaluate()
+        result.val = summarize(total, count, n_bytes)
+        if ctx.main:
+            _append_final(run_dir, state.step, result.val)
+            plot_losses(run_dir)
         if not quiet:
             print(
                 f"gptkit: done at step {state.step} in {state.elapsed_s:.0f}s: validation loss {result.val['loss']:.4f} "

@@ -101,3 +101,19 @@ def test_bf16_weights_decode(model_tok) -> None:  # noqa: ANN001
     bf = copy.deepcopy(model).to(torch.bfloat16)
     text = generate(bf, tok, "ROMEO:", SamplingParams(max_new_tokens=20, temperature=0))
     assert len(text) == 20
+
+
+def test_batched_left_padded_sampling_equals_solo(model_tok) -> None:  # noqa: ANN001
+    """The server's batched decoding: rows of unequal prompts, each with its own seed, sample
+    exactly what each prompt samples alone."""
+    model, tok = model_tok
+    prompts = [tok.encode(p) for p in ("First Citizen:\n", "ROMEO:", "A")]
+    params = SamplingParams(max_new_tokens=10, temperature=1.0)
+    width = max(map(len, prompts))
+    pad = torch.tensor([width - len(p) for p in prompts])
+    ids = torch.tensor([[tok.eot_id] * (width - len(p)) + p for p in prompts])
+    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    batched = torch.stack(list(generate_ids(model, ids, params, gens, pad)), dim=1)
+    for b, p in enumerate(prompts):
+        solo = [int(t[0]) for t in generate_ids(model, torch.tensor([p]), params, torch.Generator().manual_seed(b + 1))]
+        assert batched[b].tolist() == solo

@@ -122,3 +122,23 @@ def test_ignore_index_masks_loss() -> None:
     logits, loss = m(x, y)
     ref = torch.nn.functional.cross_entropy(logits[:, 5:].reshape(-1, 50), x[:, 5:].reshape(-1))
     torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "modern"])
+def test_left_padded_rows_compute_what_they_would_alone(variant: str) -> None:
+    """A batch of unequal prompts, left-padded (pad[b] tokens), gives each row the logits it
+    gets alone: for the prefill and for cached decoding steps after it."""
+    m = make(**VARIANTS[variant])
+    lengths = [9, 4, 6]
+    rows = [torch.randint(0, 50, (n,)) for n in lengths]
+    extra = torch.randint(0, 50, (3, 3))
+    width = max(lengths)
+    pad = torch.tensor([width - n for n in lengths])
+    x = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long), r]) for r in rows])
+    cache = KVCache.empty(m.config, 3, 24, x.device, torch.float32)
+    prefill, _ = m(x, cache=cache, pad=pad)
+    steps = [m(extra[:, t : t + 1], cache=cache, pad=pad)[0] for t in range(3)]
+    for b, r in enumerate(rows):
+        alone, _ = m(torch.cat([r, extra[b]])[None])
+        torch.testing.assert_close(prefill[b, pad[b] :], alone[0, : len(r)], atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.cat([s[b] for s in steps]), alone[0, len(r) :], atol=1e-5, rtol=0)
