@@ -51,8 +51,10 @@ def _targets(model: GPT, targets: list[str]) -> list[str]:
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
     if "lm_head" in chosen and model.config.tie_embeddings:
-        raise GptkitError("lora.targets: lm_head shares its weight with the token embedding here (tied), so an adapter on it "
-                          "could not be merged; leave lm_head out")
+        raise GptkitError(
+            "lora.targets: lm_head shares its weight with the token embedding here (tied), so an adapter on it "
+            "could not be merged; leave lm_head out"
+        )
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in linears):
             names = sorted({n.split(".", 2)[-1] for n in linears if n.startswith("blocks.")} | {"lm_head"})

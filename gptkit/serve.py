@@ -355,6 +355,7 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
             return {"id": rid, "object": "text_completion", "created": now, "model": sc.model_name, "choices": [choice]}
 
         if r.stream:
+
             async def body() -> AsyncIterator[str]:
                 started: set[int] = set()
                 async for i, delta, done in events:
@@ -398,6 +399,7 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": sc.model_name, "choices": [choice]}
 
         if r.stream:
+
             async def body() -> AsyncIterator[str]:
                 for i in range(len(jobs)):
                     yield sse(chunk(i, {"role": "assistant", "content": ""}, None))

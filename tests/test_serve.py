@@ -332,14 +332,10 @@ def test_chat_page_in_headless_chromium(server: Server) -> None:
         driver.get(server.url + "/")
         driver.find_element(By.ID, "key").send_keys(KEY)
         driver.find_element(By.ID, "msg").send_keys("Count it\n")
-        WebDriverWait(driver, 60).until(
-            lambda d: d.find_elements(By.CSS_SELECTOR, "#log > div[data-done='1']")
-        )
+        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#log > div[data-done='1']"))
         reply = driver.find_elements(By.CSS_SELECTOR, "#log > div")[-1]
         assert reply.get_attribute("class") == "assistant", reply.text
         assert reply.text.startswith("bot: ") and len(reply.text) > len("bot: ")
         assert "you: Count it" in driver.find_element(By.ID, "log").text
     finally:
         driver.quit()
-
-
