@@ -13,7 +13,7 @@ from gptkit.model import GPT
 from gptkit.template import ChatTemplate, Message
 from gptkit.tokenizer import Tokenizer
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit"
+HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit; type \\n for a line break"
 
 
 class ChatSession:
@@ -64,7 +64,7 @@ def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
         line = stdin.readline()
         if not line:
             break
-        text = line.rstrip("\r\n")
+        text = line.rstrip("\r\n").replace("\\n", "\n")  # a typed \n is a line break within the turn
         if not text.strip():
             continue
         if text.strip() in ("/exit", "/quit"):
