@@ -180,11 +180,12 @@ class TuneJob:
         return value
 
 
-def _worker(job: TuneJob, url: str, trials: int) -> None:
+def _worker(job: TuneJob, url: str, trials: int, seed: int) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.load_study(study_name="gptkit", storage=_storage(url), pruner=_pruner(job.pruner))
+    study.sampler = optuna.samplers.TPESampler(seed=seed)
     _optimize(study, job, trials)
 
 
@@ -262,6 +263,9 @@ def tune(
     study = optuna.create_study(
         study_name="gptkit", storage=_storage(url), direction="minimize", load_if_exists=True, pruner=_pruner(pruner)
     )
+    # A seeded sampler makes a fresh search repeatable; offset by the trials already run, so a
+    # resumed study does not propose its first points again.
+    study.sampler = optuna.samplers.TPESampler(seed=base.train.seed + len(study.trials))
     if storage is None:
         # Our own SQLite file: nobody else runs trials in it, so a trial left RUNNING was killed
         # with an earlier run of this command. Close it and run its parameters again.
@@ -275,7 +279,8 @@ def tune(
     else:
         job.threads = max(1, (mp.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
-        procs = [ctx.Process(target=_worker, args=(job, url, trials)) for _ in range(workers)]
+        seeds = [base.train.seed + 1000 * (k + 1) + len(study.trials) for k in range(workers)]  # one stream each
+        procs = [ctx.Process(target=_worker, args=(job, url, trials, seed)) for seed in seeds]
         for p in procs:
             p.start()
         for p in procs:
