@@ -353,3 +353,31 @@ def test_finetuning_learns_held_out_tasks(tmp_path: Path, small_data: Path) -> N
     after = evaluate_instructions(out, [str(test_file)], "cpu", 24)
     assert before["exact_match"] <= 0.05
     assert after["exact_match"] >= 0.9, after["samples"]
+
+
+def test_gpt2_lora_finetune_merges_and_exports_to_transformers(tmp_path: Path) -> None:
+    """A GPT-2 (tiny, random) imported from transformers, LoRA-tuned on a real instruction file,
+    merged and exported back: transformers gives the same logits and knows the template's tokens."""
+    transformers = pytest.importorskip("transformers")
+    from gptkit.convert import export_hf, import_hf
+    from gptkit.finetune import merge
+
+    torch.manual_seed(0)
+    hf_cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
+    transformers.GPT2LMHeadModel(hf_cfg).save_pretrained(tmp_path / "hf")
+    base = import_hf(tmp_path / "hf", tmp_path / "base", tokenizer=str(SHARED / "gpt2"))
+    rows = json.loads((SHARED / "llms_from_scratch_instruction_data.json").read_text())[:40]
+    data = tmp_path / "book.json"
+    data.write_text(json.dumps(rows))
+    finetune(base, [str(data)], tmp_path / "lora", finetune_config(None, FT_SET[:1] + FT_SET[4:]), lora=True,
+             progress=False, quiet=True)  # fmt: skip
+    merged = merge(tmp_path / "lora", tmp_path / "merged")
+    out = export_hf(merged, tmp_path / "back")
+    ours, tok, _ = load_model(merged)
+    assert tok.vocab_size == 50257 + 4
+    theirs = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.tensor([tok.encode("Hello world") + [tok.special_tokens["<|assistant|>"]]])
+    with torch.no_grad():
+        assert (theirs(ids).logits - ours(ids)[0]).abs().max().item() < 1e-4
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert hf_tok.convert_tokens_to_ids("<|assistant|>") == tok.special_tokens["<|assistant|>"]
