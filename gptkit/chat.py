@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from gptkit.errors import GptkitError
-from gptkit.generate import SamplingParams, TextStream
+from gptkit.generate import SamplingParams
 from gptkit.model import GPT
 from gptkit.template import ChatTemplate, Message
 from gptkit.tokenizer import Tokenizer
@@ -47,7 +47,7 @@ class ChatSession:
     def reply(self, user: str) -> Iterator[str]:
         """Stream the assistant's reply; the exchange joins the history when it is complete."""
         ids = self.prompt_ids(user)
-        stream = TextStream(self.model, self.template.tok, ids, self.params, self.template.stop_ids, self.template.stop_strings)
+        stream = self.template.reply(self.model, ids, self.params)
         yield from stream
         self.history += [Message("user", user), Message("assistant", stream.text.strip())]
 

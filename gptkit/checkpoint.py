@@ -12,10 +12,12 @@ a crash mid-save never leaves a broken latest checkpoint. Nothing is ever unpick
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,21 @@ CKPT = "checkpoint"
 MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "optimizer.safetensors"
+
+
+@contextlib.contextmanager
+def staged_folder(out: Path) -> Iterator[Path]:
+    """Write into a sibling temporary folder; only a complete result replaces `out`."""
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def is_run(folder: Path) -> bool:
@@ -230,8 +247,14 @@ def finetune_start(cfg: Config, seed: int = 0) -> GPT:
     return model
 
 
-def load_model(run_dir: str | Path, device: str | torch.device = "cpu", verify: bool = True) -> tuple[GPT, Tokenizer, Config]:
-    """The trained model (in eval mode), its tokenizer and its config, from a run folder."""
+def load_model(
+    run_dir: str | Path, device: str | torch.device = "cpu", verify: bool = True, merge_adapters: bool = False
+) -> tuple[GPT, Tokenizer, Config]:
+    """The trained model (in eval mode), its tokenizer and its config, from a run folder.
+    merge_adapters folds a LoRA run's adapters into plain weights: the same logits, and faster
+    to sample from (generate, chat, serve, instruction eval)."""
+    from gptkit.lora import merge_lora
+
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     ckpt = checkpoint_dir(run_dir)
@@ -239,6 +262,8 @@ def load_model(run_dir: str | Path, device: str | torch.device = "cpu", verify: 
     tok = load_tokenizer(run_dir / "tokenizer")
     model = finetune_start(cfg) if cfg.lora.enabled else GPT(cfg.model)
     _load_weights(model, ckpt)
+    if merge_adapters:
+        merge_lora(model)
     return model.to(device).eval(), tok, cfg
 
 
@@ -247,11 +272,7 @@ def load_for_finetune(run_dir: str | Path, block_size: int | None = None, dropou
     (the first block_size position embeddings are kept) and a different dropout."""
     import copy
 
-    from gptkit.lora import merge_lora
-
-    base, _, cfg = load_model(run_dir, "cpu")
-    if has_lora(base):  # a LoRA run as a base: fold its adapter in first
-        merge_lora(base)
+    base, _, cfg = load_model(run_dir, "cpu", merge_adapters=True)  # a LoRA run as a base: its adapter folded in
     mcfg = copy.deepcopy(cfg.model)
     mcfg.dropout = dropout
     mcfg.block_size = min(block_size or mcfg.block_size, mcfg.block_size)
@@ -280,10 +301,3 @@ def read_training_state(run_dir: Path, model: GPT) -> tuple[TrainingState, list[
         optimizer_meta=info["optimizers"],
     )
     return state, optimizer_from_flat(opt_tensors, info["optimizers"])
-
-
-def load_training_state(run_dir: Path, model: GPT, optimizers: list[torch.optim.Optimizer]) -> TrainingState:
-    state, opt_states = read_training_state(run_dir, model)
-    for opt, sd in zip(optimizers, opt_states):
-        opt.load_state_dict(sd)
-    return state

@@ -151,8 +151,8 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from gptkit.checkpoint import load_for_finetune, load_model, load_run_config
-    from gptkit.config import apply_overrides, load_config
+    from gptkit.checkpoint import load_for_finetune, load_model
+    from gptkit.config import load_config
     from gptkit.data import bundled_corpus, default_preset
     from gptkit.generate import SamplingParams, generate
     from gptkit.train import train
@@ -162,8 +162,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         if a.config or a.data or a.text or a.out:
             raise GptkitError("--resume takes the run's own config and data; only --set may change keys (e.g. train.max_steps)")
         run_dir = Path(a.resume)
-        cfg = apply_overrides(load_run_config(run_dir), a.set).validate()
-        cfg.train.fsdp = cfg.train.fsdp or a.fsdp
+        cfg = _resumed_config(a)
         if cfg.finetune.base:  # a fine-tuning run resumes through its own entry point
             from gptkit.finetune import finetune
 
@@ -203,6 +202,16 @@ def cmd_train(a: argparse.Namespace) -> None:
         print(f"--- more: gptkit generate {run_dir} --prompt 'ROMEO:' ---")
 
 
+def _resumed_config(a: argparse.Namespace) -> object:
+    """A run's saved config for --resume, with --set and --fsdp applied (train and finetune)."""
+    from gptkit.checkpoint import load_run_config
+    from gptkit.config import apply_overrides
+
+    cfg = apply_overrides(load_run_config(Path(a.resume)), a.set).validate()
+    cfg.train.fsdp = cfg.train.fsdp or a.fsdp
+    return cfg
+
+
 def _exit_if_interrupted(result: object) -> None:
     interrupted = getattr(result, "interrupted", "")
     if interrupted:
@@ -220,14 +229,12 @@ def _load_for_sampling(a: argparse.Namespace) -> tuple:
     import torch
 
     from gptkit.checkpoint import load_model
-    from gptkit.lora import merge_lora
     from gptkit.train import resolve_device
 
-    model, tok, cfg = load_model(a.run, resolve_device(a.device))
-    merge_lora(model)  # sampling needs no separate adapter path
+    model, tok, cfg = load_model(a.run, resolve_device(a.device), merge_adapters=True)
     if a.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
-    return model.eval(), tok, cfg
+    return model, tok, cfg
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
@@ -236,12 +243,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     if a.resume:
         if a.base or a.data or a.out or a.config:
             raise GptkitError("--resume takes the run's own config and data; only --set may change keys")
-        from gptkit.checkpoint import load_run_config
-        from gptkit.config import apply_overrides
-
-        cfg = apply_overrides(load_run_config(Path(a.resume)), a.set).validate()
-        cfg.train.fsdp = cfg.train.fsdp or a.fsdp
-        _exit_if_interrupted(finetune(None, None, a.resume, cfg, resume=True, progress=not a.no_progress))
+        _exit_if_interrupted(finetune(None, None, a.resume, _resumed_config(a), resume=True, progress=not a.no_progress))
         return
     if not a.base:
         raise GptkitError("name the base run: gptkit finetune BASE_RUN --data FILE --out RUN")
@@ -315,7 +317,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
             print(f"--- sample {i + 1} ---")
         if a.chat:
             ids, _ = template.encode([Message("user", a.prompt)], generation_prompt=True)
-            stream = TextStream(model, tok, ids, params, template.stop_ids, template.stop_strings)
+            stream = template.reply(model, ids, params)
         else:
             sys.stdout.write(a.prompt)
             stream = TextStream(model, tok, a.prompt, params)

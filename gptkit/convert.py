@@ -7,9 +7,7 @@ a time from a lazily opened file, so a conversion holds at most the output plus 
 
 from __future__ import annotations
 
-import contextlib
 import json
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,28 +15,13 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gptkit.checkpoint import CKPT, MODEL_FILE, checkpoint_dir, load_run_config, write_state_json
+from gptkit.checkpoint import CKPT, MODEL_FILE, checkpoint_dir, load_run_config, staged_folder, write_state_json
 from gptkit.config import Config
 from gptkit.errors import GptkitError
 from gptkit.tokenizer import EOT, HFTokenizer, load_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
 IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of older versions
-
-
-@contextlib.contextmanager
-def _staged_folder(out: Path) -> Iterator[Path]:
-    """Write into a sibling temporary folder; only a complete result replaces `out`."""
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        yield tmp
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _hf_config_to_ours(hf: dict, source: Path) -> Config:
@@ -130,7 +113,7 @@ def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None,
             f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.model.vocab_size} embeddings"
         )
 
-    with _staged_folder(out) as tmp:
+    with staged_folder(out) as tmp:
         sd: dict[str, torch.Tensor] = {}
         for hf_name, t in _open_hf_weights(folder):
             name = _our_name(hf_name)
@@ -191,7 +174,7 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
         raise GptkitError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
     tok = load_tokenizer(run_dir / "tokenizer") if (run_dir / "tokenizer").is_dir() else None
     m = cfg.model
-    with _staged_folder(out) as tmp:
+    with staged_folder(out) as tmp:
         sd: dict[str, torch.Tensor] = {}
         with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
             for name in f.keys():

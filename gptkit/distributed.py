@@ -98,10 +98,10 @@ def setup(device_name: str, fsdp: bool, batch_size: int) -> tuple[DistContext, t
         return DistContext(fsdp=fsdp), resolve_device(device_name)
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if batch_size % world:
-        ok = [d for d in range(world, 8 * world + 1, world)]
+        fits = max(world, (batch_size + (world - 1) // 2) // world * world)  # the nearest multiple (ties: the lower)
         raise GptkitError(
             f"train.batch_size ({batch_size}) must be divisible by the number of processes ({world}): it is the global "
-            f"batch, split evenly; use e.g. train.batch_size={min(ok, key=lambda d: abs(d - batch_size))}"
+            f"batch, split evenly; use e.g. train.batch_size={fits}"
         )
     if fsdp and not _has_fully_shard():
         raise GptkitError(f"--fsdp needs torch.distributed.fsdp.fully_shard (PyTorch >= 2.6); this is torch {torch.__version__}")
@@ -169,10 +169,11 @@ def _options() -> Any:
     return StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
-def full_model_state(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor]:
-    """The whole weights on rank 0 (a collective under FSDP: every rank must call it)."""
+def gathered_model_state(model: nn.Module, ctx: DistContext) -> dict[str, torch.Tensor] | None:
+    """Under FSDP, the whole weights gathered on rank 0 (a collective: every rank must call it);
+    None when the model is not sharded and its own state dict is already whole."""
     if not ctx.fsdp or not ctx.enabled:
-        return model.state_dict_for_save()  # type: ignore[operator]
+        return None
     from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
     sd = get_model_state_dict(model, options=_options())

@@ -307,6 +307,7 @@ def finetune(
         if not cfg.finetune.base:
             raise GptkitError(f"{out} is not a fine-tuning run; continue it with gptkit train --resume {out}")
         tok = load_tokenizer(out / "tokenizer")
+        convs = load_conversations(cfg.finetune.data, cfg.finetune.skip_invalid)
     else:
         cfg = copy.deepcopy(cfg) if cfg is not None else finetune_config()
         if base is None:
@@ -333,8 +334,6 @@ def finetune(
         cfg.model = model_cfg
         cfg.data.dir, cfg.data.tokenizer = "", f"run:{f.base}"
         cfg.validate()
-    if resume:
-        convs = load_conversations(cfg.finetune.data, cfg.finetune.skip_invalid)
     torch.manual_seed(cfg.train.seed)  # adapters' initialisation: the same run twice is the same run
     model = finetune_start(cfg, cfg.train.seed)
     counts = parameter_counts(model)
@@ -358,10 +357,7 @@ def finetune(
 
 def merge(run: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Fold a LoRA run's adapter into its base weights: a plain run folder that needs no base."""
-    import shutil
-
-    from gptkit.checkpoint import TrainingState, save_checkpoint
-    from gptkit.lora import merge_lora
+    from gptkit.checkpoint import TrainingState, checkpoint_dir, save_checkpoint, staged_folder
 
     run = Path(run)
     out = Path(out) if out else run.with_name(run.name + "-merged")
@@ -370,20 +366,14 @@ def merge(run: str | Path, out: str | Path | None = None, overwrite: bool = Fals
         raise GptkitError(f"{run} has no LoRA adapter to merge (lora.enabled is false); its weights are already whole")
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise GptkitError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
-    model, tok, cfg = load_model(run, "cpu")
-    merge_lora(model)
+    model, tok, cfg = load_model(run, "cpu", merge_adapters=True)
     cfg.lora.enabled = False
     cfg.finetune.base_sha256 = ""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    tok.save(tmp / "tokenizer")
-    cfg.save(tmp / "config.yaml")
-    info = json.loads((run / "checkpoint" / "state.json").read_text())
-    save_checkpoint(tmp, model, [], TrainingState(step=info["step"], tokens_seen=info["tokens_seen"]))
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    info = json.loads((checkpoint_dir(run) / "state.json").read_text())
+    with staged_folder(out) as tmp:
+        tok.save(tmp / "tokenizer")
+        cfg.save(tmp / "config.yaml")
+        save_checkpoint(tmp, model, [], TrainingState(step=info["step"], tokens_seen=info["tokens_seen"]))
     return out
 
 
@@ -396,17 +386,17 @@ def evaluate_instructions(
 ) -> dict[str, Any]:  # fmt: skip
     """Response loss, and exact / contains match of greedy answers to the last assistant turn of
     each conversation in files, given what came before it."""
-    from gptkit.lora import merge_lora
     from gptkit.train import resolve_device
 
-    model, tok, _ = load_model(run, resolve_device(device))
-    merge_lora(model)  # same logits, faster decoding
-    return evaluate_answers(model.eval(), tok, load_conversations(files).items[:limit], max_new_tokens, batch_size)
+    model, tok, _ = load_model(run, resolve_device(device), merge_adapters=True)
+    return evaluate_answers(model, tok, load_conversations(files).items[:limit], max_new_tokens, batch_size)
 
 
 def evaluate_answers(
     model: GPT, tok: Tokenizer, convs: list[list[Message]], max_new_tokens: int = 128, batch_size: int = 16
 ) -> dict[str, Any]:
+    """evaluate_instructions on a model in memory. `samples` shows the first five answers, then
+    wrong ones, up to twelve in all."""
     from gptkit.generate import SamplingParams
 
     template = ChatTemplate(tok)
@@ -418,7 +408,7 @@ def evaluate_answers(
     samples = []
     for c in convs:
         last = max(i for i, m in enumerate(c) if m.role == "assistant")
-        answer = generate_reply(model, template, c[:last], params)
+        answer = "".join(template.reply(model, template.encode(c[:last], generation_prompt=True)[0], params))
         want = c[last].content.strip()
         exact += answer.strip() == want
         contains += bool(want) and want.lower() in answer.lower()
@@ -432,11 +422,3 @@ def evaluate_answers(
         "examples": n,
         "samples": samples,
     }
-
-
-def generate_reply(model: GPT, template: ChatTemplate, history: list[Message], params: Any) -> str:
-    """The assistant's next turn, through the one sampling core."""
-    from gptkit.generate import generate
-
-    ids, _ = template.encode(history, generation_prompt=True)
-    return generate(model, template.tok, ids, params, stop_ids=template.stop_ids, extra_stop=template.stop_strings)

@@ -81,6 +81,25 @@ class KVCache:
         return self.k.size(3)
 
 
+def attention_mask(past: int, T: int, pad: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Which keys each of T new queries may see, built once per forward for every layer; None
+    for the plain causal case (SDPA's is_causal). Query i sits at position past + i and sees keys
+    0 .. past + i -- SDPA's is_causal aligns top-left, right only when past == 0 -- and, in a
+    left-padded batch, not its row's first pad[b] keys."""
+    mask = None
+    if past > 0 and T > 1:
+        mask = torch.ones(T, past + T, dtype=torch.bool, device=device).tril(diagonal=past)
+    if pad is not None:
+        keys = torch.arange(past + T, device=device)
+        visible = (keys[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
+        mask = visible if mask is None else visible & mask
+        if past == 0 and T > 1:
+            mask = mask & torch.ones(T, T, dtype=torch.bool, device=device).tril()
+        # A fully padded query row would make softmax NaN; let it see itself (its output is unused).
+        mask = mask | (keys[None, :] == past + torch.arange(T, device=device)[:, None])
+    return mask
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -99,7 +118,7 @@ class CausalSelfAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor] | None,
         cache: KVCache | None,
-        pad: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(
@@ -122,22 +141,11 @@ class CausalSelfAttention(nn.Module):
             k = cache.k[self.layer, :, :, : past + T]
             v = cache.v[self.layer, :, :, : past + T]
 
-        # softmax(Q K^T / sqrt(d) + causal mask) V. New query i sits at position past + i and may
-        # see keys 0 .. past + i; SDPA's is_causal aligns top-left, right only when past == 0.
-        mask = None
-        if past > 0 and T > 1:
-            mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(diagonal=past)
-        if pad is not None:  # left-padded rows of a batch: no query sees its row's padding
-            keys = torch.arange(past + T, device=x.device)
-            visible = (keys[None, :] >= pad[:, None])[:, None, None, :]  # (B, 1, 1, S)
-            mask = visible if mask is None else visible & mask
-            if past == 0 and T > 1:
-                mask = mask & torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-            # A fully padded query row would make softmax NaN; let it see itself (its output is unused).
-            mask = mask | (keys[None, :] == past + torch.arange(T, device=x.device)[:, None])
+        # softmax(Q K^T / sqrt(d) + causal mask) V: the plain causal case needs no mask tensor;
+        # otherwise GPT.forward built one for all layers (attention_mask).
         kwargs = dict(
             attn_mask=mask,
-            is_causal=(mask is None and past == 0 and T > 1),
+            is_causal=(mask is None and T > 1),
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
@@ -187,9 +195,9 @@ class Block(nn.Module):
 
     def forward(
         self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-        pad: torch.Tensor | None = None,
+        mask: torch.Tensor | None = None,
     ) -> torch.Tensor:  # fmt: skip
-        x = x + self.attn(self.ln_1(x), rope, cache, pad)
+        x = x + self.attn(self.ln_1(x), rope, cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
 
@@ -260,8 +268,9 @@ class GPT(nn.Module):
         else:
             rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, D/2)
         x = self.drop(x)
+        mask = attention_mask(past, T, pad, idx.device)
         for block in self.blocks:
-            x = block(x, rope, cache, pad)
+            x = block(x, rope, cache, mask)
         if cache is not None:
             cache.pos += T
         x = self.ln_f(x)

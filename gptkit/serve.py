@@ -23,7 +23,7 @@ import time
 import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -42,10 +42,11 @@ from gptkit.tokenizer import Tokenizer
 # --- the engine: batched decoding on one thread ---
 
 
-@dataclass
+@dataclass(eq=False)  # identity, not field-by-field comparison: two choices may be alike
 class Job:
     """One sample (one choice) of one request."""
 
+    index: int  # the choice's index in its request
     prompt: list[int]
     params: SamplingParams
     stop_ids: set[int]
@@ -190,8 +191,8 @@ class ChatRequest(_Base):
     max_completion_tokens: int | None = Field(default=None, ge=0)
 
 
-def _error(status: int, message: str, code: str | None = None, param: str | None = None, kind: str = "") -> JSONResponse:
-    kind = kind or ("invalid_request_error" if status < 500 else "server_error")
+def _error(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+    kind = "invalid_request_error" if status < 500 else "server_error"
     return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
 
 
@@ -210,7 +211,6 @@ class ServeConfig:
     max_batch: int = 16
     queue_limit: int = 64  # samples queued or running; beyond it, 429
     default_max_tokens: int = 256  # chat requests that name no max_tokens
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
@@ -266,9 +266,11 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [{"id": sc.model_name, "object": "model", "created": created, "owned_by": "gptkit"}]}
 
+    chat_page = CHAT_PAGE.read_text(encoding="utf-8")
+
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
-        return CHAT_PAGE.read_text(encoding="utf-8")
+        return chat_page
 
     def check_common(r: _Base, default_max: int) -> SamplingParams:
         if r.model != sc.model_name:
@@ -300,14 +302,15 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
         """Submit n samples per prompt; returns (jobs, an async iterator of (index, delta, finished))."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
-        jobs: list[Job] = []
-        for p in prompts:
-            for k in range(n):
-                seed = None if params.seed is None else params.seed + k
-                jobs.append(Job(p, replace(params, seed=seed), stop_ids, stops, emit=lambda j, d, f: None))
-        index = {id(j): i for i, j in enumerate(jobs)}
-        for j in jobs:
-            j.emit = lambda job, delta, done: loop.call_soon_threadsafe(events.put_nowait, (index[id(job)], delta, done))
+
+        def emit(job: Job, delta: str, done: bool) -> None:
+            loop.call_soon_threadsafe(events.put_nowait, (job.index, delta, done))
+
+        jobs = [
+            Job(i * n + k, p, replace(params, seed=None if params.seed is None else params.seed + k), stop_ids, stops, emit)
+            for i, p in enumerate(prompts)
+            for k in range(n)
+        ]
         try:
             engine.submit(jobs)
         except QueueFull:
@@ -441,14 +444,11 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, sc: ServeC
     import uvicorn
 
     from gptkit.checkpoint import load_model
-    from gptkit.lora import merge_lora
     from gptkit.train import resolve_device
 
-    model, tok, _ = load_model(run, resolve_device(device))
-    merge_lora(model)
+    model, tok, _ = load_model(run, resolve_device(device), merge_adapters=True)
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
-    model.eval()
     sc = sc or ServeConfig(model_name=Path(run).resolve().name)
     app = create_app(model, tok, sc)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from gptkit.errors import GptkitError
+from gptkit.generate import SamplingParams, TextStream
+from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
@@ -94,6 +96,11 @@ class ChatTemplate:
             ids += self.marker["assistant"]
             mask += [False] * len(self.marker["assistant"])
         return ids, mask
+
+    def reply(self, model: GPT, ids: list[int], params: SamplingParams) -> TextStream:
+        """The assistant's turn after `ids` (a conversation encoded with generation_prompt), through
+        the one sampling core, ending at the template's end of turn."""
+        return TextStream(model, self.tok, ids, params, self.stop_ids, self.stop_strings)
 
     def render(self, messages: list[Message], generation_prompt: bool = False) -> str:
         """The conversation as text, markers spelled out (for display and debugging)."""

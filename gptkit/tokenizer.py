@@ -111,9 +111,13 @@ class CharTokenizer(Tokenizer):
     def encode(self, text: str) -> list[int]:
         return self.encode_array(text).tolist()
 
-    def encode_array(self, text: str) -> np.ndarray:
+    def _lookup(self, text: str) -> np.ndarray:
+        """Ids of text's characters, -1 where the vocabulary lacks one."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-        ids = np.where(codes < self._table.size, self._table[np.minimum(codes, self._table.size - 1)], -1)
+        return np.where(codes < self._table.size, self._table[np.minimum(codes, self._table.size - 1)], -1)
+
+    def encode_array(self, text: str) -> np.ndarray:
+        ids = self._lookup(text)
         bad = np.flatnonzero(ids < 0)
         if bad.size:
             pos = int(bad[0])
@@ -132,8 +136,10 @@ class CharTokenizer(Tokenizer):
     def encode_plain(self, text: str) -> list[int]:
         # Conversation text (chat, serve, instruction eval) may hold characters the vocabulary
         # lacks; they become "?" (or are dropped) rather than stopping a conversation.
-        unknown = "?" if "?" in self.stoi else ""
-        return self.encode("".join(c if c in self.stoi else unknown for c in text))
+        ids = self._lookup(text)
+        if "?" in self.stoi:
+            return np.where(ids < 0, self.stoi["?"], ids).tolist()
+        return ids[ids >= 0].tolist()
 
     def decode(self, ids: Iterable[int]) -> str:
         n = len(self.itos)

@@ -400,14 +400,13 @@ def _train(
         if device.type == "cuda":
             state.tensors["cuda"] = torch.cuda.get_rng_state()
         # Gathering is collective under FSDP; writing is rank 0's.
-        weights = distributed.full_model_state(model, ctx) if ctx.fsdp and ctx.enabled else None
+        weights = distributed.gathered_model_state(model, ctx)
         opt_states = distributed.full_optimizer_states(model, optimizers, ctx)
         ctx.on_main(lambda: save_checkpoint(run_dir, model, optimizers, state, weights, opt_states))
 
     def evaluate(max_batches: int | None = None, gen: torch.Generator | None = None) -> tuple[float, int, int]:
         """Validation (loss sum, predictions, bytes), summed over the ranks that share the work."""
-        total, count, predicted = data.evaluate(model if not ctx.fsdp else wrapped, tc.batch_size, device, amp,
-                                                max_batches, gen)  # fmt: skip
+        total, count, predicted = data.evaluate(model, tc.batch_size, device, amp, max_batches, gen)
         n_bytes = predicted_bytes(predicted, byte_lengths)
         if ctx.enabled and not ctx.fsdp:
             total, count, n_bytes = ctx.sum([total, count, n_bytes], device)
