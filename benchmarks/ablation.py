@@ -1,55 +1,117 @@
-"""Ablation of the speedrun preset: switch one option back to the GPT-2/AdamW baseline at a time
-and measure the validation loss (whole split) at an equal wall-clock budget.
+"""Ablation of the speedrun preset: switch one option back to the GPT-2/AdamW baseline at a time.
 
-    python benchmarks/ablation.py [--budget 60] [--preset configs/speedrun-shakespeare-cpu.yaml]
+Wall-clock budgets on a shared 2-core machine mix two things and the machine's drift (the same
+preset ran 20 % more or fewer steps from one minute to the next), so each variant is measured
+twice, separately:
+- quality per step: validation loss on the whole split after --steps steps, the learning rate
+  decaying over those steps (deterministic: the same number on any machine, within kernel
+  rounding);
+- speed: milliseconds per training step, median over interleaved rounds in one process, so drift
+  hits every variant alike.
 
-Prints a table (variant, final loss, change against the full preset) and one JSON line.
+    python benchmarks/ablation.py [--steps 400] [--rounds 7] [--preset configs/speedrun-shakespeare-cpu.yaml]
+
+Prints a table (variant, loss, change, ms/step, speed against the preset) and one JSON line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import tempfile
+import time
 from pathlib import Path
+
+import torch
 
 from gptkit.config import load_config
 from gptkit.data import bundled_corpus, prepare
-from gptkit.train import train
+from gptkit.model import GPT
+from gptkit.optim import build_optimizers
+from gptkit.train import autocast_context, keep_freed_memory, resolve_dtype, train
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
     "speedrun preset": [],
     "AdamW (lr 1e-3) instead of Muon": ["train.optimizer=adamw", "train.lr=1e-3"],
     "learned positions instead of RoPE": ["model.pos_embedding=learned"],
-    "LayerNorm instead of RMSNorm": ["model.norm=layernorm"],
+    "RMSNorm instead of LayerNorm": ["model.norm=rmsnorm"],
     "no QK-norm": ["model.qk_norm=false"],
     "GELU instead of ReLU^2": ["model.mlp=gelu"],
     "tied head": ["model.tie_embeddings=true"],
-    "GPT-2 + AdamW (all switches off)": [
+    "fp32 instead of bf16 autocast": ["train.dtype=float32"],
+    "GPT-2 + AdamW + fp32 (all switches off)": [
         "train.optimizer=adamw", "train.lr=1e-3", "model.pos_embedding=learned", "model.norm=layernorm",
-        "model.qk_norm=false", "model.mlp=gelu", "model.tie_embeddings=true",
+        "model.qk_norm=false", "model.mlp=gelu", "model.tie_embeddings=true", "train.dtype=float32",
     ],
 }  # fmt: skip
 
 
+def step_function(cfg, vocab: int):  # noqa: ANN001, ANN201
+    """One training step of this configuration, as `gptkit.train` runs it, on a fixed random batch."""
+    torch.manual_seed(0)
+    cfg.model.vocab_size = vocab
+    model = GPT(cfg.model)
+    optimizers = build_optimizers(model, cfg.train, torch.device("cpu"))
+    amp = autocast_context(torch.device("cpu"), resolve_dtype(cfg.train.dtype, torch.device("cpu")))
+    x = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size))
+    y = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size))
+
+    def step() -> None:
+        with amp:
+            loss = model(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--budget", type=float, default=60.0, help="seconds of training per variant")
+    ap.add_argument("--steps", type=int, default=400, help="training steps per variant (for the loss)")
+    ap.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds (for the speed)")
     ap.add_argument("--preset", default=str(ROOT / "configs" / "speedrun-shakespeare-cpu.yaml"))
     a = ap.parse_args()
+    keep_freed_memory()
+    configs = {name: load_config(a.preset, [f"train.max_steps={a.steps}", "train.sample_tokens=0", *sets])
+               for name, sets in VARIANTS.items()}  # fmt: skip
+
+    steps = {name: step_function(cfg, 65) for name, cfg in configs.items()}
+    for fn in steps.values():
+        fn()
+        fn()
+    ms: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(a.rounds):
+        for name, fn in steps.items():
+            fn()
+            times = []
+            for _ in range(10):
+                t = time.perf_counter()
+                fn()
+                times.append(time.perf_counter() - t)
+            ms[name].append(1e3 * statistics.median(times))
+    del steps
+
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"
         prepare([str(bundled_corpus())], data, "char", progress=False)
-        for i, (name, sets) in enumerate(VARIANTS.items()):
-            cfg = load_config(a.preset, [f"train.max_time_s={a.budget}", "train.sample_tokens=0", *sets])
+        for i, (name, cfg) in enumerate(configs.items()):
             cfg.data.dir = str(data)
+            cfg.model.vocab_size = 0
             r = train(cfg, Path(tmp) / f"run{i}", progress=False, quiet=True)
-            results[name] = {"val_loss": round(r.val["loss"], 4), "steps": r.step}
+            speed = statistics.median(p / v for p, v in zip(ms["speedrun preset"], ms[name]))
+            results[name] = {"val_loss": round(r.val["loss"], 4), "ms_per_step": round(statistics.median(ms[name]), 1),
+                             "speed_vs_preset": round(speed, 3)}  # fmt: skip
             base = results["speedrun preset"]["val_loss"]
-            print(f"{name:36s} val loss {r.val['loss']:.4f}  ({r.val['loss'] - base:+.4f})  {r.step} steps", flush=True)
-    print(json.dumps({"budget_s": a.budget, "results": results}))
+            print(f"{name:42s} val loss {r.val['loss']:.4f} ({r.val['loss'] - base:+.4f}) after {a.steps} steps   "
+                  f"{results[name]['ms_per_step']:6.1f} ms/step ({speed:.2f}x the preset's speed)", flush=True)  # fmt: skip
+    print(json.dumps({"steps": a.steps, "results": results}))
 
 
 if __name__ == "__main__":

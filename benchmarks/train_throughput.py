@@ -1,10 +1,26 @@
 """Training tokens/s and model-FLOPs utilisation: gptkit vs Hugging Face GPT2LMHeadModel.
 
-Same shape (6 layers, 6 heads, 384 wide, context 256, batch 8, vocab 65), same AdamW step,
-each in fp32 and in its fastest mode (bf16 autocast; torch.compile too with --compile),
-measured side by side in one run. Repeats are interleaved so machine noise hits both alike.
+Same shape (6 layers, 6 heads, 384 wide, context 256, batch 8, vocab 65 by default), same
+loss, gradient clipping and AdamW hyperparameters, each in fp32 and in bf16 autocast (and
+torch.compile with --compile).
 
-    python benchmarks/train_throughput.py [--steps 4] [--rounds 7] [--compile] [--shape speedrun-baseline-4x128]
+Each library trains the way its own training code does, in a process of its own (allocator and
+thread settings are per process):
+- gptkit: the step of `gptkit.train` -- the optimizers from `build_optimizers` (fused AdamW)
+  and glibc told to keep freed memory (`keep_freed_memory`), as `gptkit train` does on a CPU;
+- transformers: `torch.optim.AdamW(fused=True)`, the optimizer the `Trainer` picks by default
+  with this PyTorch, and the default allocator;
+- transformers_same_allocator (fp32): the same, plus `keep_freed_memory`, to show how much of
+  the gap the allocator setting is.
+The processes take turns (one runs while the others wait), in interleaved rounds, so machine
+noise hits all alike; each figure is the median over rounds, and the ratios are medians of the
+per-round ratios.
+
+    python benchmarks/train_throughput.py [--steps 10] [--rounds 9] [--compile] [--shape speedrun-baseline-4x128]
+
+With --loop, also runs `gptkit.train.train()` itself for --loop-steps steps at the same shape
+on the bundled Shakespeare data, and reports its tokens/s from its own log (data sampling,
+learning-rate schedule and logging included).
 
 Ends with one JSON line: tokens/s per setting, MFU against the measured matmul peaks, and
 ratio_fp32 / ratio_fastest (gptkit / transformers).
@@ -15,64 +31,117 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import multiprocessing as mp
 import statistics
+import tempfile
+import time
+from pathlib import Path
 
 import torch
-from common import matmul_peak, median_time
+from common import matmul_peak
 
-from gptkit.config import ModelConfig
+from gptkit.config import ModelConfig, TrainConfig, load_config
 from gptkit.model import GPT
 
 SHAPES = {"gpt2-6x384": (6, 6, 384, 256, 8, 65), "speedrun-baseline-4x128": (4, 4, 128, 64, 12, 65)}
-L, H, C, T, B, V = SHAPES["gpt2-6x384"]
+LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
 
 
-def ours(compile_: bool = False) -> tuple[torch.nn.Module, object]:
+def build(who: str, shape: tuple[int, ...], dtype: torch.dtype, compile_: bool):  # noqa: ANN201
+    """One training step of `who`'s model, as a function of no arguments."""
+    from gptkit.optim import build_optimizers
+    from gptkit.train import keep_freed_memory
+
+    L, H, C, T, B, V = shape
     torch.manual_seed(0)
-    m = GPT(ModelConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, dropout=0.0))
-    fwd = torch.compile(m) if compile_ else m
-    return m, lambda x, y: fwd(x, y)[1]
+    if who == "gptkit":
+        keep_freed_memory()
+        model = GPT(ModelConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, dropout=0.0))
+        fwd = torch.compile(model) if compile_ else model
+        optimizers = build_optimizers(model, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY), torch.device("cpu"))
 
+        def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return fwd(x, y)[1]
+    else:
+        from transformers import GPT2Config, GPT2LMHeadModel
+        from transformers.utils import logging
 
-def theirs(compile_: bool = False) -> tuple[torch.nn.Module, object]:
-    from transformers import GPT2Config, GPT2LMHeadModel
+        logging.set_verbosity_error()
+        if who == "transformers_same_allocator":
+            keep_freed_memory()
+        cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=H, resid_pdrop=0.0, embd_pdrop=0.0,
+                         attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+        model = GPT2LMHeadModel(cfg)
+        fwd = torch.compile(model) if compile_ else model
+        optimizers = [torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)]
 
-    torch.manual_seed(0)
-    cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=H, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-    m = GPT2LMHeadModel(cfg)
-    fwd = torch.compile(m) if compile_ else m
-    # labels shifted inside, as HF does; give it inputs as labels (same work).
-    return m, lambda x, y: fwd(input_ids=x, labels=x).loss
+        def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return fwd(input_ids=x, labels=x).loss  # labels shifted inside, as HF does: the same work
 
-
-def step_fn(build, dtype: torch.dtype, compile_: bool):  # noqa: ANN001, ANN201
-    model, loss_of = build(compile_)
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-    x = torch.randint(0, V, (B, T))
-    y = torch.randint(0, V, (B, T))
+    x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
     amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def step() -> None:
         with amp:
             loss = loss_of(x, y)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
 
     return step
 
 
+def worker(conn, who: str, shape: tuple[int, ...], dtype_name: str, compile_: bool) -> None:  # noqa: ANN001
+    """Builds one setting, warms it up, then times `n` steps each time it is asked."""
+    step = build(who, shape, getattr(torch, dtype_name), compile_)
+    step()
+    step()
+    conn.send("ready")
+    while (n := conn.recv()) > 0:
+        step()  # first step after the others ran: caches are cold
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+        conn.send(statistics.median(times))
+
+
+def loop_tokens_per_s(shape: tuple[int, ...], steps: int) -> float:
+    """tokens/s that `gptkit.train.train()` itself logs, median over its log intervals (the first dropped)."""
+    from gptkit.data import bundled_corpus, prepare
+    from gptkit.train import train
+
+    L, H, C, T, B, _ = shape
+    with tempfile.TemporaryDirectory() as tmp:
+        prepare([str(bundled_corpus())], Path(tmp) / "data", "char", progress=False)
+        cfg = load_config(None, [
+            f"model.n_layer={L}", f"model.n_head={H}", f"model.n_embd={C}", f"model.block_size={T}", "model.dropout=0.0",
+            f"train.batch_size={B}", f"train.max_steps={steps}", "train.log_interval=20", "train.dtype=float32",
+            "train.eval_interval=1000000", "train.sample_tokens=0", "train.tensorboard=false",
+            f"train.weight_decay={WEIGHT_DECAY}", f"train.lr={LR}",
+        ])  # fmt: skip
+        cfg.data.dir = str(Path(tmp) / "data")
+        train(cfg, Path(tmp) / "run", progress=False, quiet=True)
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        return statistics.median([r["tokens_per_s"] for r in rows if "tokens_per_s" in r][1:])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per round")
-    ap.add_argument("--rounds", type=int, default=7)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps per round")
+    ap.add_argument("--rounds", type=int, default=9)
     ap.add_argument("--compile", action="store_true", help="also measure torch.compile (slow to build on 2 cores)")
     ap.add_argument("--shape", choices=list(SHAPES), default="gpt2-6x384")
+    ap.add_argument("--loop", action="store_true", help="also measure gptkit's whole train() loop")
+    ap.add_argument("--loop-steps", type=int, default=400)
     a = ap.parse_args()
-    global L, H, C, T, B, V
-    L, H, C, T, B, V = SHAPES[a.shape]
+    shape = SHAPES[a.shape]
+    L, H, C, T, B, V = shape
     torch.manual_seed(0)
     peaks = {"float32": matmul_peak(torch.float32), "bfloat16": matmul_peak(torch.bfloat16)}
     flops_per_token = GPT(ModelConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C)).flops_per_token(T)
@@ -80,39 +149,60 @@ def main() -> None:
     settings = [
         ("gptkit", "float32", False),
         ("transformers", "float32", False),
+        ("transformers_same_allocator", "float32", False),
         ("gptkit", "bfloat16", False),
         ("transformers", "bfloat16", False),
     ]
     if a.compile:
         settings += [("gptkit", "bfloat16", True), ("transformers", "bfloat16", True)]
-    steps = {s: step_fn(ours if s[0] == "gptkit" else theirs, getattr(torch, s[1]), s[2]) for s in settings}
-    for fn in steps.values():  # warm up (and compile) everything first
-        fn()
-        fn()
-    tps: dict[tuple, list[float]] = {s: [] for s in settings}
+    ctx = mp.get_context("spawn")
+    conns = {}
+    for s in settings:  # start (and warm up, and compile) one at a time: they must not overlap
+        parent, child = ctx.Pipe()
+        ctx.Process(target=worker, args=(child, *[s[0], shape, s[1], s[2]]), daemon=True).start()
+        assert parent.recv() == "ready"
+        conns[s] = parent
+    times: dict[tuple, list[float]] = {s: [] for s in settings}
     for _ in range(a.rounds):  # interleaved rounds
-        for s, fn in steps.items():
-            tps[s].append(B * T / median_time(fn, a.steps, warmup=1))
-    med = {s: statistics.median(v) for s, v in tps.items()}
+        for s, conn in conns.items():
+            time.sleep(0.5)  # let the last worker's OpenMP threads stop spinning before the next one runs
+            conn.send(a.steps)
+            times[s].append(conn.recv())
+    for conn in conns.values():
+        conn.send(0)
+
     rows = {}
-    for (who, dt, comp), v in med.items():
+    for (who, dt, comp), ts in times.items():
         name = f"{who}_{dt}{'_compile' if comp else ''}"
+        v = B * T / statistics.median(ts)
         rows[name] = {"tokens_per_s": round(v), "mfu": round(v * flops_per_token / peaks[dt], 3)}
-        print(f"{name:32s} {v:10,.0f} tok/s   MFU {rows[name]['mfu']:.1%} of the {dt} matmul peak")
+        print(f"{name:44s} {v:10,.0f} tok/s   MFU {rows[name]['mfu']:.1%} of the {dt} matmul peak")
 
-    def fastest(who: str) -> tuple[str, float]:
-        return max(((n, r["tokens_per_s"]) for n, r in rows.items() if n.startswith(who)), key=lambda t: t[1])
+    def ratio(ours: tuple, theirs: tuple) -> float:
+        """Median over rounds of (their step time / our step time)."""
+        return round(statistics.median(t / o for o, t in zip(times[ours], times[theirs])), 3)
 
-    ours_best, theirs_best = fastest("gptkit"), fastest("transformers")
+    def fastest(who: str) -> tuple:
+        return min((s for s in settings if s[0] == who), key=lambda s: statistics.median(times[s]))
+
     result = {
         "shape": {"n_layer": L, "n_head": H, "n_embd": C, "block_size": T, "batch": B, "vocab": V},
         "matmul_peak_gflops": {k: round(v / 1e9) for k, v in peaks.items()},
         "settings": rows,
-        "ratio_fp32": round(med[("gptkit", "float32", False)] / med[("transformers", "float32", False)], 3),
-        "fastest_gptkit": ours_best[0],
-        "fastest_transformers": theirs_best[0],
-        "ratio_fastest": round(ours_best[1] / theirs_best[1], 3),
+        "ratio_fp32": ratio(("gptkit", "float32", False), ("transformers", "float32", False)),
+        "ratio_fp32_same_allocator": ratio(("gptkit", "float32", False), ("transformers_same_allocator", "float32", False)),
+        "fastest_gptkit": "_".join(str(x) for x in fastest("gptkit")),
+        "fastest_transformers": "_".join(str(x) for x in fastest("transformers")),
+        "ratio_fastest": ratio(fastest("gptkit"), fastest("transformers")),
     }
+    print(f"gptkit / transformers, fp32: {result['ratio_fp32']:.2f}x "
+          f"({result['ratio_fp32_same_allocator']:.2f}x with the same allocator setting); "
+          f"fastest / fastest: {result['ratio_fastest']:.2f}x")  # fmt: skip
+    if a.loop:
+        loop = loop_tokens_per_s(shape, a.loop_steps)
+        result["gptkit_train_loop_tokens_per_s"] = round(loop)
+        print(f"gptkit train() loop, fp32: {loop:,.0f} tok/s (its own log; the step alone: "
+              f"{rows['gptkit_float32']['tokens_per_s']:,} tok/s)")  # fmt: skip
     print(json.dumps(result))
 
 

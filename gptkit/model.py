@@ -56,7 +56,8 @@ def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, 
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x1_i, x2_i) of the head dimension by its position's angle; x: (B, H, T, D)."""
+    """Rotate each pair (x1_i, x2_i) of the head dimension by its position's angle; x: (B, T, H, D),
+    cos and sin: (T, 1, D / 2), or (B, T, 1, D / 2) when positions differ by row."""
     x1, x2 = x.chunk(2, dim=-1)
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
     return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
@@ -121,17 +122,15 @@ class CausalSelfAttention(nn.Module):
         mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(
-            [self.n_head * self.head_dim, self.n_kv_head * self.head_dim, self.n_kv_head * self.head_dim], dim=2
-        )
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)
+        qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
+        # Queries and keys are normalised and rotated together: half the small kernels.
+        qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
         if self.qk_norm:
-            q = F.rms_norm(q, (self.head_dim,))
-            k = F.rms_norm(k, (self.head_dim,))
+            qk = F.rms_norm(qk, (self.head_dim,))
         if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            qk = apply_rope(qk, *rope)
+        q, k = qk.transpose(1, 2).split([self.n_head, self.n_kv_head], dim=1)  # (B, H, T, D)
+        v = v.transpose(1, 2)
 
         past = 0
         if cache is not None:
@@ -264,9 +263,9 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos)
         elif pad is None:
-            rope = (self.rope_cos[past : past + T], self.rope_sin[past : past + T])
+            rope = (self.rope_cos[past : past + T, None], self.rope_sin[past : past + T, None])  # (T, 1, D/2)
         else:
-            rope = (self.rope_cos[pos][:, None], self.rope_sin[pos][:, None])  # (B, 1, T, D/2)
+            rope = (self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None])  # (B, T, 1, D/2)
         x = self.drop(x)
         mask = attention_mask(past, T, pad, idx.device)
         for block in self.blocks:

@@ -8,6 +8,7 @@ for embeddings, the head and the 1-D parameters, as the speedrun literature does
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 
@@ -35,7 +36,7 @@ def lr_factor(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonal matrices with the singular vectors of g (..., m, n), singular
+    """Approximately orthogonal matrices with the singular vectors of g, (m, n) or (batch, m, n), singular
     values pushed towards 1, by a quintic Newton-Schulz iteration in bf16."""
     a, b, c = 3.4445, -4.7750, 2.0315
     x = g.bfloat16()
@@ -43,9 +44,14 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     if transposed:
         x = x.mT
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    batched = x.dim() == 3
+    x = x if batched else x[None]
     for _ in range(steps):
-        s = x @ x.mT
-        x = a * x + (b * s + c * s @ s) @ x
+        # x <- a x + (b S + c S^2) x with S = x x^T, as two fused multiply-adds: on a CPU the
+        # separate scalings and sums cost as much as the matmuls (17 -> 11 ms at the speedrun shape).
+        s = torch.bmm(x, x.mT)
+        x = torch.baddbmm(x, torch.baddbmm(s, s, s, beta=b, alpha=c), x, beta=a)
+    x = x if batched else x[0]
     if transposed:
         x = x.mT
     return x.to(g.dtype)
@@ -95,8 +101,10 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list
     embeddings = [p for n, p in params.items() if p.dim() >= 2 and n in embed_or_head and not hasattr(p, "frozen_rows")]
     # 1-D parameters, and embeddings of which only some rows train (LoRA): decay would move the rest.
     vectors = [p for n, p in params.items() if p.dim() < 2 or hasattr(p, "frozen_rows")]
-    adam_kw = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
-    if device.type == "cuda":
+    adam_kw: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+    if device.type in ("cuda", "cpu"):
+        # One kernel for all parameters. On a CPU PyTorch's default is a Python loop over the
+        # tensors: 5.1 ms against 1.2 ms per step at the 4x128 baseline shape, 52 tensors.
         adam_kw["fused"] = True
     if cfg.optimizer == "muon":
         muon = Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum)
