@@ -23,13 +23,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+from common import training_step
 
 from gptkit.config import load_config
 from gptkit.data import bundled_corpus, prepare
-from gptkit.model import GPT
-from gptkit.optim import build_optimizers
-from gptkit.train import autocast_context, keep_freed_memory, resolve_dtype, train
+from gptkit.train import keep_freed_memory, train
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {
@@ -48,29 +46,6 @@ VARIANTS = {
 }  # fmt: skip
 
 
-def step_function(cfg, vocab: int):  # noqa: ANN001, ANN201
-    """One training step of this configuration, as `gptkit.train` runs it, on a fixed random batch."""
-    torch.manual_seed(0)
-    cfg.model.vocab_size = vocab
-    model = GPT(cfg.model)
-    optimizers = build_optimizers(model, cfg.train, torch.device("cpu"))
-    amp = autocast_context(torch.device("cpu"), resolve_dtype(cfg.train.dtype, torch.device("cpu")))
-    x = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size))
-    y = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size))
-
-    def step() -> None:
-        with amp:
-            loss = model(x, y)[1]
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
-
-    return step
-
-
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=400, help="training steps per variant (for the loss)")
@@ -81,7 +56,7 @@ def main() -> None:
     configs = {name: load_config(a.preset, [f"train.max_steps={a.steps}", "train.sample_tokens=0", *sets])
                for name, sets in VARIANTS.items()}  # fmt: skip
 
-    steps = {name: step_function(cfg, 65) for name, cfg in configs.items()}
+    steps = {name: training_step(cfg) for name, cfg in configs.items()}
     for fn in steps.values():
         fn()
         fn()

@@ -25,3 +25,32 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
     """FLOP/s of a square n x n matmul on this machine, median of repeats."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     return 2 * n**3 / median_time(lambda: a @ b, repeats)
+
+
+def training_step(cfg, vocab: int = 65) -> Callable[[], None]:  # noqa: ANN001
+    """One training step of a gptkit config as `gptkit.train` runs it (its optimizers, autocast,
+    clipping), on a fixed random batch: for timing configurations against each other."""
+    from gptkit.model import GPT
+    from gptkit.optim import build_optimizers
+    from gptkit.train import autocast_context, resolve_dtype
+
+    cpu = torch.device("cpu")
+    cfg.model.vocab_size = vocab
+    torch.manual_seed(0)
+    model = GPT(cfg.model)
+    optimizers = build_optimizers(model, cfg.train, cpu)
+    amp = autocast_context(cpu, resolve_dtype(cfg.train.dtype, cpu))
+    x = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size))
+    y = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size))
+
+    def step() -> None:
+        with amp:
+            loss = model(x, y)[1]
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
+        for opt in optimizers:
+            opt.step()
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+
+    return step

@@ -68,9 +68,9 @@ def keep_freed_memory() -> bool:
     """Have glibc keep freed blocks for reuse instead of handing them back to the OS.
 
     By default glibc serves blocks over 128 KiB-32 MiB with mmap and trims the heap when
-    they are freed, so every training step page-faults its activations in again: about 1,000
-    faults a step at the 4x128 baseline shape, and steps 1.26x slower (median of interleaved
-    rounds, benchmarks/train_throughput.py). Blocks above 32 MiB are still mapped and unmapped;
+    they are freed, so every training step page-faults its activations in again: thousands of
+    faults a step at the 4x128 baseline shape, and steps 1.1x-2.6x slower depending on the model
+    and the run (benchmarks/allocator.py). Blocks above 32 MiB are still mapped and unmapped;
     the cost is that the process keeps its peak heap. Skipped where the user chose an allocator
     (LD_PRELOAD) or glibc settings (MALLOC_* variables), and off Linux. Returns whether it applied."""
     if not sys.platform.startswith("linux") or "LD_PRELOAD" in os.environ:
