@@ -78,7 +78,6 @@ def main() -> None:
         prepare([str(bundled_corpus())], data, "char", progress=False)
         for i, (name, cfg) in enumerate(configs.items()):
             cfg.data.dir = str(data)
-            cfg.model.vocab_size = 0
             r = train(cfg, Path(tmp) / f"run{i}", progress=False, quiet=True)
             speed = statistics.median(p / v for p, v in zip(ms["speedrun preset"], ms[name]))
             results[name] = {"val_loss": round(r.val["loss"], 4), "ms_per_step": round(statistics.median(ms[name]), 1),

@@ -24,6 +24,7 @@ from pathlib import Path
 from common import training_step
 
 from gptkit.config import load_config
+from gptkit.train import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "model.bias=false",
@@ -33,15 +34,15 @@ SETTINGS = {
     "speedrun preset fp32": (ROOT / "configs" / "speedrun-shakespeare-cpu.yaml", ["train.dtype=float32"]),
     "speedrun preset bf16": (ROOT / "configs" / "speedrun-shakespeare-cpu.yaml", ["train.dtype=bfloat16"]),
 }
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # <malloc.h>
 libc = ctypes.CDLL(None)
 
 
 def keep(on: bool) -> None:
-    if on:  # what keep_freed_memory sets
-        libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 1 << 30)
-    else:
+    if on:
+        if not keep_freed_memory():
+            raise SystemExit("keep_freed_memory() did not apply (not Linux, LD_PRELOAD or MALLOC_* set)")
+    else:  # glibc's starting thresholds, held fixed, and the heap trimmed back
         libc.mallopt(M_MMAP_THRESHOLD, 128 << 10)
         libc.mallopt(M_TRIM_THRESHOLD, 128 << 10)
         libc.malloc_trim(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import time
 from collections.abc import Callable
@@ -29,15 +30,16 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
 
 def training_step(cfg, vocab: int = 65) -> Callable[[], None]:  # noqa: ANN001
     """One training step of a gptkit config as `gptkit.train` runs it (its optimizers, autocast,
-    clipping), on a fixed random batch: for timing configurations against each other."""
+    clipping, torch.compile when train.compile), on a fixed random batch: for timing
+    configurations against each other. The config is not modified."""
     from gptkit.model import GPT
     from gptkit.optim import build_optimizers
     from gptkit.train import autocast_context, resolve_dtype
 
     cpu = torch.device("cpu")
-    cfg.model.vocab_size = vocab
     torch.manual_seed(0)
-    model = GPT(cfg.model)
+    model = GPT(dataclasses.replace(cfg.model, vocab_size=vocab))
+    forward = torch.compile(model) if cfg.train.compile else model
     optimizers = build_optimizers(model, cfg.train, cpu)
     amp = autocast_context(cpu, resolve_dtype(cfg.train.dtype, cpu))
     x = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size))
@@ -45,7 +47,7 @@ def training_step(cfg, vocab: int = 65) -> Callable[[], None]:  # noqa: ANN001
 
     def step() -> None:
         with amp:
-            loss = model(x, y)[1]
+            loss = forward(x, y)[1]
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
         for opt in optimizers:

@@ -38,66 +38,63 @@ import time
 from pathlib import Path
 
 import torch
-from common import matmul_peak
+from common import matmul_peak, training_step
 
-from gptkit.config import ModelConfig, TrainConfig, load_config
+from gptkit.config import Config, ModelConfig, load_config
 from gptkit.model import GPT
 
 SHAPES = {"gpt2-6x384": (6, 6, 384, 256, 8, 65), "speedrun-baseline-4x128": (4, 4, 128, 64, 12, 65)}
 LR, WEIGHT_DECAY, CLIP = 1e-4, 0.1, 1.0
 
 
-def build(who: str, shape: tuple[int, ...], dtype: torch.dtype, compile_: bool):  # noqa: ANN201
+def gptkit_config(shape: tuple[int, ...], dtype: str, compile_: bool = False, extra: tuple[str, ...] = ()) -> Config:
+    L, H, C, T, B, _ = shape
+    return load_config(None, [
+        f"model.n_layer={L}", f"model.n_head={H}", f"model.n_embd={C}", f"model.block_size={T}", "model.dropout=0.0",
+        f"train.batch_size={B}", f"train.dtype={dtype}", f"train.compile={str(compile_).lower()}",
+        f"train.lr={LR}", f"train.weight_decay={WEIGHT_DECAY}", f"train.grad_clip={CLIP}", *extra,
+    ])  # fmt: skip
+
+
+def build(who: str, shape: tuple[int, ...], dtype_name: str, compile_: bool):  # noqa: ANN201
     """One training step of `who`'s model, as a function of no arguments."""
-    from gptkit.optim import build_optimizers
     from gptkit.train import keep_freed_memory
 
+    if who == "gptkit":  # as `gptkit train` runs it on a CPU
+        keep_freed_memory()
+        return training_step(gptkit_config(shape, dtype_name, compile_), vocab=shape[-1])
+
+    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers.utils import logging
+
+    logging.set_verbosity_error()
+    if who == "transformers_same_allocator":
+        keep_freed_memory()
     L, H, C, T, B, V = shape
     torch.manual_seed(0)
-    if who == "gptkit":
-        keep_freed_memory()
-        model = GPT(ModelConfig(vocab_size=V, block_size=T, n_layer=L, n_head=H, n_embd=C, dropout=0.0))
-        fwd = torch.compile(model) if compile_ else model
-        optimizers = build_optimizers(model, TrainConfig(lr=LR, weight_decay=WEIGHT_DECAY), torch.device("cpu"))
-
-        def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return fwd(x, y)[1]
-    else:
-        from transformers import GPT2Config, GPT2LMHeadModel
-        from transformers.utils import logging
-
-        logging.set_verbosity_error()
-        if who == "transformers_same_allocator":
-            keep_freed_memory()
-        cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=H, resid_pdrop=0.0, embd_pdrop=0.0,
-                         attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
-        model = GPT2LMHeadModel(cfg)
-        fwd = torch.compile(model) if compile_ else model
-        optimizers = [torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)]
-
-        def loss_of(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-            return fwd(input_ids=x, labels=x).loss  # labels shifted inside, as HF does: the same work
-
-    model.train()
-    x, y = torch.randint(0, V, (B, T)), torch.randint(0, V, (B, T))
+    cfg = GPT2Config(vocab_size=V, n_positions=T, n_embd=C, n_layer=L, n_head=H, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)  # fmt: skip
+    model = GPT2LMHeadModel(cfg).train()
+    fwd = torch.compile(model) if compile_ else model
+    opt = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY, fused=True)
+    x = torch.randint(0, V, (B, T))
+    dtype = getattr(torch, dtype_name)
     amp = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext()
 
     def step() -> None:
         with amp:
-            loss = loss_of(x, y)
+            loss = fwd(input_ids=x, labels=x).loss  # labels shifted inside, as HF does: the same work
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)
-        for opt in optimizers:
-            opt.step()
-        for opt in optimizers:
-            opt.zero_grad(set_to_none=True)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
 
     return step
 
 
 def worker(conn, who: str, shape: tuple[int, ...], dtype_name: str, compile_: bool) -> None:  # noqa: ANN001
     """Builds one setting, warms it up, then times `n` steps each time it is asked."""
-    step = build(who, shape, getattr(torch, dtype_name), compile_)
+    step = build(who, shape, dtype_name, compile_)
     step()
     step()
     conn.send("ready")
@@ -116,15 +113,12 @@ def loop_tokens_per_s(shape: tuple[int, ...], steps: int) -> float:
     from gptkit.data import bundled_corpus, prepare
     from gptkit.train import train
 
-    L, H, C, T, B, _ = shape
     with tempfile.TemporaryDirectory() as tmp:
         prepare([str(bundled_corpus())], Path(tmp) / "data", "char", progress=False)
-        cfg = load_config(None, [
-            f"model.n_layer={L}", f"model.n_head={H}", f"model.n_embd={C}", f"model.block_size={T}", "model.dropout=0.0",
-            f"train.batch_size={B}", f"train.max_steps={steps}", "train.log_interval=20", "train.dtype=float32",
-            "train.eval_interval=1000000", "train.sample_tokens=0", "train.tensorboard=false",
-            f"train.weight_decay={WEIGHT_DECAY}", f"train.lr={LR}",
-        ])  # fmt: skip
+        cfg = gptkit_config(shape, "float32", extra=(
+            f"train.max_steps={steps}", "train.log_interval=20", "train.eval_interval=1000000", "train.sample_tokens=0",
+            "train.tensorboard=false",
+        ))  # fmt: skip
         cfg.data.dir = str(Path(tmp) / "data")
         train(cfg, Path(tmp) / "run", progress=False, quiet=True)
         rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]

@@ -38,6 +38,12 @@ ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "optimizer.safetensors"
 
 
+def refuse_nonempty(out: Path, overwrite: bool, choose: str = "choose another --out") -> None:
+    """Writers of a whole folder (merge, import, export) keep whatever is there unless told otherwise."""
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise GptkitError(f"{out} exists and is not empty; pass --overwrite or {choose}")
+
+
 @contextlib.contextmanager
 def staged_folder(out: Path) -> Iterator[Path]:
     """Write into a sibling temporary folder; only a complete result replaces `out`."""
@@ -222,9 +228,15 @@ def _load_weights(model: GPT, ckpt: Path, device: str | torch.device = "cpu") ->
         raise GptkitError(f"{ckpt / name}: weights do not fit the run's config.yaml ({e})") from None
 
 
+def checkpoint_info(run_dir: str | Path) -> dict[str, Any]:
+    """The latest checkpoint's state.json (step, tokens seen, file sizes and checksums), checked
+    for completeness but not re-hashed."""
+    return _read_info(checkpoint_dir(Path(run_dir)), verify=False)
+
+
 def weights_sha256(run_dir: str | Path) -> str:
     """The recorded checksum of a run's full weights (from state.json, nothing re-read)."""
-    info = _read_info(checkpoint_dir(Path(run_dir)), verify=False)
+    info = checkpoint_info(run_dir)
     if MODEL_FILE not in info["files"]:
         raise GptkitError(f"{run_dir} holds a LoRA adapter, not full weights; merge it first with: gptkit merge {run_dir}")
     return info["files"][MODEL_FILE]["sha256"]

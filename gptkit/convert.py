@@ -15,7 +15,15 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from gptkit.checkpoint import CKPT, MODEL_FILE, checkpoint_dir, load_run_config, staged_folder, write_state_json
+from gptkit.checkpoint import (
+    CKPT,
+    MODEL_FILE,
+    checkpoint_dir,
+    load_run_config,
+    refuse_nonempty,
+    staged_folder,
+    write_state_json,
+)
 from gptkit.config import Config
 from gptkit.errors import GptkitError
 from gptkit.tokenizer import EOT, HFTokenizer, load_tokenizer
@@ -91,8 +99,7 @@ def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None,
     folder, out = Path(folder), Path(out)
     if not (folder / "config.json").is_file():
         raise GptkitError(f"{folder}: no config.json; expected a Hugging Face model folder")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise GptkitError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    refuse_nonempty(out, overwrite)
     try:
         hf_cfg = json.loads((folder / "config.json").read_text())
     except json.JSONDecodeError as e:
@@ -170,8 +177,7 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
     cfg = load_run_config(run_dir)
     check_exportable(cfg)
     ckpt = checkpoint_dir(run_dir)
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise GptkitError(f"{out} exists and is not empty; pass --overwrite or choose another folder")
+    refuse_nonempty(out, overwrite, "choose another folder")
     tok = load_tokenizer(run_dir / "tokenizer") if (run_dir / "tokenizer").is_dir() else None
     m = cfg.model
     with staged_folder(out) as tmp:

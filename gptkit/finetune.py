@@ -357,19 +357,18 @@ def finetune(
 
 def merge(run: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
     """Fold a LoRA run's adapter into its base weights: a plain run folder that needs no base."""
-    from gptkit.checkpoint import TrainingState, checkpoint_dir, save_checkpoint, staged_folder
+    from gptkit.checkpoint import TrainingState, checkpoint_info, refuse_nonempty, save_checkpoint, staged_folder
 
     run = Path(run)
     out = Path(out) if out else run.with_name(run.name + "-merged")
     cfg = load_run_config(run)
     if not cfg.lora.enabled:
         raise GptkitError(f"{run} has no LoRA adapter to merge (lora.enabled is false); its weights are already whole")
-    if out.exists() and any(out.iterdir()) and not overwrite:
-        raise GptkitError(f"{out} exists and is not empty; pass --overwrite or choose another --out")
+    refuse_nonempty(out, overwrite)
     model, tok, cfg = load_model(run, "cpu", merge_adapters=True)
     cfg.lora.enabled = False
     cfg.finetune.base_sha256 = ""
-    info = json.loads((checkpoint_dir(run) / "state.json").read_text())
+    info = checkpoint_info(run)
     with staged_folder(out) as tmp:
         tok.save(tmp / "tokenizer")
         cfg.save(tmp / "config.yaml")
