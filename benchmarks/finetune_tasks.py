@@ -52,8 +52,12 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", default="runs/shakespeare-char", help="a pretrained run (the main job's)")
     ap.add_argument("--out", default="benchmarks/results/finetune")
-    ap.add_argument("--steps", type=int, default=1500)
-    ap.add_argument("--lora-steps", type=int, default=1500)
+    ap.add_argument(
+        "--runs",
+        default="default,lora",
+        help="default: the command with no settings (early stopping); "
+        "lora: --lora at lr 1e-2, rank 16, early stopping; fixed: the old recipe, 1,500 steps, batch 32, lr 2e-3",
+    )
     ap.add_argument("--real-steps", type=int, default=600)
     ap.add_argument("--parts", default="tasks,real", help="which parts to run")
     args = ap.parse_args()
@@ -64,21 +68,24 @@ def main() -> None:
     parts = args.parts.split(",")
     train_file = write_tasks(out / "tasks-train.jsonl", 4000, "train")
     test_file = write_tasks(out / "tasks-test.jsonl", 250, "test")
-    common = ["train.batch_size=32", "train.eval_interval=500", "train.tensorboard=false"]
+    common = ["train.tensorboard=false"]
     runs = {
-        "full": (False, [f"train.max_steps={args.steps}", "train.lr=2e-3"]),
-        "lora": (True, [f"train.max_steps={args.lora_steps}", "train.lr=1e-2", "lora.rank=16", "lora.alpha=32"]),
+        "default": (False, []),
+        "lora": (True, ["train.lr=1e-2", "lora.rank=16", "lora.alpha=32"]),
+        "fixed": (False, ["train.max_steps=1500", "train.batch_size=32", "train.lr=2e-3", "train.patience=0"]),
     }
+    runs = {k: v for k, v in runs.items() if k in args.runs.split(",")}
     for name, (lora, sets) in runs.items() if "tasks" in parts else []:
         run = out / f"tasks-{name}"
         t0 = time.perf_counter()
-        finetune(args.base, [str(train_file)], run, finetune_config(None, common + sets), lora=lora, overwrite=True,
-                 progress=False)  # fmt: skip
+        result = finetune(args.base, [str(train_file)], run, finetune_config(None, common + sets), lora=lora,
+                          overwrite=True, progress=False)  # fmt: skip
         seconds = time.perf_counter() - t0
+        report[f"tasks_{name}_steps"], report[f"tasks_{name}_best_step"] = result.step, result.best_step
         after = evaluate_instructions(run, [str(test_file)], "cpu", 24)
         model, tok, cfg = load_model(run)
         counts = parameter_counts(model)
-        if name == "full":
+        if "tasks_exact_match_before" not in report:
             before = evaluate_answers(finetune_start(cfg).eval(), tok, load_conversations([str(test_file)]).items, 24)
             report["tasks_exact_match_before"] = before["exact_match"]
         report[f"tasks_{name}_exact_match"] = after["exact_match"]
@@ -86,7 +93,11 @@ def main() -> None:
         report[f"tasks_{name}_seconds"] = round(seconds, 1)
         report[f"tasks_{name}_trainable_params"] = counts["trainable"]
         report["total_params"] = counts["total"]
-        print(f"{name}: exact match {after['exact_match']:.3f}, {counts['trainable']:,} trainable, {seconds:.0f}s", flush=True)
+        print(
+            f"{name}: exact match {after['exact_match']:.3f} after {result.step} steps (best {result.best_step}), "
+            f"{counts['trainable']:,} trainable, {seconds:.0f}s",
+            flush=True,
+        )
         for s in after["samples"][:5]:
             print("   ", json.dumps(s))
 
@@ -101,7 +112,7 @@ def main() -> None:
     chat_test.write_text("\n".join(chats[450:]) + "\n")
     for name, tr, te in [("book", book_train, book_test), ("fastchat", chat_train, chat_test)] if "real" in parts else []:
         run = out / f"real-{name}"
-        sets = common + [f"train.max_steps={args.real_steps}", "train.lr=1e-3", "finetune.val_fraction=0"]
+        sets = common + [f"train.max_steps={args.real_steps}", "train.lr=1e-3", "finetune.val_fraction=0", "train.patience=0"]
         finetune(args.base, [str(tr)], run, finetune_config(None, sets), overwrite=True, progress=False, quiet=True)
         before, after = held_out_loss(run, te, before=True), held_out_loss(run, te, before=False)
         report[f"{name}_response_loss_before"] = round(before, 4)

@@ -13,9 +13,11 @@ a crash mid-save never leaves a broken latest checkpoint. Nothing is ever unpick
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -61,6 +63,11 @@ def staged_folder(out: Path) -> Iterator[Path]:
 
 def is_run(folder: Path) -> bool:
     return (folder / "config.yaml").is_file() or (folder / CKPT).is_dir()
+
+
+def has_checkpoint(folder: Path) -> bool:
+    """A whole checkpoint (or the previous one, after a crash mid-swap) is there to resume from."""
+    return any((Path(folder) / name / "state.json").is_file() for name in (CKPT, f"{CKPT}.old"))
 
 
 def _sha256(path: Path) -> str:
@@ -117,8 +124,10 @@ class TrainingState:
 
     step: int = 0
     tokens_seen: int = 0
-    elapsed_s: float = 0.0
+    elapsed_s: float = 0.0  # wall-clock time of the run so far
+    train_s: float = 0.0  # of which training (not evaluation): the time budget counts this
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # RNG and sampler states
+    best: dict[str, Any] = field(default_factory=dict)  # early stopping: {step, val_loss, evals_since}
     optimizer_meta: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -134,18 +143,36 @@ def save_checkpoint(
     tensors gathered from a sharded run; by default they come from model and optimizers."""
     run_dir = Path(run_dir)
     tmp, final, old = run_dir / f"{CKPT}.tmp", run_dir / CKPT, run_dir / f"{CKPT}.old"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    # A LoRA run stores only its adapter (and new embedding rows); the base run holds the rest.
-    weights_file = ADAPTER_FILE if has_lora(model) else MODEL_FILE
-    if weights is None:
-        weights = adapter_state(model) if has_lora(model) else model.state_dict_for_save()
-    save_file(weights, str(tmp / weights_file))
+    weights_file, weights = weights_to_save(model, weights)
     opt_tensors, opt_meta = optimizer_to_flat(optimizer_states or [opt.state_dict() for opt in optimizers])
-    save_file({**opt_tensors, **{f"rng.{k}": v.contiguous() for k, v in state.tensors.items()}}, str(tmp / STATE_FILE))
-    info = {"step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "optimizers": opt_meta}
-    write_state_json(tmp, info, [weights_file, STATE_FILE])
+    extra = {f"rng.{k}": v.contiguous() for k, v in state.tensors.items()}
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        save_file(weights, str(tmp / weights_file))
+        save_file({**opt_tensors, **extra}, str(tmp / STATE_FILE))
+        info = {
+            "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "train_s": state.train_s,
+            "best": state.best, "optimizers": opt_meta,
+        }  # fmt: skip
+        write_state_json(tmp, info, [weights_file, STATE_FILE])
+    except (OSError, SafetensorError) as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing half-written behind
+        os_error = _as_os_error(e, tmp)
+        if os_error is None:
+            raise
+        if os_error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise os_error from None
+        need = sum(t.numel() * t.element_size() for d in (weights, opt_tensors, extra) for t in d.values())
+        kept = "no earlier checkpoint exists"
+        if has_checkpoint(run_dir):
+            kept = f"the checkpoint of step {_read_info(checkpoint_dir(run_dir), False)['step']} is intact"
+        raise GptkitError(
+            f"no space left on the device for the checkpoint in {run_dir}: it needs about {need / 1e6:.1f} MB, "
+            f"{shutil.disk_usage(run_dir).free / 1e6:.1f} MB are free; {kept}. Free some space and run again "
+            "(with --resume to continue)"
+        ) from None
     # Swap: the old checkpoint stays whole until the new one is in place.
     if final.exists():
         if old.exists():
@@ -156,6 +183,43 @@ def save_checkpoint(
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+def weights_to_save(model: GPT, weights: dict[str, torch.Tensor] | None = None) -> tuple[str, dict[str, torch.Tensor]]:
+    """The file name and tensors a checkpoint stores: a LoRA run only its adapter (and new
+    embedding rows), since the base run holds the rest; else the whole (given or own) weights."""
+    if has_lora(model):
+        return ADAPTER_FILE, weights if weights is not None else adapter_state(model)
+    return MODEL_FILE, weights if weights is not None else model.state_dict_for_save()
+
+
+BEST_FILE = "best.safetensors"
+
+
+def save_best(run_dir: Path, model: GPT, step: int, val_loss: float) -> None:
+    """Early stopping keeps the weights of the best evaluation so far in RUN/best.safetensors,
+    replaced atomically (one file, one rename)."""
+    _, weights = weights_to_save(model)
+    tmp = Path(run_dir) / (BEST_FILE + ".tmp")
+    save_file(weights, str(tmp), metadata={"step": str(step), "val_loss": repr(val_loss)})
+    os.replace(tmp, Path(run_dir) / BEST_FILE)
+
+
+def load_best(run_dir: Path, model: GPT) -> None:
+    """Put the best evaluation's weights (save_best) back into the model."""
+    sd = _load_tensors(Path(run_dir) / BEST_FILE, str(next(model.parameters()).device))
+    if has_lora(model):
+        load_adapter_state(model, sd)
+    else:
+        model.load_saved_state(sd)
+
+
+def _as_os_error(e: Exception, path: Path) -> OSError | None:
+    """safetensors reports a failed write as its own error type with the OS error in the text."""
+    if isinstance(e, OSError):
+        return e
+    m = re.search(r"os error (\d+)", str(e))
+    return OSError(int(m.group(1)), os.strerror(int(m.group(1))), str(path)) if m else None
 
 
 def write_state_json(ckpt: Path, info: dict[str, Any], names: list[str]) -> None:
@@ -309,6 +373,8 @@ def read_training_state(run_dir: Path, model: GPT) -> tuple[TrainingState, list[
         step=info["step"],
         tokens_seen=info["tokens_seen"],
         elapsed_s=info["elapsed_s"],
+        train_s=info.get("train_s", info["elapsed_s"]),  # checkpoints from before train_s was kept
+        best=info.get("best", {}),
         tensors={k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
         optimizer_meta=info["optimizers"],
     )

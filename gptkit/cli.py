@@ -5,39 +5,68 @@ Every user error becomes one line on stderr and exit status 2."""
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
-from gptkit.errors import GptkitError
+from gptkit import __version__
+from gptkit.errors import GptkitError, quote
+
+STARTED = time.perf_counter()  # the wall-clock time the main job reports covers start-up too
+DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+
+
+class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """--help shows each option's default (where it has one worth showing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or action.default is False or action.default == [] or action.required:
+            return action.help or ""
+        return super()._get_help_string(action) or ""
+
+
+class _Parser(argparse.ArgumentParser):
+    def __init__(self, *args: object, **kw: object) -> None:
+        kw.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kw)  # type: ignore[arg-type]
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256)
-    p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
-    p.add_argument("--top-k", type=int, default=0, help="0 = off")
-    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
-    p.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
+    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = off)")
+    p.add_argument(
+        "--top-p", type=float, default=1.0, help="sample among the most likely tokens that make up this probability (1 = off)"
+    )
+    p.add_argument(
+        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the context (1 = off)"
+    )
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype for decoding")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="gptkit", description="Build, train, sample from and evaluate GPT models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(
+        prog="gptkit", description="Build, train, sample from and evaluate GPT models.", formatter_class=_Formatter
+    )
+    parser.add_argument("--version", action="version", version=f"gptkit {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin")
     p.add_argument("inputs", nargs="+", help="text files, folders of .txt/.jsonl, or glob patterns")
     p.add_argument("--out", required=True, help="data folder to write")
     p.add_argument("--tokenizer", default="char", help="char | bpe | gpt2:PATH")
     p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size for --tokenizer bpe")
-    p.add_argument("--val-fraction", type=float, default=0.1)
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the corpus held out for validation")
     p.add_argument("--errors", default="strict", choices=["strict", "replace"], help="on invalid UTF-8")
     p.add_argument("--overwrite", action="store_true", help="replace data already in --out")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
     p = sub.add_parser("train", help="train a model (no arguments: tiny Shakespeare, char-level)")
     p.add_argument("--config", help="YAML or TOML config file")
@@ -50,12 +79,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
     p.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights (fine-tuning); its model and tokenizer")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("run", help="run folder")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--num-samples", type=int, default=1)
+    p.add_argument("--num-samples", type=int, default=1, help="how many samples to draw")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user turn through the chat template")
     _add_sampling(p)
 
@@ -68,14 +97,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--skip-invalid", action="store_true", help="skip malformed records (counted) instead of stopping")
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the fine-tuning run in this folder")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace what is already in the output folder")
     p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapter into its base weights")
     p.add_argument("run", help="a LoRA run folder")
     p.add_argument("--out", help="merged run folder (default: RUN-merged)")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace what is already in the output folder")
 
     p = sub.add_parser("chat", help="chat with a run in the terminal (or one user turn per line of piped stdin)")
     p.add_argument("run", help="run folder")
@@ -85,31 +114,32 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API, with a chat page at /")
     p.add_argument("run", help="run folder")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="0 picks a free port")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set GPTKIT_API_KEY)")
     p.add_argument("--model-name", default=None, help="the model id clients use (default: the run folder's name)")
     p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
     p.add_argument("--max-batch", type=int, default=16, help="samples decoded together in one batch")
     p.add_argument("--queue-limit", type=int, default=64, help="samples queued or running before requests get 429")
-    p.add_argument("--max-request-bytes", type=int, default=1 << 20)
-    p.add_argument("--device", default="auto")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body accepted (413 beyond)")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype for decoding")
 
     p = sub.add_parser("make-tasks", help="write synthetic instruction tasks (the fine-tuning demo)")
     p.add_argument("--out", required=True, help="JSONL file to write")
-    p.add_argument("--n", type=int, default=4000)
-    p.add_argument("--split", default="train", choices=["train", "test"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n", type=int, default=4000, help="how many examples to write")
+    p.add_argument("--split", default="train", choices=["train", "test"], help="which split of the task generator")
+    p.add_argument("--seed", type=int, default=0, help="random seed of the generator")
 
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a run (JSON)")
     p.add_argument("run", help="run folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="data folder (default: the run's own)")
     src.add_argument("--text", help="a text file")
-    p.add_argument("--split", default="val", choices=["val", "train"])
-    p.add_argument("--device", default="auto")
-    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--split", default="val", choices=["val", "train"], help="which split of the data folder")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the run's train.batch_size)")
     p.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
+    p.add_argument("--errors", default="strict", choices=["strict", "replace"], help="for --text: on invalid UTF-8")
     p.add_argument("--instructions", nargs="+", metavar="FILE", help="instruction files: response loss and answer match")
     p.add_argument("--max-new-tokens", type=int, default=128, help="for --instructions: answer length cap")
     p.add_argument("--limit", type=int, default=None, help="for --instructions: only the first N conversations")
@@ -118,28 +148,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--from-hf", required=True, metavar="HF_DIR", help="folder with config.json + model.safetensors")
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--tokenizer", help="GPT-2 tokenizer files, when HF_DIR has none")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace what is already in the output folder")
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a text file, prepared into STUDY_DIR/data")
     src.add_argument("--data", help="a data folder from `gptkit prepare`")
     p.add_argument("--space", required=True, help="search space YAML")
-    p.add_argument("--trials", type=int, required=True)
+    p.add_argument("--trials", type=int, required=True, help="how many trials to run (in all, across resumes)")
     p.add_argument("--budget", required=True, help="per trial: 60s, 2m, 2000steps or 5Mtokens")
-    p.add_argument("--out", required=True, metavar="STUDY_DIR")
+    p.add_argument("--out", required=True, metavar="STUDY_DIR", help="study folder (resumes when it exists)")
     p.add_argument("--config", help="base config (default: the bundled CPU preset)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in STUDY_DIR)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"])
-    p.add_argument("--objective", default="loss", choices=["loss", "bits_per_byte"])
+    p.add_argument("--workers", type=int, default=1, help="trials run in parallel (processes)")
+    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"], help="stop poor trials early")
+    p.add_argument("--objective", default="loss", choices=["loss", "bits_per_byte"], help="what the search minimises")
     p.add_argument("--keep-top", type=int, default=0, help="keep only the best K trial folders (0: all)")
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder")
     p.add_argument("run", help="run folder")
-    p.add_argument("--to-hf", required=True, metavar="HF_DIR")
-    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--to-hf", required=True, metavar="HF_DIR", help="folder to write (transformers format)")
+    p.add_argument("--overwrite", action="store_true", help="replace what is already in the output folder")
     return parser
 
 
@@ -194,20 +224,22 @@ def cmd_train(a: argparse.Namespace) -> None:
         cfg, run_dir, resume=bool(a.resume), overwrite=a.overwrite, text=text, progress=not a.no_progress, init_from=init
     )
     _exit_if_interrupted(result)
-    if cfg.train.sample_tokens > 0 and os.environ.get("RANK", "0") == "0":
+    if os.environ.get("RANK", "0") != "0":
+        return
+    if cfg.train.sample_tokens > 0:
         model, tok, _ = load_model(run_dir, "cpu")
         params = SamplingParams(max_new_tokens=cfg.train.sample_tokens, temperature=0.8, seed=cfg.train.seed)
         print("--- sample ---")
         print(generate(model, tok, "\n", params) if tok.kind == "char" else generate(model, tok, "", params))
-        print(f"--- more: gptkit generate {run_dir} --prompt 'ROMEO:' ---")
+        print(f"--- more: gptkit generate {quote(run_dir)} --prompt 'ROMEO:' ---")
+    print(f"gptkit: the whole command took {time.perf_counter() - STARTED:.0f} s (wall clock)")
 
 
 def _resumed_config(a: argparse.Namespace) -> object:
     """A run's saved config for --resume, with --set and --fsdp applied (train and finetune)."""
-    from gptkit.checkpoint import load_run_config
-    from gptkit.config import apply_overrides
+    from gptkit.train import resume_config
 
-    cfg = apply_overrides(load_run_config(Path(a.resume)), a.set).validate()
+    cfg = resume_config(a.resume, a.set)
     cfg.train.fsdp = cfg.train.fsdp or a.fsdp
     return cfg
 
@@ -255,7 +287,7 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     cfg.train.fsdp = cfg.train.fsdp or a.fsdp
     result = finetune(a.base, a.data, a.out, cfg, lora=a.lora or None, overwrite=a.overwrite, progress=not a.no_progress)
     _exit_if_interrupted(result)
-    print(f"gptkit: try it: gptkit chat {a.out}   or   gptkit eval {a.out} --instructions FILE")
+    print(f"gptkit: try it: gptkit chat {quote(a.out)}   or   gptkit eval {quote(a.out)} --instructions FILE")
 
 
 def cmd_merge(a: argparse.Namespace) -> None:
@@ -335,16 +367,17 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
         if a.data or a.text:
             raise GptkitError("--instructions evaluates answers; it cannot be combined with --data or --text")
-        print(json.dumps(evaluate_instructions(a.run, a.instructions, a.device, a.max_new_tokens, a.batch_size or 16, a.limit)))
+        batch_size = 16 if a.batch_size is None else a.batch_size
+        print(json.dumps(evaluate_instructions(a.run, a.instructions, a.device, a.max_new_tokens, batch_size, a.limit)))
         return
-    print(json.dumps(evaluate(a.run, a.data, a.text, a.split, a.device, a.batch_size, a.max_batches)))
+    print(json.dumps(evaluate(a.run, a.data, a.text, a.split, a.device, a.batch_size, a.max_batches, a.errors)))
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
     from gptkit.convert import import_hf
 
     out = import_hf(a.from_hf, a.out, a.tokenizer, a.overwrite)
-    print(f"gptkit: converted {a.from_hf} -> {out}; try: gptkit generate {out} --prompt 'Hello'")
+    print(f"gptkit: converted {a.from_hf} -> {out}; try: gptkit generate {quote(out)} --prompt 'Hello'")
 
 
 def cmd_export(a: argparse.Namespace) -> None:
@@ -381,19 +414,38 @@ COMMANDS = {
 }
 
 
+def os_error_message(e: OSError) -> str:
+    """A file-system failure in one line: what, where, and what to do about it."""
+    path = e.filename or "a file"
+    if e.errno in (errno.ENOSPC, errno.EDQUOT):
+        where = Path(path)
+        while not where.exists() and where != where.parent:
+            where = where.parent
+        try:
+            free = shutil.disk_usage(where).free
+            room = f" ({free / 1e6:.1f} MB free there)"
+        except OSError:
+            room = ""
+        return f"no space left on the device writing {path}{room}; free some space and run the command again"
+    if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"cannot write {path}: {e.strerror.lower()}; choose a folder you can write to (or fix its permissions)"
+    return f"{path}: {e.strerror or e}"
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
-    except GptkitError as e:
+    except (GptkitError, OSError) as e:
+        msg = os_error_message(e) if isinstance(e, OSError) and not isinstance(e, BrokenPipeError) else str(e)
+        if isinstance(e, BrokenPipeError):  # `gptkit generate ... | head`
+            sys.exit(0)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports; every rank exits
-            print(f"gptkit: error: {e}", file=sys.stderr)
+            print(f"gptkit: error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("gptkit: interrupted", file=sys.stderr)
         sys.exit(130)
-    except BrokenPipeError:  # `gptkit generate ... | head`
-        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,7 @@ class TrainConfig:
     eval_interval: int = 250
     eval_batches: int = 20  # batches per periodic evaluation (0: the whole split); the final one covers it all
     eval_every_s: float = 0.0  # also evaluate every this many seconds of training (0: off)
+    patience: int = 0  # stop after this many evaluations without a lower validation loss, keeping the best weights (0: off)
     log_interval: int = 10
     checkpoint_interval: int = 1000
     seed: int = 1337
@@ -88,6 +91,7 @@ class FinetuneConfig:
     base: str = ""  # the base run folder the weights come from
     data: list[str] = field(default_factory=list)  # instruction files, JSON or JSONL (Alpaca or chat format)
     val_fraction: float = 0.1  # share of examples held out for the validation loss
+    epochs: float = 0.0  # > 0: train this many passes over the training examples (sets train.max_steps)
     block_size: int = 0  # 0: the base's context; else examples are cut to this many tokens
     skip_invalid: bool = False  # skip malformed records (counted) instead of stopping at the first
     base_vocab_size: int = 0  # rows of the base model's embedding; rows past it are new tokens
@@ -185,8 +189,8 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
         if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
             return [str(v) for v in value]
         raise GptkitError(f"{source}: {key} must be a list of strings (YAML list or comma-separated), got {value!r}")
-    tname = getattr(typ, "__name__", str(typ))
-    raise GptkitError(f"{source}: {key} must be a {tname}, got {value!r}")
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
+    raise GptkitError(f"{source}: {key} must be {kind}, got {value!r}")
 
 
 def set_key(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
@@ -238,8 +242,17 @@ def _check(ok: bool, msg: str) -> None:
         raise GptkitError(msg)
 
 
+DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+
+
 def validate(cfg: Config) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
+    # nan and inf pass every comparison below one way or the other; refuse them once, for every key.
+    for key in all_keys(cfg):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{key} must be a finite number, got {value}")
     for key in ("block_size", "n_layer", "n_head", "n_embd"):
         _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
     _check(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {m.vocab_size}")
@@ -252,8 +265,14 @@ def validate(cfg: Config) -> None:
     _check(m.pos_embedding in ("learned", "rope"), f"model.pos_embedding must be learned or rope, got {m.pos_embedding!r}")
     _check(m.norm in ("layernorm", "rmsnorm"), f"model.norm must be layernorm or rmsnorm, got {m.norm!r}")
     _check(m.mlp in ("gelu", "relu2", "swiglu"), f"model.mlp must be gelu, relu2 or swiglu, got {m.mlp!r}")
-    _check(m.mlp_ratio > 0, f"model.mlp_ratio must be positive, got {m.mlp_ratio}")
+    hidden = int(m.mlp_ratio * m.n_embd) * (2 if m.mlp == "swiglu" else 3) // 3
+    _check(
+        m.mlp_ratio > 0 and hidden >= 1,
+        f"model.mlp_ratio ({m.mlp_ratio}) gives an MLP of {max(hidden, 0)} units at n_embd={m.n_embd}; "
+        "use 4 (GPT-2) or about 2.7 (SwiGLU)",
+    )
     _check(m.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}")
+    _check(m.rope_base > 1, f"model.rope_base must be > 1 (10000 is usual), got {m.rope_base}")
     kv = m.n_kv_head or m.n_head
     _check(
         0 < kv <= m.n_head and m.n_head % kv == 0,
@@ -262,10 +281,13 @@ def validate(cfg: Config) -> None:
     if m.pos_embedding == "rope":
         _check((m.n_embd // m.n_head) % 2 == 0, "RoPE needs an even head size (n_embd / n_head)")
     _check(t.eval_batches >= 0, f"train.eval_batches must be >= 0 (0 = the whole split), got {t.eval_batches}")
+    _check(t.patience >= 0, f"train.patience must be >= 0 (0 = no early stopping), got {t.patience}")
     _check(t.eval_every_s >= 0, f"train.eval_every_s must be >= 0 (0 = off), got {t.eval_every_s}")
     for key in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "checkpoint_interval"):
         _check(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
+    _check(t.muon_lr > 0, f"train.muon_lr must be positive, got {t.muon_lr}")
+    _check(0 <= t.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
     _check(t.schedule in ("cosine", "wsd", "constant"), f"train.schedule must be cosine, wsd or constant, got {t.schedule!r}")
@@ -281,6 +303,10 @@ def validate(cfg: Config) -> None:
     )
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     _check(
+        DEVICE_PATTERN.fullmatch(t.device) is not None,
+        f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}",
+    )
+    _check(
         d.tokenizer in ("char", "bpe") or d.tokenizer.startswith(("gpt2:", "run:")),
         f"data.tokenizer must be char, bpe, gpt2:PATH or run:RUN_DIR, got {d.tokenizer!r}",
     )
@@ -290,6 +316,7 @@ def validate(cfg: Config) -> None:
     _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     f, lo = cfg.finetune, cfg.lora
     _check(0 <= f.val_fraction < 1, f"finetune.val_fraction must be in [0, 1), got {f.val_fraction}")
+    _check(f.epochs >= 0, f"finetune.epochs must be >= 0 (0 = train.max_steps decides), got {f.epochs}")
     _check(f.block_size >= 0, f"finetune.block_size must be >= 0 (0 = the base's context), got {f.block_size}")
     _check(lo.rank > 0, f"lora.rank must be positive, got {lo.rank}")
     _check(lo.alpha > 0, f"lora.alpha must be positive, got {lo.alpha}")

@@ -78,7 +78,8 @@ def _read_text_chunks(path: Path, errors: str) -> Iterator[str]:
                 pending = len(decoder.getstate()[0])
                 offset = consumed - pending + e.start
                 raise GptkitError(
-                    f"{path}: invalid UTF-8 at byte offset {offset}; fix the file or pass --errors replace"
+                    f"{path}: invalid UTF-8 at byte offset {offset}; "
+                    "fix the file or pass --errors replace (gptkit prepare, gptkit eval)"
                 ) from None
             consumed += len(block)
             text = carry + text
@@ -105,7 +106,7 @@ def _read_jsonl_docs(path: Path, errors: str) -> Iterator[str]:
             except UnicodeDecodeError as e:
                 raise GptkitError(
                     f"{path}: invalid UTF-8 at byte offset {offset + e.start} (line {lineno}); "
-                    "fix the file or pass --errors replace"
+                    "fix the file or pass --errors replace (gptkit prepare, gptkit eval)"
                 ) from None
             offset += len(raw)
             if not line.strip():

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, check_number
 from gptkit.model import GPT
 
 
@@ -94,20 +94,26 @@ def evaluate(
     device: str = "auto",
     batch_size: int | None = None,
     max_batches: int | None = None,
+    errors: str = "strict",
 ) -> dict[str, Any]:
     """Loss, perplexity, bits_per_byte and token count of a run's model on a data folder's split
-    (the run's own data by default) or on a text file, over the whole of it."""
+    (the run's own data by default) or on a text file (invalid UTF-8 refused, or replaced with
+    errors="replace"), over the whole of it."""
     from gptkit.checkpoint import load_model
     from gptkit.data import DataSet, _read_text_chunks
     from gptkit.train import autocast_context, resolve_device, resolve_dtype
 
+    if batch_size is not None:
+        check_number("batch_size", batch_size, 1, integer=True)
+    if max_batches is not None:
+        check_number("max_batches", max_batches, 1, integer=True)
     dev = resolve_device(device)
     model, tok, cfg = load_model(run_dir, dev)
     if text is not None:
         p = Path(text)
         if not p.is_file():
             raise GptkitError(f"{p}: no such file")
-        content = "".join(_read_text_chunks(p, "strict"))
+        content = "".join(_read_text_chunks(p, errors))
         if not content:
             raise GptkitError(f"{p}: file is empty")
         tokens = np.asarray(tok.encode(content), dtype=np.int64)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from gptkit.checkpoint import finetune_start, load_model, load_run_config, weights_sha256
 from gptkit.config import Config
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, check_number
 from gptkit.model import GPT
 from gptkit.template import ChatTemplate, Message, check_messages
 from gptkit.tokenizer import Tokenizer, load_tokenizer
@@ -341,12 +341,20 @@ def finetune(
         convs.items, tok, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed, cfg.finetune.val_fraction
     )
     quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks
+    if cfg.finetune.epochs > 0:  # passes over the training examples, in optimizer steps
+        per_step = cfg.train.batch_size * cfg.train.grad_accum
+        cfg.train.max_steps = max(1, math.ceil(cfg.finetune.epochs * len(data_src.train) / per_step))
     if not quiet:
         mode = f"LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}" if cfg.lora.enabled else "full fine-tuning"
         skipped = f", {convs.skipped} invalid records skipped" if convs.skipped else ""
+        epochs = cfg.train.max_steps * cfg.train.batch_size * cfg.train.grad_accum / max(1, len(data_src.train))
+        early = f", early stopping after {cfg.train.patience} evaluations without a better validation loss" * bool(
+            cfg.train.patience
+        )
         print(
             f"gptkit: {mode}: {counts['trainable']:,} of {counts['total']:,} parameters train "
-            f"({100 * counts['trainable'] / counts['total']:.2f}%){skipped}",
+            f"({100 * counts['trainable'] / counts['total']:.2f}%){skipped}; at most {cfg.train.max_steps} steps "
+            f"({epochs:.1f} epochs){early}",
             flush=True,
         )
     return train(
@@ -387,6 +395,10 @@ def evaluate_instructions(
     each conversation in files, given what came before it."""
     from gptkit.train import resolve_device
 
+    check_number("max_new_tokens", max_new_tokens, 1, integer=True)
+    check_number("batch_size", batch_size, 1, integer=True)
+    if limit is not None:
+        check_number("limit", limit, 1, integer=True)
     model, tok, _ = load_model(run, resolve_device(device), merge_adapters=True)
     return evaluate_answers(model, tok, load_conversations(files).items[:limit], max_new_tokens, batch_size)
 

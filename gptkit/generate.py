@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, check_number
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import Tokenizer
 
@@ -29,17 +29,27 @@ class SamplingParams:
     stop_at_eot: bool = True
 
     def validate(self) -> SamplingParams:
-        if self.max_new_tokens < 0:
-            raise GptkitError(f"max_new_tokens must be >= 0, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise GptkitError(f"temperature must be >= 0 (0 = greedy), got {self.temperature}")
-        if self.top_k < 0:
-            raise GptkitError(f"top_k must be >= 0 (0 = off), got {self.top_k}")
-        if not 0 < self.top_p <= 1:
-            raise GptkitError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.repetition_penalty <= 0:
-            raise GptkitError(f"repetition_penalty must be positive (1 = off), got {self.repetition_penalty}")
+        """Refuse values that would break sampling; the CLI, the Python API and the server all call this."""
+        check_number("max_new_tokens", self.max_new_tokens, 0, integer=True)
+        check_number("temperature", self.temperature, 0, TEMPERATURE_MAX, hint="0 = greedy")
+        check_number("top_k", self.top_k, 0, integer=True, hint="0 = off")
+        check_number("top_p", self.top_p, 0, 1, low_open=True, hint="1 = off")
+        check_number("repetition_penalty", self.repetition_penalty, *PENALTY_RANGE, hint="1 = off")
+        if self.seed is not None:
+            check_number("seed", self.seed, integer=True)
         return self
+
+
+TEMPERATURE_MAX = 100.0
+PENALTY_RANGE = (0.01, 100.0)  # beyond it a float32 logit overflows or the penalty means nothing
+
+
+def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+    """A generator for a request's seed. Any integer is accepted: it is reduced to the 64 bits
+    the generator holds (torch refuses values outside them)."""
+    if seed is None:
+        return None
+    return torch.Generator(device=device).manual_seed(seed % (1 << 64))
 
 
 def process_logits(logits: torch.Tensor, context: torch.Tensor, p: SamplingParams) -> torch.Tensor:
@@ -51,7 +61,9 @@ def process_logits(logits: torch.Tensor, context: torch.Tensor, p: SamplingParam
         logits = logits.scatter(1, context, seen)
     if p.temperature == 0:
         return logits
-    logits = logits / p.temperature
+    # Shift the best logit to 0 first, and keep the divisor a normal float32: then even a
+    # temperature of 1e-45 gives 0 for the best token and -inf or large negatives, never nan.
+    logits = (logits - logits.amax(-1, keepdim=True)) / max(p.temperature, 1e-30)
     if p.top_k > 0 and p.top_k < logits.size(-1):
         kth = torch.topk(logits, p.top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -60,6 +72,7 @@ def process_logits(logits: torch.Tensor, context: torch.Tensor, p: SamplingParam
         cum = sorted_logits.softmax(-1).cumsum(-1)
         # Drop a token when the tokens before it already reach top_p (the first always stays).
         drop = (cum - sorted_logits.softmax(-1)) >= p.top_p
+        drop[:, 0] = False  # a top_p below float32's range (1e-100) would otherwise drop it too
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
 
@@ -201,9 +214,7 @@ class TextStream:
         if self.params.max_new_tokens == 0:
             return
         device = next(self.model.parameters()).device
-        gen = None
-        if self.params.seed is not None:
-            gen = torch.Generator(device=device).manual_seed(self.params.seed)
+        gen = seeded_generator(self.params.seed, device)
         prompt = torch.tensor([self.prompt_ids], dtype=torch.long)
         for nxt in generate_ids(self.model, prompt, self.params, gen):
             delta = self.detok.feed(int(nxt[0]))

@@ -14,32 +14,42 @@ import torch
 
 from gptkit.config import TrainConfig
 from gptkit.model import GPT
+from gptkit.runtime import fast_low_precision_dtype
+
+WARMUP_TIME_SHARE = 0.1  # with a time budget, warm-up never takes more than this share of it
 
 
 def lr_factor(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
     """The learning rate at `step` as a fraction of the peak: linear warm-up, then cosine decay,
-    a stable phase and a linear warm-down (wsd), or constant. With a time budget
-    (train.max_time_s), progress is whichever of steps and time has run further, so the decay
-    ends when the budget does."""
+    a stable phase and a linear warm-down (wsd), or constant.
+
+    With a time budget (train.max_time_s), time_frac is the share of it spent: progress is
+    whichever of steps and time has run further, so the decay ends when the budget does, and
+    warm-up ends after at most WARMUP_TIME_SHARE of the budget. The factor is the lower of the
+    warm-up ramp and the decay curve, so a run that is slower than its step count assumed (still
+    warming up when time runs out) ends annealed all the same."""
+    warm = 1.0
     if step < cfg.warmup_steps:
-        return (step + 1) / cfg.warmup_steps
+        warm = min(1.0, max((step + 1) / cfg.warmup_steps, time_frac / WARMUP_TIME_SHARE))
     if cfg.schedule == "constant":
-        return 1.0
+        return warm
     floor = cfg.min_lr_ratio
-    progress = min(1.0, max((step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps), time_frac))
+    by_steps = max(0.0, (step - cfg.warmup_steps) / max(1, cfg.max_steps - cfg.warmup_steps))
+    progress = min(1.0, max(by_steps, time_frac))
     if cfg.schedule == "wsd":
         start = 1 - cfg.warmdown_frac
-        if progress < start:
-            return 1.0
-        return 1.0 - (1.0 - floor) * (progress - start) / max(cfg.warmdown_frac, 1e-9)
-    return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+        decay = 1.0 if progress < start else 1.0 - (1.0 - floor) * (progress - start) / max(cfg.warmdown_frac, 1e-9)
+    else:
+        decay = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
+    return min(warm, decay)
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     """Approximately orthogonal matrices with the singular vectors of g, (m, n) or (batch, m, n), singular
-    values pushed towards 1, by a quintic Newton-Schulz iteration in bf16."""
+    values pushed towards 1, by a quintic Newton-Schulz iteration, in bf16 where the hardware
+    makes it fast (the iteration tolerates its precision) and in float32 elsewhere."""
     a, b, c = 3.4445, -4.7750, 2.0315
-    x = g.bfloat16()
+    x = g.to(fast_low_precision_dtype(g.device))
     transposed = x.size(-2) > x.size(-1)
     if transposed:
         x = x.mT

@@ -34,7 +34,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gptkit.errors import GptkitError
-from gptkit.generate import Detokenizer, SamplingParams, generate_ids
+from gptkit.generate import Detokenizer, SamplingParams, generate_ids, seeded_generator
 from gptkit.model import GPT
 from gptkit.template import ChatTemplate, Message, check_messages
 from gptkit.tokenizer import Tokenizer
@@ -128,7 +128,7 @@ class Engine:
         width = max(len(j.prompt) for j in live)
         pad = torch.tensor([width - len(j.prompt) for j in live])
         ids = torch.tensor([[self.tok.eot_id] * (width - len(j.prompt)) + j.prompt for j in live])
-        gens = [torch.Generator().manual_seed(j.params.seed) if j.params.seed is not None else None for j in live]
+        gens = [seeded_generator(j.params.seed) for j in live]
         params = replace(live[0].params, max_new_tokens=max(j.params.max_new_tokens for j in live))
         pending = set(range(len(live)))
         for nxt in generate_ids(self.model, ids, params, gens if any(gens) else None, pad if pad.any() else None):

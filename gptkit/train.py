@@ -9,6 +9,7 @@ Ctrl-C / SIGTERM.
 from __future__ import annotations
 
 import contextlib
+import copy
 import ctypes
 import json
 import math
@@ -18,6 +19,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,14 +29,24 @@ import numpy as np
 import torch
 
 from gptkit import distributed
-from gptkit.checkpoint import TrainingState, is_run, read_training_state, save_checkpoint
-from gptkit.config import Config
+from gptkit.checkpoint import (
+    BEST_FILE,
+    TrainingState,
+    has_checkpoint,
+    is_run,
+    load_best,
+    read_training_state,
+    save_best,
+    save_checkpoint,
+)
+from gptkit.config import Config, TrainConfig, all_keys
 from gptkit.data import Batches, DataSet, prepare
 from gptkit.distributed import DistContext
-from gptkit.errors import GptkitError
+from gptkit.errors import GptkitError, quote
 from gptkit.evaluate import predicted_bytes, summarize, token_losses
 from gptkit.model import GPT
 from gptkit.optim import build_optimizers, lr_factor
+from gptkit.runtime import cpu_has_fast_bf16
 from gptkit.tokenizer import Tokenizer
 
 
@@ -52,16 +64,6 @@ def resolve_device(name: str = "auto") -> torch.device:
     if dev.type == "cuda" and not torch.cuda.is_available():
         raise GptkitError("train.device=cuda but no CUDA GPU is available; use train.device=cpu or auto")
     return dev
-
-
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run several times faster than fp32 on this CPU."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def keep_freed_memory() -> bool:
@@ -110,6 +112,7 @@ class TrainResult:
     interrupted: str = ""  # "SIGINT"/"SIGTERM" when a signal stopped the run
     elapsed_s: float = 0.0
     train_s: float = 0.0  # elapsed_s less the time spent in periodic evaluations
+    best_step: int = 0  # with early stopping (train.patience): the step whose weights the run keeps
 
 
 class _StopFlag:
@@ -142,30 +145,65 @@ def _absolute_or_relative(path: Path, run_dir: Path) -> str:
         return str(path)
 
 
-def init_run_folder(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    """Refuse to clobber a run unless asked; clear it for --overwrite."""
+def init_run_folder(run_dir: Path, resume: bool, overwrite: bool, quiet: bool = False) -> None:
+    """Refuse to clobber a run unless asked; clear it for --overwrite, or when it stopped before
+    its first checkpoint (there is nothing in it to keep or to resume)."""
     if resume:
         if not is_run(run_dir):
             raise GptkitError(f"--resume {run_dir}: not a gptkit run folder (no config.yaml)")
     elif is_run(run_dir):
-        if not overwrite:
+        if has_checkpoint(run_dir) and not overwrite:
             raise GptkitError(
-                f"{run_dir} already holds a run; pass --resume {run_dir} to continue it, --overwrite to replace it, "
+                f"{run_dir} already holds a run; pass --resume {quote(run_dir)} to continue it, --overwrite to replace it, "
                 "or choose another --out"
             )
+        if not has_checkpoint(run_dir) and not quiet:
+            print(f"gptkit: {run_dir} holds no checkpoint (its run stopped before the first save); starting it afresh")
         for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "tensorboard", "data", "tokenizer"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ("metrics.jsonl", "loss.png", "config.yaml"):
             (run_dir / name).unlink(missing_ok=True)
 
 
+def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Config:
+    """A run's saved config with --set overrides, checked before anything is written: the model's
+    shape cannot change (the weights would not fit), and an explicit train.max_steps replaces the
+    time budget unless train.max_time_s is set too (the user asked for steps)."""
+    from gptkit.checkpoint import load_run_config
+    from gptkit.config import apply_overrides
+
+    saved = load_run_config(Path(run_dir))
+    cfg = apply_overrides(copy.deepcopy(saved), overrides or []).validate()
+    changed = [k for k in all_keys(cfg) if k.startswith("model.") and k != "model.dropout" and _get(cfg, k) != _get(saved, k)]
+    if changed:
+        k = changed[0]
+        raise GptkitError(
+            f"--resume cannot change {k} ({_get(saved, k)} -> {_get(cfg, k)}): the checkpoint's weights have the old shape; "
+            f"start a new run from its weights with --init-from {quote(run_dir)}, or train a new one with --out"
+        )
+    keys = {o.split("=", 1)[0].strip() for o in overrides or []}
+    if "train.max_steps" in keys and "train.max_time_s" not in keys and saved.train.max_time_s > 0:
+        cfg.train.max_time_s = 0.0
+        print(
+            f"gptkit: train.max_steps={cfg.train.max_steps} replaces the run's time budget ({saved.train.max_time_s:g} s); "
+            "add --set train.max_time_s=N to keep one"
+        )
+    return cfg
+
+
+def _get(cfg: Config, key: str) -> Any:
+    section, name = key.split(".")
+    return getattr(getattr(cfg, section), name)
+
+
 def setup_run(
-    cfg: Config, run_dir: Path, resume: bool, overwrite: bool, text: str | None, progress: bool, ctx: DistContext | None = None
-) -> DataSet:
-    """Check the run folder, prepare data if asked, and write config + tokenizer into the run
-    (rank 0 writes; every rank ends with the same config and data set)."""
+    cfg: Config, run_dir: Path, resume: bool, overwrite: bool, text: str | None, progress: bool, ctx: DistContext | None = None,
+    quiet: bool = False,
+) -> DataSet:  # fmt: skip
+    """Check the run folder and prepare data if asked (rank 0 writes; every rank ends with the same
+    config and data set). The config and tokenizer are written once training is sure to start."""
     ctx = ctx or DistContext()
-    ctx.on_main(lambda: init_run_folder(run_dir, resume, overwrite))
+    ctx.on_main(lambda: init_run_folder(run_dir, resume, overwrite, quiet))
     if text is not None and not resume:
         data_dir = run_dir / "data"
         ctx.on_main(lambda: prepare(
@@ -188,7 +226,6 @@ def setup_run(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({ds.tokenizer.vocab_size}); leave it 0 to take the tokenizer's"
         )
-    ctx.on_main(lambda: _write_run(run_dir, ds.tokenizer, cfg))
     return ds
 
 
@@ -223,6 +260,12 @@ class ShardData:
     def __init__(self, ds: DataSet, block_size: int, batch_size: int, seed: int, ctx: DistContext | None = None) -> None:
         self.tokenizer = ds.tokenizer
         self.train_tokens, self.val_tokens = ds.split("train"), ds.split("val")
+        n = len(self.train_tokens) + len(self.val_tokens)
+        if n <= block_size + 1:
+            raise GptkitError(
+                f"{ds.folder}: the corpus is {n} tokens, shorter than one context window (model.block_size={block_size}); "
+                "use a larger corpus or a smaller model.block_size"
+            )
         if len(self.val_tokens) < 2:
             raise GptkitError(f"{ds.folder}: the validation split is empty; use a larger --val-fraction or corpus")
         # Every rank draws the global batch from the same generator and keeps its own rows.
@@ -288,49 +331,64 @@ def plot_losses(run_dir: Path) -> Path | None:
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    final = [(r["step"], r["final_val_loss"]) for r in rows if "final_val_loss" in r][-1:]
     if not train and not val:
         return None
     fig, ax = plt.subplots(figsize=(7, 4))
     if train:
         ax.plot(*zip(*train), label="train", lw=1)
     if val:
-        ax.plot(*zip(*val), label="validation", marker="o", ms=3)
+        ax.plot(*zip(*val), label="validation (estimate)", marker="o", ms=3)
+    if final:
+        (step, loss) = final[0]
+        ax.plot([step], [loss], "k*", ms=11, label=f"validation, whole split: {loss:.4f}")
     ax.set_xlabel("step")
     ax.set_ylabel("loss (nats/token)")
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
     out = run_dir / "loss.png"
-    fig.savefig(out, dpi=110)
+    with warnings.catch_warnings():  # a run name in a script the font lacks (CJK) draws boxes, not warnings
+        warnings.simplefilter("ignore", UserWarning)
+        fig.tight_layout()
+        fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
 
 
+def progress_fraction(step: int, train_s: float, tc: TrainConfig) -> float:
+    """How far the run is towards whichever of its limits (steps, time budget) comes first."""
+    by_time = train_s / tc.max_time_s if tc.max_time_s > 0 else 0.0
+    return min(1.0, max(step / tc.max_steps, by_time))
+
+
 class _Bar:
-    """A rich progress bar showing loss, tokens/s and ETA (nothing when disabled)."""
+    """A rich progress bar showing the step, loss, tokens/s and an ETA towards whichever limit
+    (steps or time budget) comes first (nothing when disabled)."""
 
-    def __init__(self, enabled: bool, total: int, start: int) -> None:
-        self.p = None
+    def __init__(self, enabled: bool, tc: TrainConfig, step: int, train_s: float) -> None:
+        self.p, self.tc = None, tc
         if enabled:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
+            limit = f"/{tc.max_steps}" + (f" or {tc.max_time_s:g} s" if tc.max_time_s > 0 else "")
             self.p = Progress(
                 TextColumn("[bold]train"),
                 BarColumn(),
-                MofNCompleteColumn(),
+                TextColumn("step {task.fields[step]}" + limit),
                 TextColumn("loss {task.fields[loss]}  {task.fields[tps]} tok/s  ETA"),
                 TimeRemainingColumn(),
             )
-            self.task = self.p.add_task("train", total=total, completed=start, loss="-", tps="-")
+            done = progress_fraction(step, train_s, tc)
+            self.task = self.p.add_task("train", total=1.0, completed=done, step=step, loss="-", tps="-")
             self.p.start()
 
-    def update(self, step: int, loss: float | None = None, tps: float | None = None) -> None:
+    def update(self, step: int, train_s: float, loss: float | None = None, tps: float | None = None) -> None:
         if self.p is not None:
-            fields = {}
+            fields: dict[str, Any] = {"step": step}
             if loss is not None:
-                fields = {"loss": f"{loss:.4f}", "tps": f"{tps:,.0f}"}
-            self.p.update(self.task, completed=step, **fields)
+                fields.update(loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
+            self.p.update(self.task, completed=progress_fraction(step, train_s, self.tc), **fields)
 
     def print(self, msg: str) -> None:
         if self.p is not None:
@@ -341,6 +399,95 @@ class _Bar:
     def stop(self) -> None:
         if self.p is not None:
             self.p.stop()
+
+
+class Clock:
+    """Training time and evaluation time kept apart, across resumes: the time budget
+    (train.max_time_s) and the learning-rate schedule count training time only."""
+
+    def __init__(self, train_s: float = 0.0, elapsed_s: float = 0.0) -> None:
+        self.t0, self.prior_train_s, self.prior_elapsed_s, self.eval_s = time.perf_counter(), train_s, elapsed_s, 0.0
+
+    @property
+    def elapsed_s(self) -> float:
+        return self.prior_elapsed_s + time.perf_counter() - self.t0
+
+    @property
+    def train_s(self) -> float:
+        return self.prior_train_s + time.perf_counter() - self.t0 - self.eval_s
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Any:
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.eval_s += time.perf_counter() - t
+
+    def budget_spent(self, tc: TrainConfig) -> bool:
+        return tc.max_time_s > 0 and self.train_s >= tc.max_time_s
+
+
+def limits(tc: TrainConfig) -> str:
+    """The limits of a run in words, for its start-up line."""
+    if tc.max_time_s > 0:
+        return f"stops at step {tc.max_steps} or after {tc.max_time_s:g} s of training, whichever comes first"
+    return f"stops at step {tc.max_steps} (no time budget)"
+
+
+def _refuse_finished(run_dir: Path, state: TrainingState, tc: TrainConfig) -> None:
+    """A resume with nothing left to do is refused before anything is written."""
+    reached = []
+    if state.step >= tc.max_steps:
+        reached.append(f"step {state.step} of train.max_steps={tc.max_steps}")
+    if tc.max_time_s > 0 and state.train_s >= tc.max_time_s:
+        reached.append(f"{state.train_s:.0f} s of train.max_time_s={tc.max_time_s:g}")
+    if tc.patience and state.best.get("evals_since", 0) >= tc.patience:
+        raise GptkitError(
+            f"{run_dir} stopped early at step {state.step}: validation loss flat for {state.best['evals_since']} evaluations "
+            f"(best at step {state.best['step']}); to go on, raise train.patience or set it to 0 (--set train.patience=0)"
+        )
+    if reached:
+        raise GptkitError(
+            f"{run_dir} has already reached its limit ({' and '.join(reached)}); continue it with "
+            f"--set train.max_steps=N (which replaces the time budget) or --set train.max_time_s=N (0: no limit)"
+        )
+
+
+def early_stopping_update(state: TrainingState, val_loss: float, patience: int) -> bool:
+    """Track the best validation loss in state.best; True when this evaluation is the new best."""
+    if not state.best or val_loss < state.best["val_loss"]:
+        state.best = {"step": state.step, "val_loss": val_loss, "evals_since": 0}
+        return True
+    state.best["evals_since"] += 1
+    return False
+
+
+def divergence_message(
+    step: int, loss: float, model: GPT, optimizers: list[torch.optim.Optimizer], tc: TrainConfig, run_dir: Path
+) -> str:
+    """Say what diverged (the loss alone, or the parameters of which optimizer) and what is on disk."""
+    lr_key = {"Muon": f"train.muon_lr={tc.muon_lr:g}"}
+    broken = []
+    for opt in optimizers:
+        params = [q for g in opt.param_groups for q in g["params"]]
+        if any(not bool(torch.isfinite(q).all()) for q in params):
+            name = type(opt).__name__
+            broken.append(f"{name} ({lr_key.get(name, f'train.lr={tc.lr:g}')})")
+    what = (
+        f"the parameters trained by {' and '.join(broken)} are no longer finite; lower that learning rate "
+        "or raise train.warmup_steps"
+        if broken
+        else "the parameters are still finite, so the forward pass overflowed; try train.dtype=float32, a lower "
+        "train.lr or model.logit_softcap"
+    )
+    from gptkit.checkpoint import checkpoint_info
+
+    try:
+        saved = f"the last checkpoint, at step {checkpoint_info(run_dir)['step']}, is kept in {run_dir}"
+    except GptkitError:
+        saved = f"no checkpoint was saved (the first is due at step {tc.checkpoint_interval}), so there is nothing to resume"
+    return f"training diverged at step {step} (loss {loss}): {what}. {saved[0].upper() + saved[1:]}."
 
 
 def train(
@@ -378,15 +525,15 @@ def _train(
 ) -> TrainResult:  # fmt: skip
     tc = cfg.train
     quiet = quiet or not ctx.main  # one rank speaks
-    if ctx.fsdp and ctx.enabled and (tc.optimizer == "muon" or cfg.lora.enabled):
-        raise GptkitError("--fsdp shards every matrix, but Muon and LoRA need whole ones here; use train.optimizer=adamw "
-                          "without --lora, or plain data parallelism (no --fsdp)")  # fmt: skip
+    if ctx.fsdp and ctx.enabled and (tc.optimizer == "muon" or cfg.lora.enabled or tc.patience):
+        raise GptkitError("--fsdp shards every matrix, but Muon, LoRA and early stopping (train.patience) need whole ones "
+                          "here; use train.optimizer=adamw without --lora and train.patience=0, or plain data parallelism "
+                          "(no --fsdp)")  # fmt: skip
     if data is None:
-        ds = setup_run(cfg, run_dir, resume, overwrite, text, progress and ctx.main, ctx)
+        ds = setup_run(cfg, run_dir, resume, overwrite, text, progress and ctx.main, ctx, quiet)
         data = ShardData(ds, cfg.model.block_size, tc.batch_size, tc.seed, ctx)
     else:
-        ctx.on_main(lambda: init_run_folder(run_dir, resume, overwrite))
-        ctx.on_main(lambda: _write_run(run_dir, data.tokenizer, cfg))
+        ctx.on_main(lambda: init_run_folder(run_dir, resume, overwrite, quiet))
         if hasattr(data, "bind"):
             data.bind(ctx)
     dtype = resolve_dtype(tc.dtype, device)
@@ -404,12 +551,19 @@ def _train(
     model = init_from if init_from is not None else GPT(cfg.model)
     model.to(device)
     state, opt_states = TrainingState(), None
+    if resume and not has_checkpoint(run_dir):
+        resume = False  # it stopped before its first save: start again from its own config
+        if not quiet:
+            print(f"gptkit: {run_dir} holds no checkpoint yet (its run stopped before the first save); starting it afresh")
     if resume:  # whole weights into the unwrapped model; optimizer state once it is built
         state, opt_states = read_training_state(run_dir, model)
+        _refuse_finished(run_dir, state, tc)
         torch.set_rng_state(state.tensors["torch"])
         data.load_state(state.tensors["sampler"])
         if device.type == "cuda" and "cuda" in state.tensors:
             torch.cuda.set_rng_state(state.tensors["cuda"])
+    # The command is accepted: only now is anything in the run folder written.
+    ctx.on_main(lambda: _write_run(run_dir, data.tokenizer, cfg))
     wrapped = distributed.wrap(model, ctx, device)
     optimizers = build_optimizers(model, tc, device)
     if opt_states is not None:
@@ -420,11 +574,13 @@ def _train(
     log = MetricsLog(run_dir, tc.tensorboard, state.step if resume else None) if ctx.main else None
     byte_lengths = data.tokenizer.token_byte_lengths()
     result = TrainResult(run_dir=run_dir, step=state.step)
+    clock = Clock(state.train_s, state.elapsed_s)
 
     def checkpoint() -> None:
         state.tensors = {"torch": torch.get_rng_state(), "sampler": data.state()}
         if device.type == "cuda":
             state.tensors["cuda"] = torch.cuda.get_rng_state()
+        state.elapsed_s, state.train_s = clock.elapsed_s, clock.train_s
         # Gathering is collective under FSDP; writing is rank 0's.
         weights = distributed.gathered_model_state(model, ctx)
         opt_states = distributed.full_optimizer_states(model, optimizers, ctx)
@@ -439,23 +595,23 @@ def _train(
         return total, int(count), int(n_bytes)
 
     if not quiet:
+        start = f"resuming at step {state.step} ({state.train_s:.0f} s trained); " if resume else ""
         print(
             f"gptkit: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} MFLOPs/token "
             f"(training), {device.type} {str(dtype).replace('torch.', '')}, {data.description}, "
-            f"run folder {run_dir}",
+            f"run folder {run_dir}; {start}{limits(tc)}",
             flush=True,
         )
-    bar = _Bar(progress and not quiet, tc.max_steps, state.step)
-    t_start = time.perf_counter() - state.elapsed_s
+    bar = _Bar(progress and not quiet, tc, state.step, clock.train_s)
     t_log, tokens_at_log = time.perf_counter(), 0
     loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
     loss_count = 0
-    eval_s, last_eval = 0.0, 0.0  # seconds spent evaluating; training time of the last evaluation
+    last_eval = clock.train_s  # training time at the last evaluation
     model.train()
     try:
         with _StopFlag() as stop:
             while state.step < tc.max_steps:
-                time_frac = (time.perf_counter() - t_start - eval_s) / tc.max_time_s if tc.max_time_s else 0.0
+                time_frac = clock.train_s / tc.max_time_s if tc.max_time_s else 0.0
                 factor = lr_factor(state.step, tc, time_frac)
                 for opt in optimizers:
                     for group in opt.param_groups:
@@ -488,39 +644,38 @@ def _train(
                     loss_sum.zero_()
                     loss_count = 0
                     if not math.isfinite(loss_val):
-                        raise GptkitError(
-                            f"training diverged at step {state.step} (loss {loss_val}); lower train.lr or raise "
-                            "train.warmup_steps. The last checkpoint is kept."
-                        )
+                        raise GptkitError(divergence_message(state.step, loss_val, model, optimizers, tc, run_dir))
                     now = time.perf_counter()
                     tps = tokens_at_log / max(now - t_log, 1e-9)
                     t_log, tokens_at_log = now, 0
                     if log is not None:
-                        log.log(state.step, loss=loss_val, lr=tc.lr * factor, tokens_per_s=tps, elapsed_s=now - t_start)
+                        log.log(state.step, loss=loss_val, lr=tc.lr * factor, tokens_per_s=tps, elapsed_s=clock.elapsed_s)
                     result.losses.append((state.step, loss_val))
-                    bar.update(state.step, loss_val, tps)
+                    bar.update(state.step, clock.train_s, loss_val, tps)
                 else:
-                    bar.update(state.step)
+                    bar.update(state.step, clock.train_s)
 
-                train_s = time.perf_counter() - t_start - eval_s
+                train_s = clock.train_s
                 due = state.step % tc.eval_interval == 0 or (tc.eval_every_s > 0 and train_s - last_eval >= tc.eval_every_s)
                 if due and state.step < tc.max_steps:
-                    t_eval, last_eval = time.perf_counter(), train_s
-                    # eval_batches random batches (a fresh generator: training's RNG is untouched), or all.
-                    gen = torch.Generator().manual_seed(tc.seed + state.step) if tc.eval_batches else None
-                    total, count, _ = evaluate(tc.eval_batches or None, gen)
-                    val_loss = total / count
-                    if log is not None:
-                        log.log(state.step, val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)), train_s=train_s)
-                    if not quiet:
-                        bar.print(f"step {state.step}: val loss {val_loss:.4f} ({train_s:.0f}s)")
-                    if on_eval is not None:
-                        on_eval(state.step, val_loss)
-                    eval_s += time.perf_counter() - t_eval
+                    last_eval = train_s
+                    with clock.evaluating():
+                        # eval_batches random batches (a fresh generator: training's RNG is untouched), or all.
+                        gen = torch.Generator().manual_seed(tc.seed + state.step) if tc.eval_batches else None
+                        total, count, _ = evaluate(tc.eval_batches or None, gen)
+                        val_loss = total / count
+                        if log is not None:
+                            log.log(state.step, val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)), train_s=train_s)
+                        if not quiet:
+                            bar.print(f"step {state.step}: val loss {val_loss:.4f} ({train_s:.0f}s)")
+                        if on_eval is not None:
+                            on_eval(state.step, val_loss)
+                        if tc.patience and early_stopping_update(state, val_loss, tc.patience):
+                            ctx.on_main(lambda v=val_loss: save_best(run_dir, model, state.step, v))
                     t_log, tokens_at_log = time.perf_counter(), 0  # evaluation time is not training time
 
-                state.elapsed_s = time.perf_counter() - t_start
-                out_of_time = tc.max_time_s > 0 and state.elapsed_s - eval_s >= tc.max_time_s
+                # Out of time, or out of patience: either way the run ends here, saved.
+                out_of_time = clock.budget_spent(tc) or (bool(tc.patience) and state.best.get("evals_since", 0) >= tc.patience)
                 if stop_at is not None and state.step >= stop_at and state.step < tc.max_steps:
                     stop.signal = "stop_at"
                 if ctx.enabled:  # every rank stops (and checkpoints) at the same step
@@ -534,7 +689,7 @@ def _train(
                     if not quiet:
                         print(
                             f"gptkit: {stop.signal} received; checkpoint saved at step {state.step}. "
-                            f"Continue with: gptkit train --resume {run_dir}",
+                            f"Continue with: gptkit train --resume {quote(run_dir)}",
                             flush=True,
                         )
                     break
@@ -548,18 +703,33 @@ def _train(
             log.close()
 
     result.step = state.step
-    result.elapsed_s = state.elapsed_s
-    result.train_s = state.elapsed_s - eval_s
+    result.elapsed_s, result.train_s = clock.elapsed_s, clock.train_s
     if not result.interrupted:
-        total, count, n_bytes = evaluate()
+        with clock.evaluating():
+            total, count, n_bytes = evaluate()
+            if tc.patience and state.best and (run_dir / BEST_FILE).is_file():
+                if total / count >= state.best["val_loss"]:  # the last weights are not the best: keep those that were
+                    load_best(run_dir, model)
+                    checkpoint()
+                    total, count, n_bytes = evaluate()
+                ctx.on_main(lambda: (run_dir / BEST_FILE).unlink())
+                result.best_step = state.best["step"] if state.best["val_loss"] <= total / count else state.step
         result.val = summarize(total, count, n_bytes)
+        if tc.patience and not quiet:
+            why = (
+                f"validation loss flat for {state.best['evals_since']} evaluations"
+                if state.best.get("evals_since", 0) >= tc.patience
+                else "limit reached"
+            )
+            print(f"gptkit: stopped at step {state.step}: {why}; the run keeps the weights of step {result.best_step}")
         if ctx.main:
             _append_final(run_dir, state.step, result.val)
             plot_losses(run_dir)
         if not quiet:
             print(
-                f"gptkit: done at step {state.step} in {state.elapsed_s:.0f}s: validation loss {result.val['loss']:.4f} "
-                f"(whole split, {result.val['tokens']:,} tokens), bits/byte {result.val['bits_per_byte']:.3f}",
+                f"gptkit: done at step {state.step} after {result.train_s:.0f} s of training: validation loss "
+                f"{result.val['loss']:.4f} (whole split, {result.val['tokens']:,} tokens), bits/byte "
+                f"{result.val['bits_per_byte']:.3f}",
                 flush=True,
             )
     return result

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = ROOT.parent / "shared" / "data"
-SHAKESPEARE = SHARED / "tinyshakespeare.txt"
+# Everything the tests read is in the repository: a user's clone passes with nothing beside it.
+DATA = ROOT / "tests" / "data"
+SHAKESPEARE = ROOT / "gptkit" / "data" / "tinyshakespeare.txt"
 
 # Small and deterministic on a 2-core machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -66,6 +66,28 @@ def test_train_text_with_config_file_and_resume(tmp_path: Path, small_text: Path
 def test_python_m_and_help() -> None:
     p = gptkit("--help")
     assert p.returncode == 0 and "prepare" in p.stdout and "generate" in p.stdout
+    from gptkit import __version__
+
+    p = gptkit("--version")
+    assert p.returncode == 0 and p.stdout.strip() == f"gptkit {__version__}"
+    p = gptkit("generate", "--help")
+    assert "sampling temperature (0 = greedy) (default: 0.8)" in " ".join(p.stdout.split())
+    assert "(default: 0)" in p.stdout  # --top-k: a falsy default is still shown
+
+
+def test_every_option_has_a_description() -> None:
+    import argparse
+
+    from gptkit.cli import build_parser
+
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    missing = [
+        f"{name} {' '.join(act.option_strings)}"
+        for name, parser in sub.choices.items()
+        for act in parser._actions
+        if act.option_strings and act.dest != "help" and not act.help
+    ]
+    assert missing == []
 
 
 @pytest.mark.parametrize(
@@ -81,6 +103,12 @@ def test_python_m_and_help() -> None:
         (["generate", "/nonexistent_run", "--prompt", "x"], "no such run folder"),
         (["eval", "/nonexistent_run"], "no such run folder"),
         (["prepare", "/nonexistent.txt", "--out", "x"], "no such file"),
+        (["train", "--set", "model.mlp_ratio=0.001"], "model.mlp_ratio (0.001) gives an MLP of 0 units"),
+        (["train", "--set", "train.device=meta"], "train.device must be auto, cpu, cuda, cuda:N or mps"),
+        (["train", "--set", "train.muon_lr=-1"], "train.muon_lr must be positive"),
+        (["train", "--set", "model.rope_base=0"], "model.rope_base must be > 1"),
+        (["train", "--set", "model.logit_softcap=inf"], "model.logit_softcap must be a finite number"),
+        (["train", "--set", "train.max_steps=many"], "must be an integer"),
     ],
 )
 def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
@@ -100,7 +128,7 @@ def test_bad_corpora_on_the_command_line(tmp_path: Path) -> None:
     for f, message in (
         (empty, "corpus is empty"),
         (bad, "invalid UTF-8 at byte offset 10"),
-        (short, "fewer than one context window"),
+        (short, "shorter than one context window"),
     ):
         p = gptkit("train", "--text", str(f), "--out", str(tmp_path / f.stem), *sets())
         assert p.returncode == 2 and message in p.stderr, p.stderr
@@ -172,3 +200,179 @@ def test_init_from_fine_tunes_a_run(tmp_path: Path, trained_run: Path, small_tex
     assert first < base_final["final_val_loss"] + 0.3  # starts where the base run ended, not from scratch (~4.2)
     saved = (out / "config.yaml").read_text()
     assert "block_size: 16" in saved and "n_embd: 32" in saved and "run:" in saved
+
+
+# --- the faults of the issue "the newcomer's path and the CLI under faults" ---
+
+
+def folder_digest(folder: Path) -> dict[str, str]:
+    import hashlib
+
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()
+    }
+
+
+def test_refused_resume_leaves_every_file_as_it_was(tmp_path: Path, small_text: Path) -> None:
+    run = tmp_path / "run"
+    assert (
+        gptkit("train", "--text", str(small_text), "--out", str(run), "--no-progress", *sets(**{"train.max_steps": 3})).returncode
+        == 0
+    )
+    before = folder_digest(run)
+    p = gptkit("train", "--resume", str(run), "--set", "model.n_layer=5", "--no-progress")
+    assert p.returncode == 2 and "cannot change model.n_layer (2 -> 5)" in p.stderr, p.stderr
+    assert folder_digest(run) == before
+    # Refused later, when the checkpoint is read: the new config must not have been written either.
+    weights = run / "checkpoint" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    before = folder_digest(run)
+    p = gptkit("train", "--resume", str(run), "--set", "train.lr=0.5", "--set", "train.max_steps=9", "--no-progress")
+    assert p.returncode == 2 and "truncated" in p.stderr
+    assert folder_digest(run) == before
+    for cmd in (["eval", str(run)], ["generate", str(run)]):  # the run still says what it is
+        assert "truncated" in gptkit(*cmd).stderr
+
+
+def test_bad_sampling_and_eval_numbers_are_one_line(trained_run: Path, tmp_path: Path) -> None:
+    bad = [
+        (["generate", str(trained_run), "--temperature", "nan"], "temperature must be a finite number"),
+        (["generate", str(trained_run), "--repetition-penalty", "nan"], "repetition_penalty must be a finite number"),
+        (["generate", str(trained_run), "--repetition-penalty", "1e-300"], "repetition_penalty must be >= 0.01"),
+        (["generate", str(trained_run), "--top-p", "0"], "top_p must be > 0"),
+        (["eval", str(trained_run), "--max-batches", "0"], "max_batches must be >= 1"),
+        (["eval", str(trained_run), "--batch-size", "-3"], "batch_size must be >= 1"),
+        (["eval", str(trained_run), "--batch-size", "0"], "batch_size must be >= 1"),  # used the config's before
+    ]
+    for args, message in bad:
+        p = gptkit(*args)
+        assert p.returncode == 2 and message in p.stderr, (args, p.stderr)
+        assert len(p.stderr.strip().splitlines()) == 1
+    # A temperature too small for float32 is greedy in effect, not a crash.
+    tiny = gptkit("generate", str(trained_run), "--prompt", "ROMEO", "--temperature", "1e-40", "--max-new-tokens", "20")
+    greedy = gptkit("generate", str(trained_run), "--prompt", "ROMEO", "--temperature", "0", "--max-new-tokens", "20")
+    assert tiny.returncode == 0, tiny.stderr
+    assert tiny.stdout == greedy.stdout
+
+
+def test_eval_text_with_bad_utf8_offers_an_option_it_has(trained_run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.txt"
+    bad.write_bytes(b"First Citizen:\nBefore we proceed \xff any further, hear me speak.\n" * 20)
+    p = gptkit("eval", str(trained_run), "--text", str(bad))
+    assert p.returncode == 2 and "--errors replace" in p.stderr
+    # The option exists and works: the bytes become U+FFFD, which this character-level run then
+    # names as outside its vocabulary (a BPE run would score it).
+    p = gptkit("eval", str(trained_run), "--text", str(bad), "--errors", "replace")
+    assert p.returncode == 2 and "U+FFFD" in p.stderr and "not in this character tokenizer" in p.stderr, p.stderr
+
+
+def test_printed_commands_are_shell_quoted_and_cjk_names_plot_quietly(tmp_path: Path, small_text: Path) -> None:
+    import shlex
+
+    run = tmp_path / "my run 数据"
+    args = ["train", "--text", str(small_text), "--out", str(run), "--no-progress"]
+    p = gptkit(*args, *sets(**{"train.sample_tokens": 10}))
+    assert p.returncode == 0, p.stderr
+    assert "Glyph" not in p.stderr and "Warning" not in p.stderr, p.stderr
+    assert f"gptkit generate {shlex.quote(str(run))} --prompt" in p.stdout
+    assert "the whole command took" in p.stdout
+    p = gptkit(*args, *sets())
+    assert p.returncode == 2 and f"--resume {shlex.quote(str(run))} to continue" in p.stderr
+
+
+def test_a_run_killed_before_its_first_checkpoint_is_not_stuck(tmp_path: Path, small_text: Path) -> None:
+    import signal
+    import time
+
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "gptkit", "train", "--text", str(small_text), "--out", str(run), "--no-progress",
+           *sets(**{"train.max_steps": 10**6, "train.checkpoint_interval": 10**6})]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "metrics.jsonl").exists():
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (run / "config.yaml").is_file() and not (run / "checkpoint").exists()
+    p = gptkit("train", "--resume", str(run), "--no-progress", "--set", "train.max_steps=3")
+    assert p.returncode == 0 and "starting it afresh" in p.stdout, p.stderr
+    (run / "checkpoint" / "state.json").unlink()
+    p = gptkit("train", "--text", str(small_text), "--out", str(run), "--no-progress", *sets(**{"train.max_steps": 2}))
+    assert p.returncode == 0 and "starting it afresh" in p.stdout, p.stderr
+
+
+def test_resume_says_its_limits_and_extends_a_spent_budget(tmp_path: Path, small_text: Path) -> None:
+    run = tmp_path / "run"
+    p = gptkit("train", "--text", str(small_text), "--out", str(run), "--no-progress",
+               *sets(**{"train.max_steps": 10**6, "train.max_time_s": 1}))  # fmt: skip
+    assert p.returncode == 0 and "stops at step 1000000 or after 1 s of training" in p.stdout
+    step = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
+    p = gptkit("train", "--resume", str(run), "--no-progress")
+    assert p.returncode == 2 and "already reached its limit" in p.stderr
+    p = gptkit("train", "--resume", str(run), "--no-progress", "--set", f"train.max_steps={step + 5}")
+    assert p.returncode == 0, p.stderr
+    assert "replaces the run's time budget" in p.stdout and f"resuming at step {step}" in p.stdout
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == step + 5
+
+
+def _mount_tmpfs(where: Path, size: str) -> bool:
+    where.mkdir(parents=True, exist_ok=True)
+    return (
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True).returncode == 0
+    )
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):  # noqa: ANN201
+    """A 3 MB file system of our own (needs root, as CI and these machines have)."""
+    disk = tmp_path / "disk"
+    if not _mount_tmpfs(disk, "3m"):
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    yield disk
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_full_disk_at_a_checkpoint_is_one_line_and_keeps_the_previous(small_disk: Path, small_data: Path) -> None:
+    run = small_disk / "run"
+    p = gptkit("train", "--data", str(small_data), "--out", str(run), "--no-progress", *sets(**{"train.max_steps": 3}))
+    assert p.returncode == 0, p.stderr
+    filler = small_disk / "filler"
+    with open(filler, "wb", buffering=0) as f:  # fill what is left but a few kilobytes
+        try:
+            while True:
+                f.write(b"\0" * 4096)
+                f.flush()
+        except OSError:
+            pass
+    filler.write_bytes(filler.read_bytes()[: -16 * 4096])
+    p = gptkit("train", "--resume", str(run), "--no-progress", "--set", "train.max_steps=6")
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+    assert "no space left" in p.stderr and str(run) in p.stderr
+    assert not (run / "checkpoint.tmp").exists()
+    assert json.loads((run / "checkpoint" / "state.json").read_text())["step"] == 3
+    filler.unlink()
+    assert gptkit("eval", str(run)).returncode == 0  # the previous checkpoint is whole
+
+
+def test_read_only_folders_are_one_line(tmp_path: Path, small_text: Path, small_data: Path) -> None:
+    disk = tmp_path / "ro"
+    if not _mount_tmpfs(disk, "8m"):
+        pytest.skip("cannot mount a tmpfs here (not root)")
+    try:
+        run = disk / "run"
+        p = gptkit("train", "--data", str(small_data), "--out", str(run), "--no-progress", *sets(**{"train.max_steps": 2}))
+        assert p.returncode == 0, p.stderr
+        assert subprocess.run(["mount", "-o", "remount,ro", str(disk)], capture_output=True).returncode == 0
+        cases = [
+            (["train", "--resume", str(run), "--no-progress", "--set", "train.max_steps=4"], str(run)),
+            (["train", "--text", str(small_text), "--out", str(disk / "new"), "--no-progress", *sets()], str(disk / "new")),
+            (["prepare", str(small_text), "--out", str(disk / "data"), "--no-progress"], str(disk / "data")),
+        ]
+        for args, path in cases:
+            p = gptkit(*args)
+            assert p.returncode == 2, (args, p.stderr)
+            assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+            assert "read-only" in p.stderr and path in p.stderr, p.stderr
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)

@@ -16,11 +16,11 @@ from gptkit.errors import GptkitError
 from gptkit.generate import SamplingParams, generate_ids
 from gptkit.tokenizer import HFTokenizer
 
-from .conftest import SHAKESPEARE, SHARED
+from .conftest import DATA, SHAKESPEARE
 
 transformers = pytest.importorskip("transformers")
-GPT2_FILES = SHARED / "gpt2"
-GPT2_HF = SHARED / "gpt2-hf"
+GPT2_FILES = DATA / "gpt2"
+GPT2_HF = DATA / "gpt2-hf"
 OURS_GPT2 = HFTokenizer.gpt2(GPT2_FILES)
 THEIRS_GPT2 = transformers.GPT2TokenizerFast(vocab=str(GPT2_FILES / "encoder.json"), merges=str(GPT2_FILES / "vocab.bpe"))
 

@@ -1,13 +1,24 @@
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gptkit.checkpoint import load_model
 from gptkit.errors import GptkitError
-from gptkit.generate import SamplingParams, TextStream, generate, generate_ids, process_logits
+from gptkit.generate import (
+    SamplingParams,
+    TextStream,
+    generate,
+    generate_ids,
+    process_logits,
+    sample_next,
+    seeded_generator,
+)
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +95,7 @@ def test_top_k_and_top_p_restrict_the_support() -> None:
 def test_repetition_penalty_lowers_seen_tokens() -> None:
     logits = torch.tensor([[2.0, -1.0, 0.5]])
     out = process_logits(logits, torch.tensor([[0, 1]]), SamplingParams(temperature=1.0, repetition_penalty=2.0))
-    assert out.tolist() == [[1.0, -2.0, 0.5]]
+    assert (out - out.max()).tolist() == [[0.0, -3.0, -0.5]]  # [1, -2, 0.5], less its maximum (softmax is the same)
 
 
 def test_bad_sampling_params(model_tok) -> None:  # noqa: ANN001
@@ -117,3 +128,42 @@ def test_batched_left_padded_sampling_equals_solo(model_tok) -> None:  # noqa: A
     for b, p in enumerate(prompts):
         solo = [int(t[0]) for t in generate_ids(model, torch.tensor([p]), params, torch.Generator().manual_seed(b + 1))]
         assert batched[b].tolist() == solo
+
+
+# --- sampling settings at the edges of their ranges ---
+
+finite_or_not = st.one_of(
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, 1e-45, 1e-300, 1e-100, 1.0, 2.0, 100.0, 101.0])
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    temperature=finite_or_not,
+    top_p=finite_or_not,
+    penalty=finite_or_not,
+    top_k=st.integers(-2, 60),
+    seed=st.one_of(st.none(), st.integers(-(2**80), 2**80)),
+    scale=st.sampled_from([1e-3, 1.0, 30.0, 1e4]),
+)
+def test_any_accepted_setting_samples_a_token(
+    temperature: float, top_p: float, penalty: float, top_k: int, seed: int | None, scale: float
+) -> None:
+    """Whatever the settings, validate() refuses them with a GptkitError or sampling gives a real
+    token: never nan probabilities, never an exception from torch."""
+    params = SamplingParams(temperature=temperature, top_p=top_p, repetition_penalty=penalty, top_k=top_k, seed=seed)
+    try:
+        params.validate()
+    except GptkitError:
+        assert not (
+            math.isfinite(temperature) and 0 <= temperature <= 100 and math.isfinite(top_p) and 0 < top_p <= 1
+            and math.isfinite(penalty) and 0.01 <= penalty <= 100 and top_k >= 0
+        )  # fmt: skip
+        return
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(0)) * scale
+    context = torch.randint(50, (4, 6), generator=torch.Generator().manual_seed(1))
+    tokens = sample_next(logits, context, params, seeded_generator(seed))
+    assert tokens.shape == (4,) and bool(((tokens >= 0) & (tokens < 50)).all())
+    if temperature < 1e-30 or top_p < 1e-30:  # effectively greedy: the best (penalised) logit
+        best = process_logits(logits, context, SamplingParams(temperature=0, repetition_penalty=penalty)).argmax(-1)
+        assert torch.equal(tokens, best)

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from gptkit.errors import GptkitError
 from gptkit.template import SPECIAL_TEMPLATE, ChatTemplate, Message, check_messages
 from gptkit.tokenizer import EOT, CharTokenizer, HFTokenizer, load_tokenizer
-from tests.conftest import SHARED
+from tests.conftest import DATA
 
 
 def char_tok() -> CharTokenizer:
@@ -54,7 +54,7 @@ def test_new_tokens_never_move_old_ids() -> None:
 
 
 def test_gpt2_template_and_saved_round_trip(tmp_path: Path) -> None:
-    base = HFTokenizer.gpt2(SHARED / "gpt2")
+    base = HFTokenizer.gpt2(DATA / "gpt2")
     tok = ChatTemplate.add_to(base)
     assert tok.vocab_size == 50257 + 4
     assert tok.encode("Hello world") == [15496, 995] and tok.eot_id == 50256
@@ -66,7 +66,7 @@ def test_gpt2_template_and_saved_round_trip(tmp_path: Path) -> None:
     assert ChatTemplate(again).encode(msgs) == ChatTemplate(tok).encode(msgs)
 
 
-@pytest.mark.parametrize("make", [char_tok, lambda: HFTokenizer.gpt2(SHARED / "gpt2")])
+@pytest.mark.parametrize("make", [char_tok, lambda: HFTokenizer.gpt2(DATA / "gpt2")])
 def test_message_text_cannot_forge_a_role(make) -> None:  # noqa: ANN001
     tok = ChatTemplate.add_to(make(), "<|>")
     t = ChatTemplate(tok)

@@ -129,8 +129,11 @@ def test_corpus_shorter_than_context(tmp_path: Path) -> None:
     tiny = tmp_path / "t.txt"
     tiny.write_text("to be or not to be\n")
     cfg = load_config(None, tiny_overrides())
-    with pytest.raises(GptkitError, match="fewer than one context window"):
+    with pytest.raises(GptkitError, match="shorter than one context window"):
         train(cfg, tmp_path / "r", text=str(tiny), progress=False, quiet=True)
+    tiny.write_text("abc")  # said "the validation split is empty" before
+    with pytest.raises(GptkitError, match=r"corpus is 3 tokens, shorter than one context window \(model.block_size=32\)"):
+        train(cfg, tmp_path / "r3", text=str(tiny), progress=False, quiet=True, overwrite=True)
 
 
 def test_lr_schedule() -> None:
@@ -145,6 +148,134 @@ def test_lr_schedule() -> None:
     cfg.warmdown_frac = 0.2
     assert lr_factor(50, cfg) == 1.0 and lr_factor(100, cfg) == pytest.approx(0.1)
     assert lr_factor(20, cfg, time_frac=1.0) == pytest.approx(0.1)  # a spent time budget ends the decay
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "wsd"])
+def test_time_budget_spent_during_warmup_still_ends_annealed(schedule: str) -> None:
+    """The main job on a slow machine: the budget ran out at step 47 of a 50-step warm-up, at
+    94% of the peak rate. Warm-up now takes at most a share of the budget, and the rate is the
+    lower of the warm-up ramp and the decay, so the end of the budget is the end of the decay."""
+    cfg = load_config(None, ["train.max_steps=5000", "train.warmup_steps=50", "train.min_lr_ratio=0.1",
+                             f"train.schedule={schedule}"]).train  # fmt: skip
+    assert lr_factor(47, cfg, time_frac=1.0) == pytest.approx(0.1)
+    assert lr_factor(47, cfg, time_frac=0.999) < 0.11
+    assert lr_factor(3, cfg, time_frac=0.1) == pytest.approx(1.0) or schedule == "cosine"  # warm-up over by time
+    assert lr_factor(3, cfg, time_frac=0.05) == pytest.approx(0.5)  # half-way through its time share
+    factors = [lr_factor(min(s, 49), cfg, time_frac=s / 100) for s in range(101)]
+    assert max(factors) > 0.9 and factors[-1] == pytest.approx(0.1)
+
+
+def test_time_boxed_run_warms_up_and_ends_annealed(tmp_path: Path, small_data: Path) -> None:
+    """A budget of a few seconds that ends long before the step-counted warm-up would."""
+    cfg = cfg_for(small_data, **{"train.max_steps": 10**6, "train.warmup_steps": 10**5, "train.max_time_s": 3,
+                                 "train.eval_interval": 10**6, "train.lr": 1e-3, "train.min_lr_ratio": 0.1})  # fmt: skip
+    result = train(cfg, tmp_path / "r", progress=False, quiet=True)
+    lrs = [r["lr"] for r in metrics(tmp_path / "r") if "lr" in r]
+    assert result.step < 10**5 and len(lrs) > 20
+    assert max(lrs) > 0.8e-3  # warm-up finished by time, not by its 100,000 steps
+    assert lrs[-1] <= 0.12e-3  # and the last step ran at the floor of the decay
+
+
+def test_progress_follows_the_limit_that_comes_first() -> None:
+    from gptkit.train import progress_fraction
+
+    tc = load_config(None, ["train.max_steps=5000", "train.max_time_s=260"]).train
+    assert progress_fraction(47, 259.0, tc) == pytest.approx(259 / 260)  # the bar once showed 47/5000, ETA hours
+    assert progress_fraction(2500, 10.0, tc) == pytest.approx(0.5)
+    tc.max_time_s = 0
+    assert progress_fraction(47, 10**6, tc) == pytest.approx(47 / 5000)
+
+
+def test_evaluation_time_does_not_count_against_the_budget_across_resumes(tmp_path: Path, small_data: Path) -> None:
+    """state.json keeps training time apart from evaluation time, and a resumed run's budget
+    counts training only (it used to restart from elapsed time, evaluations included)."""
+    cfg = cfg_for(small_data, **{"train.max_steps": 40, "train.eval_interval": 1, "train.eval_batches": 0})
+    train(cfg, tmp_path / "r", progress=False, quiet=True, stop_at=20)
+    info = json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())
+    assert 0 < info["train_s"] < info["elapsed_s"] / 2  # whole-split evaluations every step dominate
+    cfg = load_run_config(tmp_path / "r")
+    cfg.train.max_time_s = (info["train_s"] + info["elapsed_s"]) / 2  # spent if evaluations counted, not if not
+    result = train(cfg, tmp_path / "r", resume=True, progress=False, quiet=True)
+    assert result.step > 20
+
+
+def test_resume_with_more_steps_goes_past_a_spent_time_budget(tmp_path: Path, small_data: Path) -> None:
+    from gptkit.train import resume_config
+
+    run = tmp_path / "r"
+    first = train(cfg_for(small_data, **{"train.max_steps": 10**6, "train.max_time_s": 1}), run, progress=False, quiet=True)
+    with pytest.raises(GptkitError, match=r"already reached its limit.*train.max_time_s=1.*--set train.max_steps=N"):
+        train(resume_config(run), run, resume=True, progress=False, quiet=True)
+    cfg = resume_config(run, [f"train.max_steps={first.step + 30}"])
+    assert cfg.train.max_time_s == 0  # the steps asked for replace the spent budget
+    assert train(cfg, run, resume=True, progress=False, quiet=True).step == first.step + 30
+    cfg = resume_config(run, [f"train.max_steps={first.step + 60}", "train.max_time_s=10000"])  # both: both apply
+    assert cfg.train.max_time_s == 10000
+    assert train(cfg, run, resume=True, progress=False, quiet=True).step == first.step + 60
+
+
+def test_resume_refuses_a_new_model_shape_before_writing(tmp_path: Path, small_data: Path) -> None:
+    from gptkit.train import resume_config
+
+    run = tmp_path / "r"
+    train(cfg_for(small_data, **{"train.max_steps": 4}), run, progress=False, quiet=True)
+    with pytest.raises(GptkitError, match=r"cannot change model.n_layer \(2 -> 5\).*--init-from"):
+        resume_config(run, ["model.n_layer=5"])
+    assert resume_config(run, ["model.dropout=0.1"]).model.dropout == 0.1  # dropout is not the shape
+
+
+def test_resume_without_a_checkpoint_starts_afresh(tmp_path: Path, small_data: Path, capsys: pytest.CaptureFixture) -> None:
+    """A run killed before its first save: the same command, or --resume, starts it again."""
+    import shutil
+
+    run = tmp_path / "r"
+    train(cfg_for(small_data, **{"train.max_steps": 4}), run, progress=False, quiet=True)
+    shutil.rmtree(run / "checkpoint")  # what a kill before the first checkpoint leaves: config.yaml, no checkpoint
+    assert train(load_run_config(run), run, resume=True, progress=False).step == 4
+    assert "holds no checkpoint yet" in capsys.readouterr().out
+    shutil.rmtree(run / "checkpoint")
+    assert train(cfg_for(small_data, **{"train.max_steps": 3}), run, progress=False).step == 3
+    assert "starting it afresh" in capsys.readouterr().out
+
+
+def test_divergence_names_the_optimizer_and_what_is_on_disk(tmp_path: Path, small_data: Path) -> None:
+    cfg = cfg_for(small_data, **{"train.lr": 1e6, "train.max_steps": 200, "train.warmup_steps": 0, "train.grad_clip": 0,
+                                 "train.checkpoint_interval": 1})  # fmt: skip
+    with pytest.raises(GptkitError) as e:
+        train(cfg, tmp_path / "r", progress=False, quiet=True)
+    msg = str(e.value).lower()
+    assert "training diverged at step" in msg and "train.lr=1e+06" in msg, msg
+    saved = (tmp_path / "r" / "checkpoint" / "state.json").is_file()
+    if saved:
+        step = json.loads((tmp_path / "r" / "checkpoint" / "state.json").read_text())["step"]
+        assert f"last checkpoint, at step {step}, is kept" in msg
+    else:
+        assert "no checkpoint was saved" in msg
+    cfg = cfg_for(small_data, **{"train.optimizer": "muon", "train.muon_lr": 1e9, "train.lr": 1e-3, "train.max_steps": 200,
+                                 "train.warmup_steps": 0, "train.grad_clip": 0, "train.checkpoint_interval": 1000})  # fmt: skip
+    with pytest.raises(GptkitError, match="diverged") as e:
+        train(cfg, tmp_path / "m", progress=False, quiet=True)
+    assert "no checkpoint was saved" in str(e.value).lower()
+    assert "Muon (train.muon_lr=1e+09)" in str(e.value) or "forward pass overflowed" in str(e.value), str(e.value)
+
+
+def test_early_stopping_keeps_the_best_weights(tmp_path: Path, small_data: Path) -> None:
+    """A rate that first helps and then wrecks the model: the run stops after `patience` worse
+    evaluations and keeps the weights of the best one, which the final whole-split loss shows."""
+    cfg = cfg_for(small_data, **{"train.max_steps": 400, "train.eval_interval": 5, "train.eval_batches": 0,
+                                 "train.patience": 3, "train.lr": 0.3, "train.schedule": "constant", "train.warmup_steps": 0,
+                                 "train.grad_clip": 0})  # fmt: skip
+    result = train(cfg, tmp_path / "r", progress=False, quiet=True)
+    rows = metrics(tmp_path / "r")
+    val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
+    best_step, best = min(val, key=lambda v: v[1])
+    assert result.step < 400 and result.step == val[-1][0]  # stopped at an evaluation, early
+    assert [s for s, v in val if s > best_step] == [best_step + 5 * k for k in (1, 2, 3)]
+    assert result.best_step == best_step
+    assert result.val["loss"] == pytest.approx(best, rel=1e-4)  # the final evaluation is of the best weights
+    assert not (tmp_path / "r" / "best.safetensors").exists()
+    with pytest.raises(GptkitError, match="stopped early.*train.patience"):
+        train(load_run_config(tmp_path / "r"), tmp_path / "r", resume=True, progress=False, quiet=True)
 
 
 def test_sigint_saves_and_exits_cleanly(tmp_path: Path, small_data: Path) -> None:
