@@ -121,6 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=16, help="samples decoded together in one batch")
     p.add_argument("--queue-limit", type=int, default=64, help="samples queued or running before requests get 429")
     p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body accepted (413 beyond)")
+    p.add_argument(
+        "--max-request-work",
+        type=int,
+        default=4096,
+        help="most samples x max_tokens one request may ask for (400 beyond): its fair share of the queue",
+    )
+    p.add_argument(
+        "--allowed-hosts",
+        nargs="+",
+        metavar="NAME",
+        help="Host header names to accept besides loopback ones ('*': any); default: loopback names only, "
+        "or any when --host is a public address",
+    )
+    p.add_argument("--max-connections", type=int, default=256, help="open connections at once (503 beyond)")
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=10.0,
+        help="seconds a connection has to send a request's headers before it is closed",
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype for decoding")
 
@@ -309,9 +329,11 @@ def cmd_serve(a: argparse.Namespace) -> None:
         from gptkit.serve import ServeConfig, serve
     except ImportError as e:
         raise GptkitError(f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'gptkit[serve]'") from None
-    for name in ("max_tokens_cap", "max_batch", "queue_limit", "max_request_bytes"):
+    for name in ("max_tokens_cap", "max_batch", "queue_limit", "max_request_bytes", "max_request_work", "max_connections"):
         if getattr(a, name) < 1:
             raise GptkitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    if not 0 < a.header_timeout <= 3600:
+        raise GptkitError(f"--header-timeout must be in (0, 3600] seconds, got {a.header_timeout}")
     if not 0 <= a.port < 65536:
         raise GptkitError(f"--port must be in 0..65535, got {a.port}")
     from gptkit.checkpoint import load_run_config
@@ -321,7 +343,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         model_name=a.model_name or Path(a.run).resolve().name,
         api_key=a.api_key or os.environ.get("GPTKIT_API_KEY") or None,
         max_tokens_cap=a.max_tokens_cap, max_request_bytes=a.max_request_bytes, max_batch=a.max_batch,
-        queue_limit=a.queue_limit,
+        queue_limit=a.queue_limit, max_request_work=a.max_request_work, allowed_hosts=a.allowed_hosts,
+        max_connections=a.max_connections, timeout_headers=a.header_timeout,
     )  # fmt: skip
     serve(a.run, a.host, a.port, sc, a.device, a.dtype)
 

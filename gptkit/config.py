@@ -63,6 +63,7 @@ class TrainConfig:
     eval_batches: int = 20  # batches per periodic evaluation (0: the whole split); the final one covers it all
     eval_every_s: float = 0.0  # also evaluate every this many seconds of training (0: off)
     patience: int = 0  # stop after this many evaluations without a lower validation loss, keeping the best weights (0: off)
+    min_delta: float = 0.01  # early stopping: a new best must be lower by this share of the best (counted as >= 0.1 nats)
     log_interval: int = 10
     checkpoint_interval: int = 1000
     seed: int = 1337
@@ -281,6 +282,7 @@ def validate(cfg: Config) -> None:
     if m.pos_embedding == "rope":
         _check((m.n_embd // m.n_head) % 2 == 0, "RoPE needs an even head size (n_embd / n_head)")
     _check(t.eval_batches >= 0, f"train.eval_batches must be >= 0 (0 = the whole split), got {t.eval_batches}")
+    _check(0 <= t.min_delta < 1, f"train.min_delta must be in [0, 1), got {t.min_delta}")
     _check(t.patience >= 0, f"train.patience must be >= 0 (0 = no early stopping), got {t.patience}")
     _check(t.eval_every_s >= 0, f"train.eval_every_s must be >= 0 (0 = off), got {t.eval_every_s}")
     for key in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "checkpoint_interval"):

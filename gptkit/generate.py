@@ -27,6 +27,11 @@ class SamplingParams:
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
     stop_at_eot: bool = True
+    # OpenAI's: subtract presence_penalty once from every token generated so far, and
+    # frequency_penalty once per time it was generated; add logit_bias[token] to its logit.
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
 
     def validate(self) -> SamplingParams:
         """Refuse values that would break sampling; the CLI, the Python API and the server all call this."""
@@ -37,7 +42,17 @@ class SamplingParams:
         check_number("repetition_penalty", self.repetition_penalty, *PENALTY_RANGE, hint="1 = off")
         if self.seed is not None:
             check_number("seed", self.seed, integer=True)
+        check_number("frequency_penalty", self.frequency_penalty, -2, 2, hint="0 = off")
+        check_number("presence_penalty", self.presence_penalty, -2, 2, hint="0 = off")
+        for token, bias in self.logit_bias.items():
+            check_number("logit_bias keys", token, 0, integer=True)
+            check_number(f"logit_bias[{token}]", bias, -100, 100)
         return self
+
+    def batch_key(self) -> tuple:
+        """Settings that must be equal for rows to be sampled in one batched step."""
+        return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.frequency_penalty,
+                self.presence_penalty, tuple(sorted(self.logit_bias.items())))  # fmt: skip
 
 
 TEMPERATURE_MAX = 100.0
@@ -52,9 +67,20 @@ def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> to
     return torch.Generator(device=device).manual_seed(seed % (1 << 64))
 
 
-def process_logits(logits: torch.Tensor, context: torch.Tensor, p: SamplingParams) -> torch.Tensor:
-    """Apply repetition penalty, temperature, top-k and top-p to (B, V) logits."""
+def process_logits(
+    logits: torch.Tensor, context: torch.Tensor, p: SamplingParams, generated: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Apply logit bias, presence / frequency penalties (on the generated tokens), repetition
+    penalty (on the whole context), temperature, top-k and top-p to (B, V) logits."""
     logits = logits.float()
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), device=logits.device)
+        ids_ok = ids < logits.size(-1)
+        bias = torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
+        logits = logits.index_add(1, ids[ids_ok], bias[ids_ok].expand(logits.size(0), -1))
+    if (p.frequency_penalty or p.presence_penalty) and generated is not None and generated.size(1):
+        counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
+        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
     if p.repetition_penalty != 1.0:
         seen = logits.gather(1, context)
         seen = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
@@ -78,11 +104,12 @@ def process_logits(logits: torch.Tensor, context: torch.Tensor, p: SamplingParam
 
 
 def sample_next(
-    logits: torch.Tensor, context: torch.Tensor, p: SamplingParams, gen: torch.Generator | list[torch.Generator | None] | None
-) -> torch.Tensor:
+    logits: torch.Tensor, context: torch.Tensor, p: SamplingParams, gen: torch.Generator | list[torch.Generator | None] | None,
+    generated: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
     """The next token of each row; gen may be one generator for the batch or one per row (each
     request of a batched server keeps its own seed)."""
-    logits = process_logits(logits, context, p)
+    logits = process_logits(logits, context, p, generated)
     if p.temperature == 0:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
@@ -113,8 +140,9 @@ def generate_ids(
     if ids.size(1) > block and pad is not None:
         pad = (pad - (ids.size(1) - block)).clamp(min=0)
     logits, _ = model(ids[:, -block:], cache=cache, last_only=True, pad=pad)
+    start = context.size(1)
     for _ in range(params.max_new_tokens):
-        nxt = sample_next(logits[:, -1], context, params, gen)
+        nxt = sample_next(logits[:, -1], context, params, gen, context[:, start:])
         yield nxt
         context = torch.cat([context, nxt[:, None]], dim=1)
         if cache.pos >= block:
@@ -132,9 +160,12 @@ class Detokenizer:
     string and half-decoded characters. `feed` returns the new text; `done` says the sample has
     ended ("stop": a stop id or string, "length": max_new_tokens)."""
 
-    def __init__(self, tok: Tokenizer, params: SamplingParams, stop_ids: set[int], stops: list[str]) -> None:
-        self.tok, self.params, self.stop_ids, self.stops = tok, params, stop_ids, stops
-        self.hold = max((len(s) for s in stops), default=1) - 1  # a stop string may still be forming
+    def __init__(
+        self, tok: Tokenizer, params: SamplingParams, stop_ids: set[int], stops: list[str], skip_ids: frozenset[int] = frozenset()
+    ) -> None:
+        """skip_ids: tokens that count but are not written as text (special tokens, for the server)."""
+        self.tok, self.params, self.stop_ids, self.stops, self.skip_ids = tok, params, stop_ids, [s for s in stops if s], skip_ids
+        self.hold = max((len(s) for s in self.stops), default=1) - 1  # a stop string may still be forming
         self.out: list[int] = []
         self.text = ""
         self.emitted = 0  # characters of self.text already returned
@@ -150,7 +181,8 @@ class Detokenizer:
         if t in self.stop_ids:
             self.finish_reason = "stop"
             return self.flush()
-        self.out.append(t)
+        if t not in self.skip_ids:
+            self.out.append(t)
         self.text = self.tok.decode(self.out)
         starts = (self.text.find(s, max(0, self.emitted - self.hold)) for s in self.stops)
         hit = min((i for i in starts if i >= 0), default=-1)

@@ -454,9 +454,11 @@ def _refuse_finished(run_dir: Path, state: TrainingState, tc: TrainConfig) -> No
         )
 
 
-def early_stopping_update(state: TrainingState, val_loss: float, patience: int) -> bool:
-    """Track the best validation loss in state.best; True when this evaluation is the new best."""
-    if not state.best or val_loss < state.best["val_loss"]:
+def early_stopping_update(state: TrainingState, val_loss: float, min_delta: float) -> bool:
+    """Track the best validation loss in state.best; True when this evaluation is the new best.
+    A new best must improve on the old by min_delta of it (of 0.1 nats at least, so that losses
+    near zero, which keep creeping down long after the answers are right, count as flat)."""
+    if not state.best or val_loss < state.best["val_loss"] - min_delta * max(state.best["val_loss"], 0.1):
         state.best = {"step": state.step, "val_loss": val_loss, "evals_since": 0}
         return True
     state.best["evals_since"] += 1
@@ -670,7 +672,7 @@ def _train(
                             bar.print(f"step {state.step}: val loss {val_loss:.4f} ({train_s:.0f}s)")
                         if on_eval is not None:
                             on_eval(state.step, val_loss)
-                        if tc.patience and early_stopping_update(state, val_loss, tc.patience):
+                        if tc.patience and early_stopping_update(state, val_loss, tc.min_delta):
                             ctx.on_main(lambda v=val_loss: save_best(run_dir, model, state.step, v))
                     t_log, tokens_at_log = time.perf_counter(), 0  # evaluation time is not training time
 

@@ -376,7 +376,8 @@ def test_default_finetune_command_learns_held_out_tasks(tmp_path: Path, small_da
     assert best < last < 5000 and last - best == 500
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = {row["step"]: row["val_loss"] for row in rows if "val_loss" in row}
-    assert min(val, key=val.get) == best
+    # The kept step is the best by the early-stopping rule: anything lower came by less than 1%.
+    assert val[best] - min(val.values()) <= 0.01 * max(val[best], 0.1)
     assert rows[-1]["final_val_loss"] == pytest.approx(val[best], rel=1e-4)  # the final weights are the best ones
     _, tok, ft_cfg = load_model(out)
     before = evaluate_answers(finetune_start(ft_cfg).eval(), tok, load_conversations([str(test_file)]).items, 12)

@@ -171,17 +171,22 @@ def test_concurrent_streams_are_batched_and_match_solo_samples(server: Server) -
         assert solo == results[i]
 
 
-def test_disconnect_stops_generation(server: Server) -> None:
+def abandon(server: Server, body: dict[str, Any]) -> int:
+    """Send a request over a raw socket, leave once it is under way (a streamed reply has begun,
+    or 0.3 s for a non-streamed one), and return how many tokens the server made before all its
+    samples were freed."""
     import socket
 
     before = server.request("GET", "/health")[1]["tokens"]
     host, port = server.url[len("http://") :].split(":")
-    body = json.dumps({"model": server.name, "prompt": "a", "max_tokens": 200, "stream": True, "temperature": 1.0,
-                       "stop": ["\u0000"]}).encode()  # fmt: skip
+    data = json.dumps({"model": server.name, "prompt": "a", "temperature": 1.0, "stop": ["\u0000"], **body}).encode()
     s = socket.create_connection((host, int(port)))
-    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-              + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)  # fmt: skip
-    s.recv(200)
+    s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
+              + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(data)}\r\n\r\n".encode() + data)  # fmt: skip
+    if body.get("stream"):
+        s.recv(200)
+    else:
+        time.sleep(0.3)
     s.close()
     for _ in range(100):
         health = server.request("GET", "/health")[1]
@@ -189,7 +194,12 @@ def test_disconnect_stops_generation(server: Server) -> None:
             break
         time.sleep(0.05)
     assert health["active_samples"] == 0
-    assert health["tokens"] - before < 200  # it stopped early (a finished sample would also stop at <|endoftext|>)
+    return health["tokens"] - before
+
+
+def test_disconnect_stops_generation(server: Server) -> None:
+    # It stopped early (a finished sample would also stop at <|endoftext|>).
+    assert abandon(server, {"max_tokens": 200, "stream": True}) < 200
 
 
 BAD_REQUESTS = [
@@ -339,3 +349,330 @@ def test_chat_page_in_headless_chromium(server: Server) -> None:
         assert "you: Count it" in driver.find_element(By.ID, "log").text
     finally:
         driver.quit()
+
+
+# --- hardening: one client must never hurt another ---
+
+
+def raw_http(server: Server, data: bytes, read: bool = True, timeout: float = 30) -> bytes:
+    import socket
+
+    host, port = server.url[len("http://") :].split(":")
+    s = socket.create_connection((host, int(port)), timeout=timeout)
+    try:
+        s.sendall(data)
+        if not read:
+            return b""
+        out = b""
+        while chunk := s.recv(65536):
+            out += chunk
+        return out
+    finally:
+        s.close()
+
+
+def post_raw(server: Server, path: str, body: bytes, headers: str = "") -> tuple[int, Any]:
+    head = (f"POST {path} HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Length: {len(body)}\r\nConnection: close\r\n{headers}\r\n")  # fmt: skip
+    reply = raw_http(server, head.encode() + body)
+    status = int(reply.split(b" ", 2)[1])
+    return status, json.loads(reply.split(b"\r\n\r\n", 1)[1] or b"null")
+
+
+def test_engine_failure_in_one_row_fails_that_row_alone(chat_run: Path) -> None:
+    """A row that breaks the batched forward pass (a token id past the vocabulary, which the
+    HTTP layer refuses but the engine's Python callers could send) fails alone: its neighbours,
+    retried one by one, finish with their text, and the culprit gets an error, not text."""
+    from gptkit.checkpoint import load_model
+    from gptkit.generate import SamplingParams
+    from gptkit.serve import Engine, Job
+
+    model, tok, _ = load_model(chat_run)
+    engine = Engine(model, tok, max_batch=8, queue_limit=8)
+    done = threading.Event()
+    finished: list[Job] = []
+
+    def emit(job: Job, delta: str, end: bool) -> None:
+        if end:
+            finished.append(job)
+            if len(finished) == 4:
+                done.set()
+
+    params = SamplingParams(max_new_tokens=6, temperature=0.0, stop_at_eot=False)
+    prompts = [tok.encode("ROMEO"), tok.encode("JULIET"), [tok.vocab_size + 5], tok.encode("KING")]
+    jobs = [Job(i, p, params, set(), [], emit) for i, p in enumerate(prompts)]
+    engine.submit(jobs)
+    assert done.wait(60)
+    assert jobs[2].error and "generation failed" in jobs[2].error and jobs[2].detok is None or jobs[2].detok.text == ""
+    for j in (jobs[0], jobs[1], jobs[3]):
+        assert not j.error and j.detok.finish_reason == "length" and j.detok.completion_tokens == 6
+    assert engine.active == 0 and engine.failures == 1
+
+
+def test_extreme_sampling_values_hurt_no_one(server: Server) -> None:
+    """The values that once failed a whole batch, sent together with ordinary requests."""
+    base = {"model": server.name, "prompt": "ROMEO:", "max_tokens": 30, "temperature": 1.0, "stop": ["\u0000"]}
+    odd = [
+        ({"seed": 2**64 + 3}, 200), ({"seed": -(2**63) - 5}, 200), ({"top_p": 1e-100}, 200), ({"temperature": 1e-45}, 200),
+        ({"repetition_penalty": 1e-300}, 400), ({"seed": 10**40}, 200),
+    ]  # fmt: skip
+    results: dict[int, tuple[int, Any]] = {}
+
+    def send(i: int, extra: dict) -> None:
+        results[i] = server.request("POST", "/v1/completions", {**base, **extra, "seed": extra.get("seed", i)})
+
+    threads = [threading.Thread(target=send, args=(i, extra)) for i, (extra, _) in enumerate(odd)]
+    threads += [threading.Thread(target=send, args=(100 + i, {})) for i in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for i, (extra, want) in enumerate(odd):
+        status, body = results[i]
+        assert status == want, (extra, body)
+        if want == 400:
+            assert "repetition_penalty" in body["error"]["message"]
+    for i in range(6):
+        status, body = results[100 + i]
+        assert status == 200 and body["choices"][0]["finish_reason"] in ("stop", "length"), body
+        assert "failed" not in body["choices"][0]["text"] and body["usage"]["completion_tokens"] > 0
+    assert server.request("GET", "/health")[1]["failures"] == 0
+
+
+def test_chunked_body_stops_at_the_limit(server: Server) -> None:
+    """No Content-Length: the bytes are counted as they arrive (a 50 MB body once got through)."""
+    import http.client
+
+    host, port = server.url[len("http://") :].split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=60)
+    conn.putrequest("POST", "/v1/completions")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Authorization", f"Bearer {KEY}")
+    conn.endheaders()
+    piece = b'{"model": "x", "prompt": "' + b"a" * 65536
+    sent = 0
+    try:
+        while sent < 3 << 20:  # three times the 1 MiB limit
+            conn.send(b"%x\r\n%s\r\n" % (len(piece), piece))
+            sent += len(piece)
+        conn.send(b"0\r\n\r\n")
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server stopped reading: what we want
+    resp = conn.getresponse()
+    assert resp.status == 413 and json.loads(resp.read())["error"]["code"] == "request_too_large"
+    conn.close()
+
+
+def test_lone_surrogates_are_400_naming_the_place(server: Server) -> None:
+    for path, body in [
+        ("/v1/completions", b'{"model": "%s", "prompt": "ab\\ud800cd"}'),
+        ("/v1/chat/completions", b'{"model": "%s", "messages": [{"role": "user", "content": "x\\udfff"}]}'),
+        ("/v1/completions", b'{"model": "%s", "prompt": "ab", "stop": ["\\ud800"]}'),
+    ]:
+        status, reply = post_raw(server, path, body % server.name.encode())
+        assert status == 400, reply
+        assert "surrogate" in reply["error"]["message"] and reply["error"]["param"] in ("prompt", "messages", "stop")
+
+
+def test_non_streaming_request_stops_when_its_client_goes(server: Server) -> None:
+    assert abandon(server, {"n": 4, "max_tokens": 200}) < 4 * 200  # freed before its 800 tokens
+
+
+def test_requests_too_large_to_be_fair_are_400(chat_run: Path) -> None:
+    s = Server(chat_run, "--queue-limit", "8", "--max-request-work", "500")
+    try:
+        status, reply = s.request("POST", "/v1/completions", {"model": s.name, "prompt": "a", "n": 9, "max_tokens": 5})
+        assert status == 400 and "--queue-limit" in reply["error"]["message"]  # 429 would be retried forever
+        status, reply = s.request("POST", "/v1/completions", {"model": s.name, "prompt": "a", "n": 4, "max_tokens": 200})
+        assert status == 400 and "--max-request-work" in reply["error"]["message"] and reply["error"]["param"] == "n"
+        status, reply = s.request("POST", "/v1/completions", {"model": s.name, "prompt": ["a", "b"], "n": 2, "max_tokens": 100})
+        assert status == 200 and len(reply["choices"]) == 4
+    finally:
+        s.stop()
+
+
+def test_every_error_has_openai_shape(server: Server) -> None:
+    cases = [
+        post_raw(server, "/v1/completions", b'{"model": "x", "prompt": "\xff\xfe"}'),  # invalid UTF-8
+        post_raw(server, "/v1/completions", b"[" * 5000 + b"]" * 5000),  # nested too deep
+        server.request("GET", "/v1/nothing-here"),
+        server.request("GET", "/v1/completions"),  # 405
+        server.request("GET", "/docs"),
+    ]
+    for status, reply in cases:
+        assert 400 <= status < 500, (status, reply)
+        assert isinstance(reply, dict) and set(reply) == {"error"}, reply
+        assert reply["error"]["message"] and reply["error"]["type"] == "invalid_request_error"
+    assert cases[3][0] == 405 and cases[2][0] == 404 and cases[4][0] == 404  # no Swagger page that needs a CDN
+
+
+def test_openapi_tells_the_truth(server: Server) -> None:
+    status, schema = server.request("GET", "/openapi.json")
+    assert status == 200
+    op = schema["paths"]["/v1/chat/completions"]["post"]
+    assert "422" not in op["responses"] and {"400", "401", "404", "413", "429"} <= set(op["responses"])
+    assert "text/event-stream" in op["responses"]["200"]["content"]
+    assert schema["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer" and op["security"] == [{"bearer": []}]
+    # What OpenAI accepts: an integral float where an integer is documented.
+    status, reply = server.request("POST", "/v1/completions", {"model": server.name, "prompt": "a", "n": 2.0, "max_tokens": 3.0})
+    assert status == 200 and len(reply["choices"]) == 2
+    status, reply = server.request("POST", "/v1/completions", {"model": server.name, "prompt": "a", "n": 1.5})
+    assert status == 400 and reply["error"]["param"] == "n"
+
+
+def test_stream_usage_when_asked(server: Server) -> None:
+    c = server.client()
+    chunks = list(c.chat.completions.create(model=server.name, messages=[{"role": "user", "content": "hi"}], max_tokens=8,
+                                            stream=True, stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].usage is not None and chunks[-1].choices == []
+    assert chunks[-1].usage.completion_tokens > 0 and all(ch.usage is None for ch in chunks[:-1])
+    chunks = list(c.completions.create(model=server.name, prompt="ab", max_tokens=5, stream=True,
+                                       stream_options={"include_usage": True}))  # fmt: skip
+    assert chunks[-1].usage.total_tokens == chunks[-1].usage.prompt_tokens + chunks[-1].usage.completion_tokens
+
+
+def test_special_tokens_are_not_completion_text(server: Server, chat_run: Path) -> None:
+    from gptkit.tokenizer import load_tokenizer
+
+    tok = load_tokenizer(chat_run / "tokenizer")
+    end, user = tok.special_tokens["<|end|>"], tok.special_tokens["<|user|>"]
+    base = {"model": server.name, "prompt": "ab", "max_tokens": 4, "temperature": 0}
+    status, reply = server.request("POST", "/v1/completions", {**base, "logit_bias": {str(end): 100}})
+    assert status == 200 and reply["choices"][0]["finish_reason"] == "stop" and reply["choices"][0]["text"] == ""
+    status, reply = server.request("POST", "/v1/completions", {**base, "logit_bias": {str(user): 100}})
+    assert reply["choices"][0]["text"] == "" and reply["usage"]["completion_tokens"] == 4
+    status, reply = server.request(
+        "POST", "/v1/completions", {**base, "logit_bias": {str(user): 100}, "skip_special_tokens": False}
+    )
+    assert reply["choices"][0]["text"] == "<|user|>" * 4
+
+
+def test_empty_stop_strings_are_ignored(server: Server) -> None:
+    base = {"model": server.name, "prompt": "The ", "max_tokens": 12, "temperature": 0}
+    plain = server.request("POST", "/v1/completions", base)[1]["choices"][0]
+    for stop in ("", [""], ["", "\u0000"]):
+        got = server.request("POST", "/v1/completions", {**base, "stop": stop})[1]["choices"][0]
+        assert got["text"] == plain["text"] and got["finish_reason"] == plain["finish_reason"]
+
+
+def test_slow_and_idle_connections_are_dropped(chat_run: Path) -> None:
+    import socket
+
+    s = Server(chat_run, "--header-timeout", "1.5")
+    try:
+        host, port = s.url[len("http://") :].split(":")
+        slow = [socket.create_connection((host, int(port)), timeout=10) for _ in range(10)]
+        for i, c in enumerate(slow):
+            c.sendall(b"POST /v1/completions HTTP/1.1\r\nHo" if i % 2 else b"")  # half a header, or nothing
+        status, _ = s.request("GET", "/health", timeout=5)  # ordinary requests still go through
+        assert status == 200
+        t0 = time.time()
+        for c in slow:
+            assert c.recv(100) == b""  # closed by the server
+        assert time.time() - t0 < 5
+        for c in slow:
+            c.close()
+    finally:
+        s.stop()
+
+
+def test_host_header_is_checked(chat_run: Path, server: Server) -> None:
+    get = b"GET /health HTTP/1.1\r\nHost: %s\r\nConnection: close\r\n\r\n"
+    assert b" 400 " in raw_http(server, get % b"evil.example:80").split(b"\r\n")[0]  # DNS rebinding
+    for ok in (b"localhost", b"127.0.0.1:80", b"[::1]:8000"):
+        assert b" 200 " in raw_http(server, get % ok).split(b"\r\n")[0], ok
+    s = Server(chat_run, "--allowed-hosts", "my.box")
+    try:
+        assert b" 200 " in raw_http(s, get % b"my.box:1234").split(b"\r\n")[0]
+        assert b" 400 " in raw_http(s, get % b"other.box").split(b"\r\n")[0]
+    finally:
+        s.stop()
+
+
+def test_unsupported_fields_are_refused_and_penalties_work(server: Server, chat_run: Path) -> None:
+    from collections import Counter
+
+    from gptkit.tokenizer import load_tokenizer
+
+    base = {"model": server.name, "prompt": "The ", "max_tokens": 24, "temperature": 0}
+    for field, value in [("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]), ("best_of", 2),
+                         ("suffix", "x"), ("logprobs", 2)]:  # fmt: skip
+        status, reply = server.request("POST", "/v1/completions", {**base, field: value})
+        assert status == 400 and reply["error"]["param"] == field and "not supported" in reply["error"]["message"]
+    for field, value in [("response_format", {"type": "text"}), ("tools", []), ("best_of", 1), ("logit_bias", {})]:
+        assert server.request("POST", "/v1/completions", {**base, field: value})[0] == 200
+    a = load_tokenizer(chat_run / "tokenizer").encode("a")[0]
+    text = server.request("POST", "/v1/completions", {**base, "logit_bias": {str(a): 100}})[1]["choices"][0]["text"]
+    assert text == "a" * 24
+    plain = server.request("POST", "/v1/completions", base)[1]["choices"][0]["text"]
+    penalised = server.request("POST", "/v1/completions", {**base, "frequency_penalty": 2.0})[1]["choices"][0]["text"]
+    assert penalised != plain and max(Counter(penalised).values()) <= max(Counter(plain).values())
+    status, reply = server.request("POST", "/v1/completions", {**base, "presence_penalty": 3})
+    assert status == 400 and reply["error"]["param"] == "presence_penalty"
+
+
+settings_values = st.fixed_dictionaries({}, optional={
+    "temperature": st.sampled_from([0, 0.5, 1.0, 1e-45, 2.0, 2.5, -1]), "top_p": st.sampled_from([1.0, 0.5, 1e-100, 0, 1.5]),
+    "seed": st.integers(-(2**70), 2**70), "repetition_penalty": st.sampled_from([1.0, 1.3, 1e-300, 0.01, 150.0]),
+    "frequency_penalty": st.sampled_from([0.0, 1.0, -2.0, 2.5]), "presence_penalty": st.sampled_from([0.0, 0.5, -3.0]),
+    "top_k": st.sampled_from([0, 1, 5, -1]), "stop": st.sampled_from([[""], ["\u0000"], "", ["e", "a"]]),
+    "n": st.sampled_from([1, 2, 1.0, 0]), "logit_bias": st.sampled_from([{}, {"3": 5.0}, {"3": 101}, {"x": 1}]),
+})  # fmt: skip
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(bodies=st.lists(settings_values, min_size=4, max_size=4))
+def test_mixed_settings_in_concurrent_requests(server: Server, bodies: list[dict[str, Any]]) -> None:
+    """Valid and invalid settings sent at once: each well-formed request gets a well-formed
+    answer, and no request's failure reaches another."""
+    results: list[tuple[int, Any]] = [(0, None)] * len(bodies)
+
+    def send(i: int) -> None:
+        body = {"model": server.name, "prompt": "ROMEO:", "max_tokens": 8, **bodies[i]}
+        results[i] = server.request("POST", "/v1/completions", body)
+
+    threads = [threading.Thread(target=send, args=(i,)) for i in range(len(bodies))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for body, (status, reply) in zip(bodies, results):
+        assert status in (200, 400), (body, reply)
+        if status == 200:
+            n = int(body.get("n", 1))
+            assert len(reply["choices"]) == n and all(c["finish_reason"] in ("stop", "length") for c in reply["choices"])
+        else:
+            assert reply["error"]["param"] and reply["error"]["message"]
+    assert server.request("GET", "/health")[1]["failures"] == 0
+
+
+schemathesis = pytest.importorskip("schemathesis")
+
+
+@pytest.fixture(scope="module")
+def api_schema(server: Server) -> Any:
+    """Positive generation: the schema promises what is accepted, and states this model's limits
+    that depend on token counts (context, queue share) conservatively, so a request beyond them
+    may still be served; negative generation would call that a schema-violating acceptance."""
+    from schemathesis.generation import GenerationMode
+
+    loaded = schemathesis.openapi.from_url(server.url + "/openapi.json")
+    loaded.config.generation.update(modes=[GenerationMode.POSITIVE])
+    return loaded
+
+
+schema = schemathesis.pytest.from_fixture("api_schema")
+
+
+@schema.parametrize()
+@settings(max_examples=10, deadline=None, suppress_health_check=list(HealthCheck))
+def test_schema_fuzzer_default_checks(case: Any, server: Server) -> None:
+    """schemathesis generates requests from /openapi.json and checks the answers against it
+    with its default checks: no 5xx, documented status codes, content types and bodies."""
+    if isinstance(case.body, dict):  # keep each generation short (the default would be 200 tokens a sample)
+        for key in ("max_tokens", "max_completion_tokens"):
+            case.body[key] = min(case.body[key], 4) if isinstance(case.body.get(key), int) else case.body.get(key)
+        if case.body.get("max_tokens") is None and case.body.get("max_completion_tokens") is None:
+            case.body["max_tokens"] = 4
+    case.call_and_validate(headers={"Authorization": f"Bearer {KEY}", "Host": "localhost"})

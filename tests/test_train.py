@@ -263,8 +263,8 @@ def test_early_stopping_keeps_the_best_weights(tmp_path: Path, small_data: Path)
     """A rate that first helps and then wrecks the model: the run stops after `patience` worse
     evaluations and keeps the weights of the best one, which the final whole-split loss shows."""
     cfg = cfg_for(small_data, **{"train.max_steps": 400, "train.eval_interval": 5, "train.eval_batches": 0,
-                                 "train.patience": 3, "train.lr": 0.3, "train.schedule": "constant", "train.warmup_steps": 0,
-                                 "train.grad_clip": 0})  # fmt: skip
+                                 "train.patience": 3, "train.min_delta": 0, "train.lr": 0.3, "train.schedule": "constant",
+                                 "train.warmup_steps": 0, "train.grad_clip": 0})  # fmt: skip
     result = train(cfg, tmp_path / "r", progress=False, quiet=True)
     rows = metrics(tmp_path / "r")
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
