@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptkit.checkpoint import load_model
+from gptkit.checkpoint import load_model, load_run_config
 from gptkit.errors import GptkitError
 from gptkit.finetune import (
     InstructionData,
@@ -163,6 +163,20 @@ def full_run(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, tasks_
     out = tmp_path_factory.mktemp("ft") / "full"
     finetune(trained_run, [str(tasks_file)], out, finetune_config(None, FT_SET), progress=False, quiet=True)
     return out
+
+
+def test_epochs_set_the_number_of_steps(
+    trained_run: Path, tasks_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    """finetune.epochs=1.5: one and a half passes over the training examples, in batches of 8."""
+    import math
+
+    cfg = finetune_config(None, FT_SET + ["finetune.epochs=1.5", "train.max_steps=1000", "train.patience=0"])
+    result = finetune(trained_run, [str(tasks_file)], tmp_path / "e", cfg, progress=False)
+    n_train = int(re.search(r"([\d,]+) train / \d+ held-out examples", capsys.readouterr().out)[1].replace(",", ""))
+    assert 100 < n_train <= 180  # 200 less 10% held out, less those that do not fit the tiny context
+    assert result.step == math.ceil(1.5 * n_train / 8)
+    assert load_run_config(tmp_path / "e").train.max_steps == result.step  # saved, so a resume keeps it
 
 
 @pytest.fixture(scope="module")
