@@ -515,7 +515,11 @@ def train(
     tc = cfg.train
     ctx, device = distributed.setup(tc.device, tc.fsdp, tc.batch_size)
     try:
-        return _train(cfg, run_dir, ctx, device, resume, overwrite, text, progress, on_eval, init_from, quiet, stop_at, data)
+        result = _train(cfg, run_dir, ctx, device, resume, overwrite, text, progress, on_eval, init_from, quiet, stop_at, data)
+        # Every rank leaves together: a rank that tears down gloo while rank 0 still writes its plot
+        # aborted now and then ("terminate called without an active exception").
+        ctx.barrier()
+        return result
     finally:
         distributed.shutdown(ctx)
 
