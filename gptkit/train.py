@@ -557,7 +557,8 @@ def _train(
     model = init_from if init_from is not None else GPT(cfg.model)
     model.to(device)
     state, opt_states = TrainingState(), None
-    if resume and not has_checkpoint(run_dir):
+    restart = resume and not has_checkpoint(run_dir)
+    if restart:
         resume = False  # it stopped before its first save: start again from its own config
         if not quiet:
             print(f"gptkit: {run_dir} holds no checkpoint yet (its run stopped before the first save); starting it afresh")
@@ -577,7 +578,8 @@ def _train(
     step_fn = torch.compile(wrapped) if tc.compile else wrapped
     amp = autocast_context(device, dtype)
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    log = MetricsLog(run_dir, tc.tensorboard, state.step if resume else None) if ctx.main else None
+    # On resume, rows past the checkpoint are about to be redone; on a restart, all of them are.
+    log = MetricsLog(run_dir, tc.tensorboard, state.step if resume or restart else None) if ctx.main else None
     byte_lengths = data.tokenizer.token_byte_lengths()
     result = TrainResult(run_dir=run_dir, step=state.step)
     clock = Clock(state.train_s, state.elapsed_s)

@@ -233,6 +233,8 @@ def test_resume_without_a_checkpoint_starts_afresh(tmp_path: Path, small_data: P
     shutil.rmtree(run / "checkpoint")  # what a kill before the first checkpoint leaves: config.yaml, no checkpoint
     assert train(load_run_config(run), run, resume=True, progress=False).step == 4
     assert "holds no checkpoint yet" in capsys.readouterr().out
+    logged = [r["step"] for r in metrics(run) if "loss" in r]
+    assert logged == [1, 2, 3, 4]  # the dead attempt's rows are not kept beside the new ones
     shutil.rmtree(run / "checkpoint")
     assert train(cfg_for(small_data, **{"train.max_steps": 3}), run, progress=False).step == 3
     assert "starting it afresh" in capsys.readouterr().out
