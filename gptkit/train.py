@@ -390,6 +390,10 @@ class _Bar:
                 fields.update(loss=f"{loss:.4f}", tps=f"{tps:,.0f}")
             self.p.update(self.task, completed=progress_fraction(step, train_s, self.tc), **fields)
 
+    def finish(self) -> None:
+        if self.p is not None:
+            self.p.update(self.task, completed=1.0)
+
     def print(self, msg: str) -> None:
         if self.p is not None:
             self.p.console.print(msg)
@@ -704,6 +708,7 @@ def _train(
                 if out_of_time:
                     break
             if not result.interrupted:
+                bar.finish()  # a limit was reached, whichever it was
                 checkpoint()
     finally:
         bar.stop()
