@@ -27,7 +27,8 @@ from common import training_step
 
 from gptkit.config import load_config
 from gptkit.data import bundled_corpus, prepare
-from gptkit.train import keep_freed_memory, train
+from gptkit.runtime import keep_freed_memory  # noqa: E402
+from gptkit.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

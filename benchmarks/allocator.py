@@ -24,7 +24,7 @@ from pathlib import Path
 from common import training_step
 
 from gptkit.config import load_config
-from gptkit.train import keep_freed_memory
+from gptkit.runtime import keep_freed_memory
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = ["model.n_layer=4", "model.n_head=4", "model.n_embd=128", "model.block_size=64", "model.bias=false",

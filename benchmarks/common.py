@@ -34,7 +34,7 @@ def training_step(cfg, vocab: int = 65) -> Callable[[], None]:  # noqa: ANN001
     configurations against each other. The config is not modified."""
     from gptkit.model import GPT
     from gptkit.optim import build_optimizers
-    from gptkit.train import autocast_context, resolve_dtype
+    from gptkit.runtime import autocast_context, resolve_dtype
 
     cpu = torch.device("cpu")
     torch.manual_seed(0)

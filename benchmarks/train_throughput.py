@@ -58,7 +58,7 @@ def gptkit_config(shape: tuple[int, ...], dtype: str, compile_: bool = False, ex
 
 def build(who: str, shape: tuple[int, ...], dtype_name: str, compile_: bool):  # noqa: ANN201
     """One training step of `who`'s model, as a function of no arguments."""
-    from gptkit.train import keep_freed_memory
+    from gptkit.runtime import keep_freed_memory
 
     if who == "gptkit":  # as `gptkit train` runs it on a CPU
         keep_freed_memory()

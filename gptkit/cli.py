@@ -219,7 +219,9 @@ def cmd_train(a: argparse.Namespace) -> None:
             _exit_if_interrupted(finetune(None, None, run_dir, cfg, resume=True, progress=not a.no_progress))
             return
     else:
-        cfg = load_config(a.config or default_preset(), a.set)
+        # One config, built once: the file, or the CPU preset for training from scratch (its schedule is not
+        # for fine-tuning: --init-from starts from the plain defaults), then --set.
+        cfg = load_config(a.config or (None if a.init_from else default_preset()), a.set)
         if not a.data and not a.text and not cfg.data.dir:
             text = str(bundled_corpus())
         if a.data:
@@ -233,8 +235,6 @@ def cmd_train(a: argparse.Namespace) -> None:
     if a.init_from:
         if a.resume:
             raise GptkitError("--init-from starts a new run; it cannot be combined with --resume")
-        if not a.config:  # the CPU preset's schedule is for training from scratch
-            cfg = load_config(None, a.set)
         # The architecture is the base run's; the config may shorten the context and set dropout.
         init = load_for_finetune(a.init_from, cfg.model.block_size, cfg.model.dropout)
         cfg.model = init.config
@@ -281,7 +281,7 @@ def _load_for_sampling(a: argparse.Namespace) -> tuple:
     import torch
 
     from gptkit.checkpoint import load_model
-    from gptkit.train import resolve_device
+    from gptkit.runtime import resolve_device
 
     model, tok, cfg = load_model(a.run, resolve_device(a.device), merge_adapters=True)
     if a.dtype == "bfloat16":

@@ -23,6 +23,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from gptkit.errors import GptkitError
+from gptkit.runtime import resolve_device
 
 T = TypeVar("T")
 
@@ -91,7 +92,6 @@ class DistContext:
 
 def setup(device_name: str, fsdp: bool, batch_size: int) -> tuple[DistContext, torch.device]:
     """Join torchrun's process group when there is one (WORLD_SIZE > 1); else a single process."""
-    from gptkit.train import resolve_device
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:

@@ -11,6 +11,10 @@ class GptkitError(Exception):
     """A user-facing error. The CLI prints its message on one line and exits with status 2."""
 
 
+class DivergedError(GptkitError):
+    """Training produced a non-finite loss; the message says what diverged and what is on disk."""
+
+
 def check_number(
     name: str, value: object, low: float | None = None, high: float | None = None, *, integer: bool = False,
     low_open: bool = False, hint: str = "",

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from gptkit.errors import GptkitError, check_number
 from gptkit.model import GPT
+from gptkit.runtime import autocast_context, resolve_device, resolve_dtype
 
 
 @torch.no_grad()
@@ -101,7 +102,6 @@ def evaluate(
     errors="replace"), over the whole of it."""
     from gptkit.checkpoint import load_model
     from gptkit.data import DataSet, _read_text_chunks
-    from gptkit.train import autocast_context, resolve_device, resolve_dtype
 
     if batch_size is not None:
         check_number("batch_size", batch_size, 1, integer=True)

@@ -26,6 +26,7 @@ from gptkit.checkpoint import finetune_start, load_model, load_run_config, weigh
 from gptkit.config import Config
 from gptkit.errors import GptkitError, check_number
 from gptkit.model import GPT
+from gptkit.runtime import resolve_device
 from gptkit.template import ChatTemplate, Message, check_messages
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 
@@ -393,7 +394,6 @@ def evaluate_instructions(
 ) -> dict[str, Any]:  # fmt: skip
     """Response loss, and exact / contains match of greedy answers to the last assistant turn of
     each conversation in files, given what came before it."""
-    from gptkit.train import resolve_device
 
     check_number("max_new_tokens", max_new_tokens, 1, integer=True)
     check_number("batch_size", batch_size, 1, integer=True)

@@ -23,9 +23,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptkit.config import ModelConfig
 
-# Attention kernels for bf16 training on a CPU with short contexts: there the fused kernel's
-# backward is slower than the plain formula; in fp32, or from about 256 tokens on, it is faster
-# (benchmarks/attention_backend.py measures both).
+# Attention kernels for bf16 training on a CPU with short contexts (up to CPU_MATH_ATTENTION_MAX_T
+# tokens): there the fused kernel's backward is slower than the plain formula; in fp32, or with
+# longer contexts, the fused kernel is used (benchmarks/attention_backend.py measures both).
 CPU_TRAIN_ATTENTION = [SDPBackend.MATH]
 CPU_MATH_ATTENTION_MAX_T = 128
 

@@ -37,6 +37,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from gptkit.errors import GptkitError
 from gptkit.generate import Detokenizer, SamplingParams, generate_ids, seeded_generator
 from gptkit.model import GPT
+from gptkit.runtime import resolve_device
 from gptkit.template import ChatTemplate, Message
 from gptkit.tokenizer import Tokenizer
 
@@ -812,7 +813,6 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, sc: ServeC
     import uvicorn
 
     from gptkit.checkpoint import load_model
-    from gptkit.train import resolve_device
 
     model, tok, _ = load_model(run, resolve_device(device), merge_adapters=True)
     if dtype == "bfloat16":

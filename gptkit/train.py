@@ -10,13 +10,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import ctypes
 import json
 import math
-import os
 import shutil
 import signal
-import sys
 import threading
 import time
 import warnings
@@ -42,65 +39,12 @@ from gptkit.checkpoint import (
 from gptkit.config import Config, TrainConfig, all_keys
 from gptkit.data import Batches, DataSet, prepare
 from gptkit.distributed import DistContext
-from gptkit.errors import GptkitError, quote
+from gptkit.errors import DivergedError, GptkitError, quote
 from gptkit.evaluate import predicted_bytes, summarize, token_losses
 from gptkit.model import GPT
 from gptkit.optim import build_optimizers, lr_factor
-from gptkit.runtime import cpu_has_fast_bf16
+from gptkit.runtime import autocast_context, keep_freed_memory, resolve_dtype
 from gptkit.tokenizer import Tokenizer
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise GptkitError(f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GptkitError("train.device=cuda but no CUDA GPU is available; use train.device=cpu or auto")
-    return dev
-
-
-def keep_freed_memory() -> bool:
-    """Have glibc keep freed blocks for reuse instead of handing them back to the OS.
-
-    By default glibc serves blocks over 128 KiB-32 MiB with mmap and trims the heap when
-    they are freed, so every training step page-faults its activations in again: thousands of
-    faults a step at the 4x128 baseline shape, and steps 1.1x-2.6x slower depending on the model
-    and the run (benchmarks/allocator.py). Blocks above 32 MiB are still mapped and unmapped;
-    the cost is that the process keeps its peak heap. Skipped where the user chose an allocator
-    (LD_PRELOAD) or glibc settings (MALLOC_* variables), and off Linux. Returns whether it applied."""
-    if not sys.platform.startswith("linux") or "LD_PRELOAD" in os.environ:
-        return False
-    if any(k.startswith("MALLOC_") for k in os.environ):
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    m_trim_threshold, m_mmap_threshold = -1, -3  # <malloc.h>
-    return bool(mallopt(m_mmap_threshold, 32 << 20)) and bool(mallopt(m_trim_threshold, 1 << 30))
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        if device.type == "cpu" and cpu_has_fast_bf16():
-            return torch.bfloat16
-        return torch.float32
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
-
-
-def autocast_context(device: torch.device, dtype: torch.dtype) -> Any:
-    if dtype == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 @dataclass
@@ -656,7 +600,7 @@ def _train(
                     loss_sum.zero_()
                     loss_count = 0
                     if not math.isfinite(loss_val):
-                        raise GptkitError(divergence_message(state.step, loss_val, model, optimizers, tc, run_dir))
+                        raise DivergedError(divergence_message(state.step, loss_val, model, optimizers, tc, run_dir))
                     now = time.perf_counter()
                     tps = tokens_at_log / max(now - t_log, 1e-9)
                     t_log, tokens_at_log = now, 0

@@ -18,7 +18,7 @@ from typing import Any
 import yaml
 
 from gptkit.config import Config, load_config, set_key
-from gptkit.errors import GptkitError
+from gptkit.errors import DivergedError, GptkitError
 
 
 @dataclass
@@ -171,10 +171,8 @@ class TuneJob:
         run = self.out / "trials" / f"trial-{trial.number:04d}"
         try:
             result = train(cfg, run, overwrite=True, progress=False, quiet=True, on_eval=report)
-        except GptkitError as e:
-            if "diverged" in str(e):
-                return float("nan")  # Optuna marks the trial failed; the study goes on
-            raise
+        except DivergedError:
+            return float("nan")  # Optuna marks the trial failed; the study goes on
         value = result.val["bits_per_byte"] if self.objective == "bits_per_byte" else result.val["loss"]
         print(f"trial {trial.number}: {self.objective} {value:.4f}  {trial.params}", flush=True)
         return value

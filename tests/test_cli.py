@@ -202,6 +202,24 @@ def test_init_from_fine_tunes_a_run(tmp_path: Path, trained_run: Path, small_tex
     assert "block_size: 16" in saved and "n_embd: 32" in saved and "run:" in saved
 
 
+def test_init_from_with_data_and_no_config_keeps_the_data(tmp_path: Path, trained_run: Path, small_text: Path) -> None:
+    """`--init-from RUN --data DIR` without --config once rebuilt the config after --data (and --fsdp) had been
+    applied to it, and so lost them."""
+    data = tmp_path / "data"
+    assert (
+        gptkit("prepare", str(small_text), "--out", str(data), "--tokenizer", f"run:{trained_run}", "--no-progress").returncode
+        == 0
+    )
+    out = tmp_path / "ft"
+    p = gptkit("train", "--init-from", str(trained_run), "--data", str(data), "--out", str(out), "--no-progress",
+               "--set", "train.max_steps=3", "--set", "train.tensorboard=false", "--set", "train.dtype=float32")  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    from gptkit.checkpoint import load_run_config
+
+    assert Path(load_run_config(out).data.dir) == data.resolve()
+    assert "54,000 train tokens" in p.stdout  # the data folder's 90% of 60,000 characters, not tiny Shakespeare's 1M
+
+
 # --- the faults of the issue "the newcomer's path and the CLI under faults" ---
 
 
