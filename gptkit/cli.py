@@ -459,10 +459,10 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         COMMANDS[args.command](args)
+    except BrokenPipeError:  # `gptkit generate ... | head`
+        sys.exit(0)
     except (GptkitError, OSError) as e:
-        msg = os_error_message(e) if isinstance(e, OSError) and not isinstance(e, BrokenPipeError) else str(e)
-        if isinstance(e, BrokenPipeError):  # `gptkit generate ... | head`
-            sys.exit(0)
+        msg = os_error_message(e) if isinstance(e, OSError) else str(e)
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports; every rank exits
             print(f"gptkit: error: {msg}", file=sys.stderr)
         sys.exit(2)

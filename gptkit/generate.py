@@ -224,7 +224,7 @@ class TextStream:
         self.prompt_ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
         if not self.prompt_ids:
             self.prompt_ids = [tok.eot_id]  # an empty prompt starts a fresh document
-        self.detok = Detokenizer(tok, self.params, ids, [s for s in list(params.stop) + list(extra_stop or []) if s])
+        self.detok = Detokenizer(tok, self.params, ids, list(params.stop) + list(extra_stop or []))
 
     @property
     def prompt_tokens(self) -> int:

@@ -473,7 +473,7 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
         stops = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
         if len(stops) > 4:
             raise ApiError(400, "stop: at most 4 stop sequences", "invalid_value", "stop")
-        stops = [check_text(s, "stop") for s in stops if s]  # an empty stop string is ignored, as OpenAI does
+        stops = [check_text(s, "stop") for s in stops]  # the Detokenizer ignores empty ones, as OpenAI does
         bias: dict[int, float] = {}
         for key, value in (r.logit_bias or {}).items():
             if not key.isdigit():
@@ -567,6 +567,15 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
     def sse(obj: Any) -> str:
         return f"data: {json.dumps(obj)}\n\n"
 
+    def stream_end(r: _Base, obj: str, rid: str, now: int, jobs: list[Job], prompts: list[list[int]]) -> str:
+        """The end of a stream: OpenAI's usage chunk (no choices) when asked for, then [DONE]."""
+        end = "data: [DONE]\n\n"
+        if r.stream_options is not None and r.stream_options.include_usage:
+            usage_chunk = {"id": rid, "object": obj, "created": now, "model": sc.model_name, "choices": [],
+                           "usage": usage(jobs, prompts)}  # fmt: skip
+            end = sse(usage_chunk) + end
+        return end
+
     def stream_error(job: Job) -> str:
         """A failed sample in a stream: an error event, never text presented as the model's."""
         return sse({"error": {"message": job.error, "type": "server_error", "param": None, "code": "generation_failed"}})
@@ -600,7 +609,6 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
             return {"id": rid, "object": "text_completion", "created": now, "model": sc.model_name, "choices": [choice]}
 
         if r.stream:
-            include_usage = r.stream_options is not None and r.stream_options.include_usage
 
             async def body() -> AsyncIterator[str]:
                 started: set[int] = set()
@@ -614,10 +622,7 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
                         yield sse(chunk(i, prefix + delta, None))
                     if done:
                         yield sse(chunk(i, "", jobs[i].detok.finish_reason))
-                if include_usage:
-                    yield sse({"id": rid, "object": "text_completion", "created": now, "model": sc.model_name, "choices": [],
-                               "usage": usage(jobs, prompts)})  # fmt: skip
-                yield "data: [DONE]\n\n"
+                yield stream_end(r, "text_completion", rid, now, jobs, prompts)
 
             return StreamingResponse(body(), media_type="text/event-stream")
         await drain(request, jobs, events)
@@ -652,7 +657,6 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": sc.model_name, "choices": [choice]}
 
         if r.stream:
-            include_usage = r.stream_options is not None and r.stream_options.include_usage
 
             async def body() -> AsyncIterator[str]:
                 for i in range(len(jobs)):
@@ -665,10 +669,7 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
                         yield sse(chunk(i, {"content": delta}, None))
                     if done:
                         yield sse(chunk(i, {}, jobs[i].detok.finish_reason))
-                if include_usage:
-                    yield sse({"id": rid, "object": "chat.completion.chunk", "created": now, "model": sc.model_name,
-                               "choices": [], "usage": usage(jobs, prompts)})  # fmt: skip
-                yield "data: [DONE]\n\n"
+                yield stream_end(r, "chat.completion.chunk", rid, now, jobs, prompts)
 
             return StreamingResponse(body(), media_type="text/event-stream")
         await drain(request, jobs, events)

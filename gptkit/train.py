@@ -29,14 +29,16 @@ from gptkit import distributed
 from gptkit.checkpoint import (
     BEST_FILE,
     TrainingState,
+    checkpoint_info,
     has_checkpoint,
     is_run,
     load_best,
+    load_run_config,
     read_training_state,
     save_best,
     save_checkpoint,
 )
-from gptkit.config import Config, TrainConfig, all_keys
+from gptkit.config import Config, TrainConfig, all_keys, apply_overrides
 from gptkit.data import Batches, DataSet, prepare
 from gptkit.distributed import DistContext
 from gptkit.errors import DivergedError, GptkitError, quote
@@ -96,12 +98,13 @@ def init_run_folder(run_dir: Path, resume: bool, overwrite: bool, quiet: bool = 
         if not is_run(run_dir):
             raise GptkitError(f"--resume {run_dir}: not a gptkit run folder (no config.yaml)")
     elif is_run(run_dir):
-        if has_checkpoint(run_dir) and not overwrite:
+        saved = has_checkpoint(run_dir)
+        if saved and not overwrite:
             raise GptkitError(
                 f"{run_dir} already holds a run; pass --resume {quote(run_dir)} to continue it, --overwrite to replace it, "
                 "or choose another --out"
             )
-        if not has_checkpoint(run_dir) and not quiet:
+        if not saved and not quiet:
             print(f"gptkit: {run_dir} holds no checkpoint (its run stopped before the first save); starting it afresh")
         for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "tensorboard", "data", "tokenizer"):
             shutil.rmtree(run_dir / name, ignore_errors=True)
@@ -113,9 +116,6 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
     """A run's saved config with --set overrides, checked before anything is written: the model's
     shape cannot change (the weights would not fit), and an explicit train.max_steps replaces the
     time budget unless train.max_time_s is set too (the user asked for steps)."""
-    from gptkit.checkpoint import load_run_config
-    from gptkit.config import apply_overrides
-
     saved = load_run_config(Path(run_dir))
     cfg = apply_overrides(copy.deepcopy(saved), overrides or []).validate()
     changed = [k for k in all_keys(cfg) if k.startswith("model.") and k != "model.dropout" and _get(cfg, k) != _get(saved, k)]
@@ -431,11 +431,9 @@ def divergence_message(
         else "the parameters are still finite, so the forward pass overflowed; try train.dtype=float32, a lower "
         "train.lr or model.logit_softcap"
     )
-    from gptkit.checkpoint import checkpoint_info
-
-    try:
+    if has_checkpoint(run_dir):
         saved = f"the last checkpoint, at step {checkpoint_info(run_dir)['step']}, is kept in {run_dir}"
-    except GptkitError:
+    else:
         saved = f"no checkpoint was saved (the first is due at step {tc.checkpoint_interval}), so there is nothing to resume"
     return f"training diverged at step {step} (loss {loss}): {what}. {saved[0].upper() + saved[1:]}."
 

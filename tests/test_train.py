@@ -159,7 +159,9 @@ def test_time_budget_spent_during_warmup_still_ends_annealed(schedule: str) -> N
                              f"train.schedule={schedule}"]).train  # fmt: skip
     assert lr_factor(47, cfg, time_frac=1.0) == pytest.approx(0.1)
     assert lr_factor(47, cfg, time_frac=0.999) < 0.11
-    assert lr_factor(3, cfg, time_frac=0.1) == pytest.approx(1.0) or schedule == "cosine"  # warm-up over by time
+    # Warm-up over by time after 10% of the budget: the rate is the decay curve's there (cosine has begun to fall).
+    assert lr_factor(3, cfg, time_frac=0.1) == pytest.approx(lr_factor(50, cfg, time_frac=0.1))  # as past warm-up
+    assert lr_factor(3, cfg, time_frac=0.1) > 0.97
     assert lr_factor(3, cfg, time_frac=0.05) == pytest.approx(0.5)  # half-way through its time share
     factors = [lr_factor(min(s, 49), cfg, time_frac=s / 100) for s in range(101)]
     assert max(factors) > 0.9 and factors[-1] == pytest.approx(0.1)
