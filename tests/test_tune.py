@@ -110,7 +110,9 @@ def test_killed_study_continues(tmp_path: Path, small_data: Path) -> None:
     deadline = time.time() + 240
 
     def completed() -> list:
-        if not (out / "study.db").exists():
+        # Read the study only once a trial has started: the tune process has created its tables by then, and
+        # opening the database while it still creates them could make that process fail (seen once in CI).
+        if not (out / "trials").exists():
             return []
         try:
             study = optuna.load_study(study_name="gptkit", storage=f"sqlite:///{out / 'study.db'}")
