@@ -16,6 +16,7 @@ import torch
 from torch.nn.attention import SDPBackend
 
 import gptkit.model as gm
+import gptkit.runtime as rt
 from gptkit.config import load_config
 from gptkit.data import default_preset
 
@@ -37,7 +38,7 @@ def main() -> None:
     for name, (preset, sets) in SHAPES.items():
         cfg = load_config(preset, [*sets, "model.vocab_size=66"])
         model = gm.GPT(cfg.model)
-        gm.CPU_MATH_ATTENTION_MAX_T = 1 << 30  # let CPU_TRAIN_ATTENTION decide at every length
+        rt.CPU_MATH_ATTENTION_MAX_T = 1 << 30  # let CPU_TRAIN_ATTENTION decide at every length
         x = torch.randint(0, 66, (cfg.train.batch_size, cfg.model.block_size))
         bf16 = cfg.train.dtype in ("auto", "bfloat16")
 
@@ -49,7 +50,7 @@ def main() -> None:
         times: dict[str, list[float]] = {"math": [], "flash": []}
         for _ in range(a.rounds):
             for kind, backends in (("math", [SDPBackend.MATH]), ("flash", [SDPBackend.FLASH_ATTENTION])):
-                gm.CPU_TRAIN_ATTENTION = backends
+                rt.CPU_TRAIN_ATTENTION = backends
                 step()
                 t = time.perf_counter()
                 step()

@@ -23,14 +23,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gptkit.checkpoint import finetune_start, load_model  # noqa: E402
-from gptkit.finetune import (  # noqa: E402
-    InstructionData,
-    evaluate_answers,
-    evaluate_instructions,
-    finetune,
-    finetune_config,
-    load_conversations,
-)
+from gptkit.evaluate import evaluate_answers, evaluate_instructions, sum_losses  # noqa: E402
+from gptkit.finetune import finetune, finetune_config  # noqa: E402
+from gptkit.instructions import InstructionData, load_conversations  # noqa: E402
 from gptkit.lora import parameter_counts  # noqa: E402
 from gptkit.tasks import write_tasks  # noqa: E402
 
@@ -44,7 +39,7 @@ def held_out_loss(run: Path, test_file: Path, before: bool) -> float:
         model = finetune_start(cfg).eval()
     convs = load_conversations([str(test_file)]).items
     data = InstructionData(convs, tok, cfg.model.block_size, 16, 0, 0.0)
-    total, count, _ = data.evaluate(model, 16, "cpu", None)
+    total, count, _ = sum_losses(model, data.val_batches(16), "cpu")
     return total / count
 
 

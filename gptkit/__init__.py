@@ -4,4 +4,12 @@ from gptkit.config import Config, DataConfig, ModelConfig, TrainConfig, load_con
 from gptkit.errors import GptkitError
 
 __version__ = "0.1.0"
-__all__ = ["Config", "DataConfig", "GptkitError", "ModelConfig", "TrainConfig", "load_config", "__version__"]
+__all__ = [
+    "Config",
+    "DataConfig",
+    "GptkitError",
+    "ModelConfig",
+    "TrainConfig",
+    "load_config",
+    "__version__",
+]

@@ -13,11 +13,16 @@ from gptkit.model import GPT
 from gptkit.template import ChatTemplate, Message
 from gptkit.tokenizer import Tokenizer
 
-HELP = "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit; type \\n for a line break"
+HELP = (
+    "commands: /reset (forget the conversation), /system TEXT (set the system message), /exit; "
+    "type \\n for a line break"
+)
 
 
 class ChatSession:
-    def __init__(self, model: GPT, tok: Tokenizer, params: SamplingParams, system: str = "") -> None:
+    def __init__(
+        self, model: GPT, tok: Tokenizer, params: SamplingParams, system: str = ""
+    ) -> None:
         self.model, self.params = model, params
         self.template = ChatTemplate(tok)
         self.system = system
@@ -36,7 +41,9 @@ class ChatSession:
         budget = block - max(1, min(self.params.max_new_tokens, block // 2))
         system = [Message("system", self.system)] if self.system else []
         while True:
-            ids, _ = self.template.encode(system + self.history + [Message("user", user)], generation_prompt=True)
+            ids, _ = self.template.encode(
+                system + self.history + [Message("user", user)], generation_prompt=True
+            )
             if len(ids) <= budget or not self.history:
                 return ids[-budget:]
             # Drop the oldest exchange: a user turn and the assistant turn after it.
@@ -52,7 +59,12 @@ class ChatSession:
         self.history += [Message("user", user), Message("assistant", stream.text.strip())]
 
 
-def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = sys.stdout, interactive: bool = False) -> None:
+def run_chat(
+    session: ChatSession,
+    stdin: TextIO = sys.stdin,
+    stdout: TextIO = sys.stdout,
+    interactive: bool = False,
+) -> None:
     """Read user turns line by line. Interactive: prompts and streamed replies; otherwise (a
     pipe) each reply is written on its own line, so a conversation can be scripted."""
     if interactive:
@@ -64,7 +76,8 @@ def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
         line = stdin.readline()
         if not line:
             break
-        text = line.rstrip("\r\n").replace("\\n", "\n")  # a typed \n is a line break within the turn
+        # a typed \n is a line break within the turn
+        text = line.rstrip("\r\n").replace("\\n", "\n")
         if not text.strip():
             continue
         if text.strip() in ("/exit", "/quit"):
@@ -88,7 +101,8 @@ def run_chat(session: ChatSession, stdin: TextIO = sys.stdin, stdout: TextIO = s
             for piece in session.reply(text):
                 stdout.write(piece.replace("\n", " ") if not interactive else piece)
                 stdout.flush()
-        except GptkitError as e:  # e.g. a character the model's vocabulary lacks: say so, keep chatting
+        # e.g. a character the model's vocabulary lacks: say so, keep chatting
+        except GptkitError as e:
             stdout.write(f"(error: {e})")
         stdout.write("\n")
         stdout.flush()

@@ -28,9 +28,9 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptkit.config import Config, load_config
+from gptkit.config import Config, load_config, model_config_from_base
 from gptkit.errors import GptkitError
-from gptkit.lora import adapter_state, apply_lora, has_lora, load_adapter_state
+from gptkit.lora import adapter_state, apply_lora, has_lora, load_adapter_state, merge_lora
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 
@@ -41,7 +41,8 @@ STATE_FILE = "optimizer.safetensors"
 
 
 def refuse_nonempty(out: Path, overwrite: bool, choose: str = "choose another --out") -> None:
-    """Writers of a whole folder (merge, import, export) keep whatever is there unless told otherwise."""
+    """Writers of a whole folder (merge, import, export) keep whatever is there unless told
+    otherwise."""
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise GptkitError(f"{out} exists and is not empty; pass --overwrite or {choose}")
 
@@ -86,7 +87,9 @@ def _fsync(path: Path) -> None:
         os.close(fd)
 
 
-def optimizer_to_flat(states: list[dict[str, Any]]) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+def optimizer_to_flat(
+    states: list[dict[str, Any]],
+) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
     """Optimizer state dicts -> tensors (for safetensors) + JSON-able metadata, no pickle."""
     tensors: dict[str, torch.Tensor] = {}
     meta: list[dict[str, Any]] = []
@@ -98,12 +101,21 @@ def optimizer_to_flat(states: list[dict[str, Any]]) -> tuple[dict[str, torch.Ten
                     tensors[f"optim{k}.{idx}.{name}"] = value.detach().contiguous().cpu()
                 else:
                     scalars.setdefault(str(idx), {})[name] = value
-        meta.append({"param_groups": sd["param_groups"], "scalars": scalars, "indices": [str(i) for i in sd["state"]]})
+        meta.append(
+            {
+                "param_groups": sd["param_groups"],
+                "scalars": scalars,
+                "indices": [str(i) for i in sd["state"]],
+            }
+        )
     return tensors, meta
 
 
-def optimizer_from_flat(tensors: dict[str, torch.Tensor], meta: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The state dicts optimizer_to_flat stored (index-keyed, as one process's optimizers have them)."""
+def optimizer_from_flat(
+    tensors: dict[str, torch.Tensor], meta: list[dict[str, Any]]
+) -> list[dict[str, Any]]:
+    """The state dicts optimizer_to_flat stored (index-keyed, as one process's optimizers have
+    them)."""
     out = []
     for k, m in enumerate(meta):
         state: dict[int, dict[str, Any]] = {}
@@ -127,8 +139,8 @@ class TrainingState:
     elapsed_s: float = 0.0  # wall-clock time of the run so far
     train_s: float = 0.0  # of which training (not evaluation): the time budget counts this
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)  # RNG and sampler states
-    best: dict[str, Any] = field(default_factory=dict)  # early stopping: {step, val_loss, evals_since}
-    optimizer_meta: list[dict[str, Any]] = field(default_factory=list)
+    # early stopping: {step, val_loss, evals_since}
+    best: dict[str, Any] = field(default_factory=dict)
 
 
 def save_checkpoint(
@@ -144,7 +156,9 @@ def save_checkpoint(
     run_dir = Path(run_dir)
     tmp, final, old = run_dir / f"{CKPT}.tmp", run_dir / CKPT, run_dir / f"{CKPT}.old"
     weights_file, weights = weights_to_save(model, weights)
-    opt_tensors, opt_meta = optimizer_to_flat(optimizer_states or [opt.state_dict() for opt in optimizers])
+    opt_tensors, opt_meta = optimizer_to_flat(
+        optimizer_states or [opt.state_dict() for opt in optimizers]
+    )
     extra = {f"rng.{k}": v.contiguous() for k, v in state.tensors.items()}
     try:
         if tmp.exists():
@@ -153,9 +167,13 @@ def save_checkpoint(
         save_file(weights, str(tmp / weights_file))
         save_file({**opt_tensors, **extra}, str(tmp / STATE_FILE))
         info = {
-            "step": state.step, "tokens_seen": state.tokens_seen, "elapsed_s": state.elapsed_s, "train_s": state.train_s,
-            "best": state.best, "optimizers": opt_meta,
-        }  # fmt: skip
+            "step": state.step,
+            "tokens_seen": state.tokens_seen,
+            "elapsed_s": state.elapsed_s,
+            "train_s": state.train_s,
+            "best": state.best,
+            "optimizers": opt_meta,
+        }
         write_state_json(tmp, info, [weights_file, STATE_FILE])
     except (OSError, SafetensorError) as e:
         shutil.rmtree(tmp, ignore_errors=True)  # a failed save leaves nothing half-written behind
@@ -164,13 +182,20 @@ def save_checkpoint(
             raise
         if os_error.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise os_error from None
-        need = sum(t.numel() * t.element_size() for d in (weights, opt_tensors, extra) for t in d.values())
+        need = sum(
+            t.numel() * t.element_size() for d in (weights, opt_tensors, extra) for t in d.values()
+        )
         kept = "no earlier checkpoint exists"
         if has_checkpoint(run_dir):
-            kept = f"the checkpoint of step {_read_info(checkpoint_dir(run_dir), False)['step']} is intact"
+            kept = (
+                f"the checkpoint of step {_read_info(checkpoint_dir(run_dir), False)['step']} is "
+                "intact"
+            )
         raise GptkitError(
-            f"no space left on the device for the checkpoint in {run_dir}: it needs about {need / 1e6:.1f} MB, "
-            f"{shutil.disk_usage(run_dir).free / 1e6:.1f} MB are free; {kept}. Free some space and run again "
+            f"no space left on the device for the checkpoint in {run_dir}: it needs about "
+            f"{need / 1e6:.1f} MB, "
+            f"{shutil.disk_usage(run_dir).free / 1e6:.1f} MB are free; {kept}. Free some space and "
+            "run again "
             "(with --resume to continue)"
         ) from None
     # Swap: the old checkpoint stays whole until the new one is in place.
@@ -185,7 +210,9 @@ def save_checkpoint(
     return final
 
 
-def weights_to_save(model: GPT, weights: dict[str, torch.Tensor] | None = None) -> tuple[str, dict[str, torch.Tensor]]:
+def weights_to_save(
+    model: GPT, weights: dict[str, torch.Tensor] | None = None
+) -> tuple[str, dict[str, torch.Tensor]]:
     """The file name and tensors a checkpoint stores: a LoRA run only its adapter (and new
     embedding rows), since the base run holds the rest; else the whole (given or own) weights."""
     if has_lora(model):
@@ -249,15 +276,22 @@ def _read_info(ckpt: Path, verify: bool) -> dict[str, Any]:
         info = json.loads((ckpt / "state.json").read_text())
         files = info["files"]
     except (json.JSONDecodeError, KeyError, UnicodeDecodeError) as e:
-        raise GptkitError(f"{ckpt}/state.json is corrupt ({e}); the checkpoint cannot be used") from None
+        raise GptkitError(
+            f"{ckpt}/state.json is corrupt ({e}); the checkpoint cannot be used"
+        ) from None
     for name, expect in files.items():
         p = ckpt / name
         if not p.is_file():
             raise GptkitError(f"{p} is missing; the checkpoint is incomplete")
         if p.stat().st_size != expect["bytes"]:
-            raise GptkitError(f"{p} is truncated ({p.stat().st_size} of {expect['bytes']} bytes); the checkpoint is corrupt")
+            raise GptkitError(
+                f"{p} is truncated ({p.stat().st_size} of {expect['bytes']} bytes); the checkpoint "
+                "is corrupt"
+            )
         if verify and _sha256(p) != expect["sha256"]:
-            raise GptkitError(f"{p} does not match its recorded checksum; the checkpoint is corrupt")
+            raise GptkitError(
+                f"{p} does not match its recorded checksum; the checkpoint is corrupt"
+            )
     return info
 
 
@@ -281,7 +315,9 @@ def _load_weights(model: GPT, ckpt: Path, device: str | torch.device = "cpu") ->
     """The checkpoint's full weights, or its adapter into a model that already holds the base."""
     name = ADAPTER_FILE if has_lora(model) else MODEL_FILE
     if not (ckpt / name).is_file():
-        raise GptkitError(f"{ckpt / name} is missing; the checkpoint does not match the run's config.yaml")
+        raise GptkitError(
+            f"{ckpt / name} is missing; the checkpoint does not match the run's config.yaml"
+        )
     sd = _load_tensors(ckpt / name, str(device))
     try:
         if has_lora(model):
@@ -289,7 +325,9 @@ def _load_weights(model: GPT, ckpt: Path, device: str | torch.device = "cpu") ->
         else:
             model.load_saved_state(sd)
     except (KeyError, RuntimeError) as e:
-        raise GptkitError(f"{ckpt / name}: weights do not fit the run's config.yaml ({e})") from None
+        raise GptkitError(
+            f"{ckpt / name}: weights do not fit the run's config.yaml ({e})"
+        ) from None
 
 
 def checkpoint_info(run_dir: str | Path) -> dict[str, Any]:
@@ -302,7 +340,10 @@ def weights_sha256(run_dir: str | Path) -> str:
     """The recorded checksum of a run's full weights (from state.json, nothing re-read)."""
     info = checkpoint_info(run_dir)
     if MODEL_FILE not in info["files"]:
-        raise GptkitError(f"{run_dir} holds a LoRA adapter, not full weights; merge it first with: gptkit merge {run_dir}")
+        raise GptkitError(
+            f"{run_dir} holds a LoRA adapter, not full weights; merge it first with: gptkit merge "
+            f"{run_dir}"
+        )
     return info["files"][MODEL_FILE]["sha256"]
 
 
@@ -310,27 +351,29 @@ def finetune_start(cfg: Config, seed: int = 0) -> GPT:
     """The model a fine-tuning run starts from: its base run's weights (context cut to
     cfg.model.block_size), the embedding grown to cfg.model.vocab_size, and LoRA adapters when
     cfg.lora.enabled. Loading a LoRA run rebuilds this, then reads the adapter over it."""
-    f = cfg.finetune
-    if f.base_sha256 and weights_sha256(f.base) != f.base_sha256:
+    base, lineage = cfg.finetune.base, cfg.lineage
+    if lineage.base_sha256 and weights_sha256(base) != lineage.base_sha256:
         raise GptkitError(
-            f"the base run {f.base} has changed since this fine-tune started (its weights' checksum differs); "
+            f"the base run {base} has changed since this fine-tune started (its weights' checksum "
+            "differs); "
             "the adapter belongs to the old weights"
         )
-    model = load_for_finetune(f.base, cfg.model.block_size, cfg.model.dropout)
+    model = load_for_finetune(base, cfg.model.block_size, cfg.model.dropout)
     model.grow_vocab(cfg.model.vocab_size, seed)
     if cfg.lora.enabled:
-        apply_lora(model, cfg.lora, f.base_vocab_size or None)
+        apply_lora(model, cfg.lora, lineage.base_vocab_size or None)
     return model
 
 
 def load_model(
-    run_dir: str | Path, device: str | torch.device = "cpu", verify: bool = True, merge_adapters: bool = False
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    merge_adapters: bool = False,
 ) -> tuple[GPT, Tokenizer, Config]:
     """The trained model (in eval mode), its tokenizer and its config, from a run folder.
     merge_adapters folds a LoRA run's adapters into plain weights: the same logits, and faster
     to sample from (generate, chat, serve, instruction eval)."""
-    from gptkit.lora import merge_lora
-
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     ckpt = checkpoint_dir(run_dir)
@@ -343,15 +386,14 @@ def load_model(
     return model.to(device).eval(), tok, cfg
 
 
-def load_for_finetune(run_dir: str | Path, block_size: int | None = None, dropout: float = 0.0) -> GPT:
+def load_for_finetune(
+    run_dir: str | Path, block_size: int | None = None, dropout: float = 0.0
+) -> GPT:
     """A run's weights in a fresh model for further training, optionally with a shorter context
     (the first block_size position embeddings are kept) and a different dropout."""
-    import copy
-
-    base, _, cfg = load_model(run_dir, "cpu", merge_adapters=True)  # a LoRA run as a base: its adapter folded in
-    mcfg = copy.deepcopy(cfg.model)
-    mcfg.dropout = dropout
-    mcfg.block_size = min(block_size or mcfg.block_size, mcfg.block_size)
+    # a LoRA run as a base: its adapter folded in
+    base, _, cfg = load_model(run_dir, "cpu", merge_adapters=True)
+    mcfg = model_config_from_base(cfg.model, block_size or 0, dropout)
     model = GPT(mcfg)
     sd = base.state_dict_for_save()
     if "wpe.weight" in sd:
@@ -368,7 +410,11 @@ def read_training_state(run_dir: Path, model: GPT) -> tuple[TrainingState, list[
     device = next(model.parameters()).device
     _load_weights(model, ckpt, device)
     tensors = _load_tensors(ckpt / STATE_FILE)
-    opt_tensors = {k: v.to(device) if not k.endswith(".step") else v for k, v in tensors.items() if k.startswith("optim")}
+    opt_tensors = {
+        k: v.to(device) if not k.endswith(".step") else v
+        for k, v in tensors.items()
+        if k.startswith("optim")
+    }
     state = TrainingState(
         step=info["step"],
         tokens_seen=info["tokens_seen"],
@@ -376,6 +422,5 @@ def read_training_state(run_dir: Path, model: GPT) -> tuple[TrainingState, list[
         train_s=info.get("train_s", info["elapsed_s"]),  # checkpoints from before train_s was kept
         best=info.get("best", {}),
         tensors={k[4:]: v for k, v in tensors.items() if k.startswith("rng.")},
-        optimizer_meta=info["optimizers"],
     )
     return state, optimizer_from_flat(opt_tensors, info["optimizers"])

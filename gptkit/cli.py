@@ -14,17 +14,24 @@ import time
 from pathlib import Path
 
 from gptkit import __version__
+from gptkit.config import DataConfig
 from gptkit.errors import GptkitError, quote
 
 STARTED = time.perf_counter()  # the wall-clock time the main job reports covers start-up too
 DEVICE_HELP = "auto, cpu, cuda, cuda:N or mps"
+DATA_DEFAULTS = DataConfig()  # `gptkit prepare`'s flags default to the data section's keys
 
 
 class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
     """--help shows each option's default (where it has one worth showing)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or action.default is False or action.default == [] or action.required:
+        if (
+            action.default is None
+            or action.default is False
+            or action.default == []
+            or action.required
+        ):
             return action.help or ""
         return super()._get_help_string(action) or ""
 
@@ -35,25 +42,43 @@ class _Parser(argparse.ArgumentParser):
         super().__init__(*args, **kw)  # type: ignore[arg-type]
 
 
+def _opt(p: argparse.ArgumentParser, flag: str, default: float, help: str) -> None:
+    """A numeric option, typed as its default is."""
+    p.add_argument(flag, type=type(default), default=default, help=help)
+
+
+def _add_device(p: argparse.ArgumentParser) -> None:
+    """Where and in what precision a trained model runs (generate, chat, serve)."""
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+    p.add_argument(
+        "--dtype",
+        default="float32",
+        choices=["float32", "bfloat16"],
+        help="weights' dtype for decoding",
+    )
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-new-tokens", type=int, default=256, help="most tokens to generate")
-    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature (0 = greedy)")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the K most likely tokens (0 = off)")
-    p.add_argument(
-        "--top-p", type=float, default=1.0, help="sample among the most likely tokens that make up this probability (1 = off)"
+    _opt(p, "--max-new-tokens", 256, "most tokens to generate")
+    _opt(p, "--temperature", 0.8, "sampling temperature (0 = greedy)")
+    _opt(p, "--top-k", 0, "sample among the K most likely tokens (0 = off)")
+    _opt(
+        p,
+        "--top-p",
+        1.0,
+        "sample among the most likely tokens that make up this probability (1 = off)",
     )
-    p.add_argument(
-        "--repetition-penalty", type=float, default=1.0, help="> 1 discourages tokens already in the context (1 = off)"
-    )
+    _opt(p, "--repetition-penalty", 1.0, "> 1 discourages tokens already in the context (1 = off)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype for decoding")
+    _add_device(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="gptkit", description="Build, train, sample from and evaluate GPT models.", formatter_class=_Formatter
+        prog="gptkit",
+        description="Build, train, sample from and evaluate GPT models.",
+        formatter_class=_Formatter,
     )
     parser.add_argument("--version", action="version", version=f"gptkit {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -61,10 +86,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin")
     p.add_argument("inputs", nargs="+", help="text files, folders of .txt/.jsonl, or glob patterns")
     p.add_argument("--out", required=True, help="data folder to write")
-    p.add_argument("--tokenizer", default="char", help="char | bpe | gpt2:PATH")
-    p.add_argument("--vocab-size", type=int, default=4096, help="vocabulary size for --tokenizer bpe")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the corpus held out for validation")
-    p.add_argument("--errors", default="strict", choices=["strict", "replace"], help="on invalid UTF-8")
+    p.add_argument("--tokenizer", default=DATA_DEFAULTS.tokenizer, help="char | bpe | gpt2:PATH")
+    _opt(p, "--vocab-size", DATA_DEFAULTS.vocab_size, "vocabulary size for --tokenizer bpe")
+    _opt(
+        p,
+        "--val-fraction",
+        DATA_DEFAULTS.val_fraction,
+        "share of the corpus held out for validation",
+    )
+    p.add_argument(
+        "--errors", default="strict", choices=["strict", "replace"], help="on invalid UTF-8"
+    )
     p.add_argument("--overwrite", action="store_true", help="replace data already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
@@ -74,194 +106,296 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--data", help="data folder from `gptkit prepare`")
     src.add_argument("--text", help="a text file, prepared into the run folder with data.tokenizer")
     p.add_argument("--out", help="run folder (default: runs/<data name>)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in this folder")
     p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
-    p.add_argument("--init-from", metavar="RUN_DIR", help="start from this run's weights (fine-tuning); its model and tokenizer")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
+    p.add_argument(
+        "--init-from",
+        metavar="RUN_DIR",
+        help="start from this run's weights (fine-tuning); its model and tokenizer",
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP instead of DDP",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("run", help="run folder")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--num-samples", type=int, default=1, help="how many samples to draw")
-    p.add_argument("--chat", action="store_true", help="send the prompt as a user turn through the chat template")
+    _opt(p, "--num-samples", 1, "how many samples to draw")
+    p.add_argument(
+        "--chat",
+        action="store_true",
+        help="send the prompt as a user turn through the chat template",
+    )
     _add_sampling(p)
 
     p = sub.add_parser("finetune", help="instruction fine-tuning (full or LoRA) from a base run")
     p.add_argument("base", nargs="?", help="the base run folder")
-    p.add_argument("--data", nargs="+", default=[], metavar="FILE", help="JSON / JSONL files, Alpaca or chat format")
+    p.add_argument(
+        "--data",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="JSON / JSONL files, Alpaca or chat format",
+    )
     p.add_argument("--out", help="run folder to write")
     p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
     p.add_argument("--config", help="YAML or TOML config (default: the bundled finetune preset)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    p.add_argument("--skip-invalid", action="store_true", help="skip malformed records (counted) instead of stopping")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the fine-tuning run in this folder")
-    p.add_argument("--overwrite", action="store_true", help="replace what is already in the output folder")
-    p.add_argument("--fsdp", action="store_true", help="under torchrun: shard the model with FSDP instead of DDP")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
+    )
+    p.add_argument(
+        "--skip-invalid",
+        action="store_true",
+        help="skip malformed records (counted) instead of stopping",
+    )
+    p.add_argument(
+        "--resume", metavar="RUN_DIR", help="continue the fine-tuning run in this folder"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace what is already in the output folder"
+    )
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP instead of DDP",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapter into its base weights")
     p.add_argument("run", help="a LoRA run folder")
     p.add_argument("--out", help="merged run folder (default: RUN-merged)")
-    p.add_argument("--overwrite", action="store_true", help="replace what is already in the output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace what is already in the output folder"
+    )
 
-    p = sub.add_parser("chat", help="chat with a run in the terminal (or one user turn per line of piped stdin)")
+    p = sub.add_parser(
+        "chat", help="chat with a run in the terminal (or one user turn per line of piped stdin)"
+    )
     p.add_argument("run", help="run folder")
     p.add_argument("--system", default="", help="system message")
     _add_sampling(p)
 
-    p = sub.add_parser("serve", help="serve a run over an OpenAI-compatible HTTP API, with a chat page at /")
+    p = sub.add_parser(
+        "serve", help="serve a run over an OpenAI-compatible HTTP API, with a chat page at /"
+    )
     p.add_argument("run", help="run folder")
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
-    p.add_argument("--port", type=int, default=8000, help="port to listen on (0: a free one)")
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 (or set GPTKIT_API_KEY)")
-    p.add_argument("--model-name", default=None, help="the model id clients use (default: the run folder's name)")
-    p.add_argument("--max-tokens-cap", type=int, default=1024, help="largest max_tokens a request may ask for")
-    p.add_argument("--max-batch", type=int, default=16, help="samples decoded together in one batch")
-    p.add_argument("--queue-limit", type=int, default=64, help="samples queued or running before requests get 429")
-    p.add_argument("--max-request-bytes", type=int, default=1 << 20, help="largest request body accepted (413 beyond)")
     p.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default: this machine only)"
+    )
+    _opt(p, "--port", 8000, "port to listen on (0: a free one)")
+    p.add_argument(
+        "--api-key",
+        default=None,
+        help="require 'Authorization: Bearer KEY' on /v1 (or set GPTKIT_API_KEY)",
+    )
+    p.add_argument(
+        "--model-name",
+        default=None,
+        help="the model id clients use (default: the run folder's name)",
+    )
+    _opt(p, "--max-tokens-cap", 1024, "largest max_tokens a request may ask for")
+    _opt(p, "--max-batch", 16, "samples decoded together in one batch")
+    _opt(p, "--queue-limit", 64, "samples queued or running before requests get 429")
+    _opt(p, "--max-request-bytes", 1 << 20, "largest request body accepted (413 beyond)")
+    _opt(
+        p,
         "--max-request-work",
-        type=int,
-        default=4096,
-        help="most samples x max_tokens one request may ask for (400 beyond): its fair share of the queue",
+        4096,
+        "most samples x max_tokens one request may ask for (400 beyond): its fair share of "
+        "the queue",
     )
     p.add_argument(
         "--allowed-hosts",
         nargs="+",
         metavar="NAME",
-        help="Host header names to accept besides loopback ones ('*': any); default: loopback names only, "
+        help="Host header names to accept besides loopback ones ('*': any); default: loopback "
+        "names only, "
         "or any when --host is a public address",
     )
-    p.add_argument("--max-connections", type=int, default=256, help="open connections at once (503 beyond)")
-    p.add_argument(
+    _opt(p, "--max-connections", 256, "open connections at once (503 beyond)")
+    _opt(
+        p,
         "--header-timeout",
-        type=float,
-        default=10.0,
-        help="seconds a connection has to send a request's headers before it is closed",
+        10.0,
+        "seconds a connection has to send a request's headers before it is closed",
     )
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights' dtype for decoding")
+    _add_device(p)
 
-    p = sub.add_parser("make-tasks", help="write synthetic instruction tasks (the fine-tuning demo)")
+    p = sub.add_parser(
+        "make-tasks", help="write synthetic instruction tasks (the fine-tuning demo)"
+    )
     p.add_argument("--out", required=True, help="JSONL file to write")
-    p.add_argument("--n", type=int, default=4000, help="how many examples to write")
-    p.add_argument("--split", default="train", choices=["train", "test"], help="which split of the task generator")
-    p.add_argument("--seed", type=int, default=0, help="random seed of the generator")
+    _opt(p, "--n", 4000, "how many examples to write")
+    p.add_argument(
+        "--split",
+        default="train",
+        choices=["train", "test"],
+        help="which split of the task generator",
+    )
+    _opt(p, "--seed", 0, "random seed of the generator")
 
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a run (JSON)")
     p.add_argument("run", help="run folder")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="data folder (default: the run's own)")
     src.add_argument("--text", help="a text file")
-    p.add_argument("--split", default="val", choices=["val", "train"], help="which split of the data folder")
+    p.add_argument(
+        "--split", default="val", choices=["val", "train"], help="which split of the data folder"
+    )
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument("--batch-size", type=int, default=None, help="windows per forward pass (default: the run's train.batch_size)")
-    p.add_argument("--max-batches", type=int, default=None, help="evaluate only the first N batches")
-    p.add_argument("--errors", default="strict", choices=["strict", "replace"], help="for --text: on invalid UTF-8")
-    p.add_argument("--instructions", nargs="+", metavar="FILE", help="instruction files: response loss and answer match")
-    p.add_argument("--max-new-tokens", type=int, default=128, help="for --instructions: answer length cap")
-    p.add_argument("--limit", type=int, default=None, help="for --instructions: only the first N conversations")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="windows per forward pass (default: the run's train.batch_size)",
+    )
+    p.add_argument(
+        "--max-batches", type=int, default=None, help="evaluate only the first N batches"
+    )
+    p.add_argument(
+        "--errors",
+        default="strict",
+        choices=["strict", "replace"],
+        help="for --text: on invalid UTF-8",
+    )
+    p.add_argument(
+        "--instructions",
+        nargs="+",
+        metavar="FILE",
+        help="instruction files: response loss and answer match",
+    )
+    _opt(p, "--max-new-tokens", 128, "for --instructions: answer length cap")
+    p.add_argument(
+        "--limit", type=int, default=None, help="for --instructions: only the first N conversations"
+    )
 
     p = sub.add_parser("convert", help="import a Hugging Face GPT-2 model folder as a gptkit run")
-    p.add_argument("--from-hf", required=True, metavar="HF_DIR", help="folder with config.json + model.safetensors")
+    p.add_argument(
+        "--from-hf",
+        required=True,
+        metavar="HF_DIR",
+        help="folder with config.json + model.safetensors",
+    )
     p.add_argument("--out", required=True, help="run folder to write")
     p.add_argument("--tokenizer", help="GPT-2 tokenizer files, when HF_DIR has none")
-    p.add_argument("--overwrite", action="store_true", help="replace what is already in the output folder")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace what is already in the output folder"
+    )
 
     p = sub.add_parser("tune", help="hyperparameter search with Optuna (resumable)")
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a text file, prepared into STUDY_DIR/data")
     src.add_argument("--data", help="a data folder from `gptkit prepare`")
     p.add_argument("--space", required=True, help="search space YAML")
-    p.add_argument("--trials", type=int, required=True, help="how many trials to run (in all, across resumes)")
+    p.add_argument(
+        "--trials", type=int, required=True, help="how many trials to run (in all, across resumes)"
+    )
     p.add_argument("--budget", required=True, help="per trial: 60s, 2m, 2000steps or 5Mtokens")
-    p.add_argument("--out", required=True, metavar="STUDY_DIR", help="study folder (resumes when it exists)")
+    p.add_argument(
+        "--out", required=True, metavar="STUDY_DIR", help="study folder (resumes when it exists)"
+    )
     p.add_argument("--config", help="base config (default: the bundled CPU preset)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key"
+    )
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in STUDY_DIR)")
-    p.add_argument("--workers", type=int, default=1, help="trials run in parallel (processes)")
-    p.add_argument("--pruner", default="median", choices=["median", "hyperband", "none"], help="stop poor trials early")
-    p.add_argument("--objective", default="loss", choices=["loss", "bits_per_byte"], help="what the search minimises")
-    p.add_argument("--keep-top", type=int, default=0, help="keep only the best K trial folders (0: all)")
+    _opt(p, "--workers", 1, "trials run in parallel (processes)")
+    p.add_argument(
+        "--pruner",
+        default="median",
+        choices=["median", "hyperband", "none"],
+        help="stop poor trials early",
+    )
+    p.add_argument(
+        "--objective",
+        default="loss",
+        choices=["loss", "bits_per_byte"],
+        help="what the search minimises",
+    )
+    _opt(p, "--keep-top", 0, "keep only the best K trial folders (0: all)")
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder")
     p.add_argument("run", help="run folder")
-    p.add_argument("--to-hf", required=True, metavar="HF_DIR", help="folder to write (transformers format)")
-    p.add_argument("--overwrite", action="store_true", help="replace what is already in the output folder")
+    p.add_argument(
+        "--to-hf", required=True, metavar="HF_DIR", help="folder to write (transformers format)"
+    )
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace what is already in the output folder"
+    )
     return parser
 
 
 def cmd_prepare(a: argparse.Namespace) -> None:
     from gptkit.data import prepare
 
-    meta = prepare(a.inputs, a.out, a.tokenizer, a.vocab_size, a.val_fraction, a.errors, a.overwrite, not a.no_progress)
+    meta = prepare(
+        a.inputs,
+        a.out,
+        a.tokenizer,
+        a.vocab_size,
+        a.val_fraction,
+        a.errors,
+        a.overwrite,
+        not a.no_progress,
+    )
     print(json.dumps({"out": a.out, **meta.__dict__, "sources": len(meta.sources)}))
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from gptkit.checkpoint import load_for_finetune, load_model
-    from gptkit.config import load_config
-    from gptkit.data import bundled_corpus, default_preset
+    from gptkit.checkpoint import load_model
     from gptkit.generate import SamplingParams, generate
-    from gptkit.train import train
+    from gptkit.train import new_run_config, resume_config, train
 
-    text = a.text
+    if a.resume and a.init_from:
+        raise GptkitError("--init-from starts a new run; it cannot be combined with --resume")
     if a.resume:
         if a.config or a.data or a.text or a.out:
-            raise GptkitError("--resume takes the run's own config and data; only --set may change keys (e.g. train.max_steps)")
+            raise GptkitError(
+                "--resume takes the run's own config, data and weights; only --set may change keys "
+                "(e.g. train.max_steps)"
+            )
         run_dir = Path(a.resume)
-        cfg = _resumed_config(a)
+        cfg = resume_config(run_dir, a.set + (["train.fsdp=true"] if a.fsdp else []))
         if cfg.finetune.base:  # a fine-tuning run resumes through its own entry point
-            from gptkit.finetune import finetune
+            from gptkit.finetune import resume_finetune
 
-            _exit_if_interrupted(finetune(None, None, run_dir, cfg, resume=True, progress=not a.no_progress))
+            _exit_if_interrupted(resume_finetune(run_dir, cfg, progress=not a.no_progress))
             return
+        result = train(cfg, run_dir, resume=True, progress=not a.no_progress)
     else:
-        # One config, built once: the file, or the CPU preset for training from scratch (its schedule is not
-        # for fine-tuning: --init-from starts from the plain defaults), then --set.
-        cfg = load_config(a.config or (None if a.init_from else default_preset()), a.set)
-        if not a.data and not a.text and not cfg.data.dir:
-            text = str(bundled_corpus())
-        if a.data:
-            cfg.data.dir = a.data
-        name = Path(a.data or text or cfg.data.dir).stem
-        name = "shakespeare-char" if text == str(bundled_corpus()) else name
-        run_dir = Path(a.out) if a.out else Path("runs") / name
-    if a.fsdp:
-        cfg.train.fsdp = True
-    init = None
-    if a.init_from:
-        if a.resume:
-            raise GptkitError("--init-from starts a new run; it cannot be combined with --resume")
-        # The architecture is the base run's; the config may shorten the context and set dropout.
-        init = load_for_finetune(a.init_from, cfg.model.block_size, cfg.model.dropout)
-        cfg.model = init.config
-        if not a.data:
-            cfg.data.tokenizer = f"run:{a.init_from}"
-    result = train(
-        cfg, run_dir, resume=bool(a.resume), overwrite=a.overwrite, text=text, progress=not a.no_progress, init_from=init
-    )
+        run = new_run_config(a.config, a.set, a.data, a.text, a.init_from, a.fsdp)
+        run_dir = Path(a.out) if a.out else Path("runs") / run.name
+        result = train(
+            run.config,
+            run_dir,
+            overwrite=a.overwrite,
+            text=run.text,
+            progress=not a.no_progress,
+            init_from=run.init_from,
+        )
+        cfg = run.config
     _exit_if_interrupted(result)
     if os.environ.get("RANK", "0") != "0":
         return
     if cfg.train.sample_tokens > 0:
         model, tok, _ = load_model(run_dir, "cpu")
-        params = SamplingParams(max_new_tokens=cfg.train.sample_tokens, temperature=0.8, seed=cfg.train.seed)
+        params = SamplingParams(
+            max_new_tokens=cfg.train.sample_tokens, temperature=0.8, seed=cfg.train.seed
+        )
         print("--- sample ---")
-        print(generate(model, tok, "\n", params) if tok.kind == "char" else generate(model, tok, "", params))
+        print(
+            generate(model, tok, "\n", params)
+            if tok.kind == "char"
+            else generate(model, tok, "", params)
+        )
         print(f"--- more: gptkit generate {quote(run_dir)} --prompt 'ROMEO:' ---")
     print(f"gptkit: the whole command took {time.perf_counter() - STARTED:.0f} s (wall clock)")
-
-
-def _resumed_config(a: argparse.Namespace) -> object:
-    """A run's saved config for --resume, with --set and --fsdp applied (train and finetune)."""
-    from gptkit.train import resume_config
-
-    cfg = resume_config(a.resume, a.set)
-    cfg.train.fsdp = cfg.train.fsdp or a.fsdp
-    return cfg
 
 
 def _exit_if_interrupted(result: object) -> None:
@@ -274,7 +408,9 @@ def _sampling(a: argparse.Namespace, seed_offset: int = 0) -> object:
     from gptkit.generate import SamplingParams
 
     seed = None if a.seed is None else a.seed + seed_offset
-    return SamplingParams(a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.stop, seed).validate()
+    return SamplingParams(
+        a.max_new_tokens, a.temperature, a.top_k, a.top_p, a.repetition_penalty, a.stop, seed
+    ).validate()
 
 
 def _load_for_sampling(a: argparse.Namespace) -> tuple:
@@ -290,24 +426,43 @@ def _load_for_sampling(a: argparse.Namespace) -> tuple:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
-    from gptkit.finetune import finetune, finetune_config
+    from gptkit.finetune import finetune, finetune_config, resume_finetune
+    from gptkit.train import resume_config
 
     if a.resume:
         if a.base or a.data or a.out or a.config:
-            raise GptkitError("--resume takes the run's own config and data; only --set may change keys")
-        _exit_if_interrupted(finetune(None, None, a.resume, _resumed_config(a), resume=True, progress=not a.no_progress))
+            raise GptkitError(
+                "--resume takes the run's own config and data; only --set may change keys"
+            )
+        cfg = resume_config(a.resume, a.set + (["train.fsdp=true"] if a.fsdp else []))
+        _exit_if_interrupted(resume_finetune(a.resume, cfg, progress=not a.no_progress))
         return
     if not a.base:
         raise GptkitError("name the base run: gptkit finetune BASE_RUN --data FILE --out RUN")
     if not a.data:
-        raise GptkitError("no instruction data: pass --data FILE (JSON or JSONL, Alpaca or chat format)")
+        raise GptkitError(
+            "no instruction data: pass --data FILE (JSON or JSONL, Alpaca or chat format)"
+        )
     if not a.out:
         raise GptkitError("pass --out RUN, the folder for the fine-tuned run")
-    cfg = finetune_config(a.config, a.set + (["finetune.skip_invalid=true"] if a.skip_invalid else []))
-    cfg.train.fsdp = cfg.train.fsdp or a.fsdp
-    result = finetune(a.base, a.data, a.out, cfg, lora=a.lora or None, overwrite=a.overwrite, progress=not a.no_progress)
+    flags = (["finetune.skip_invalid=true"] if a.skip_invalid else []) + (
+        ["train.fsdp=true"] if a.fsdp else []
+    )
+    cfg = finetune_config(a.config, flags + a.set)
+    result = finetune(
+        a.base,
+        a.data,
+        a.out,
+        cfg,
+        lora=a.lora or None,
+        overwrite=a.overwrite,
+        progress=not a.no_progress,
+    )
     _exit_if_interrupted(result)
-    print(f"gptkit: try it: gptkit chat {quote(a.out)}   or   gptkit eval {quote(a.out)} --instructions FILE")
+    print(
+        f"gptkit: try it: gptkit chat {quote(a.out)}   or   gptkit eval {quote(a.out)} "
+        "--instructions FILE"
+    )
 
 
 def cmd_merge(a: argparse.Namespace) -> None:
@@ -321,15 +476,29 @@ def cmd_chat(a: argparse.Namespace) -> None:
     from gptkit.chat import ChatSession, run_chat
 
     model, tok, _ = _load_for_sampling(a)
-    run_chat(ChatSession(model, tok, _sampling(a), a.system), sys.stdin, sys.stdout, interactive=sys.stdin.isatty())
+    run_chat(
+        ChatSession(model, tok, _sampling(a), a.system),
+        sys.stdin,
+        sys.stdout,
+        interactive=sys.stdin.isatty(),
+    )
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
     try:
         from gptkit.serve import ServeConfig, serve
     except ImportError as e:
-        raise GptkitError(f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'gptkit[serve]'") from None
-    for name in ("max_tokens_cap", "max_batch", "queue_limit", "max_request_bytes", "max_request_work", "max_connections"):
+        raise GptkitError(
+            f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'gptkit[serve]'"
+        ) from None
+    for name in (
+        "max_tokens_cap",
+        "max_batch",
+        "queue_limit",
+        "max_request_bytes",
+        "max_request_work",
+        "max_connections",
+    ):
         if getattr(a, name) < 1:
             raise GptkitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
     if not 0 < a.header_timeout <= 3600:
@@ -342,10 +511,15 @@ def cmd_serve(a: argparse.Namespace) -> None:
     sc = ServeConfig(
         model_name=a.model_name or Path(a.run).resolve().name,
         api_key=a.api_key or os.environ.get("GPTKIT_API_KEY") or None,
-        max_tokens_cap=a.max_tokens_cap, max_request_bytes=a.max_request_bytes, max_batch=a.max_batch,
-        queue_limit=a.queue_limit, max_request_work=a.max_request_work, allowed_hosts=a.allowed_hosts,
-        max_connections=a.max_connections, timeout_headers=a.header_timeout,
-    )  # fmt: skip
+        max_tokens_cap=a.max_tokens_cap,
+        max_request_bytes=a.max_request_bytes,
+        max_batch=a.max_batch,
+        queue_limit=a.queue_limit,
+        max_request_work=a.max_request_work,
+        allowed_hosts=a.allowed_hosts,
+        max_connections=a.max_connections,
+        timeout_headers=a.header_timeout,
+    )
     serve(a.run, a.host, a.port, sc, a.device, a.dtype)
 
 
@@ -386,28 +560,48 @@ def cmd_eval(a: argparse.Namespace) -> None:
     from gptkit.evaluate import evaluate
 
     if a.instructions:
-        from gptkit.finetune import evaluate_instructions
+        from gptkit.evaluate import evaluate_instructions
 
         if a.data or a.text:
-            raise GptkitError("--instructions evaluates answers; it cannot be combined with --data or --text")
+            raise GptkitError(
+                "--instructions evaluates answers; it cannot be combined with --data or --text"
+            )
         batch_size = 16 if a.batch_size is None else a.batch_size
-        print(json.dumps(evaluate_instructions(a.run, a.instructions, a.device, a.max_new_tokens, batch_size, a.limit)))
+        print(
+            json.dumps(
+                evaluate_instructions(
+                    a.run, a.instructions, a.device, a.max_new_tokens, batch_size, a.limit
+                )
+            )
+        )
         return
-    print(json.dumps(evaluate(a.run, a.data, a.text, a.split, a.device, a.batch_size, a.max_batches, a.errors)))
+    print(
+        json.dumps(
+            evaluate(
+                a.run, a.data, a.text, a.split, a.device, a.batch_size, a.max_batches, a.errors
+            )
+        )
+    )
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
     from gptkit.convert import import_hf
 
     out = import_hf(a.from_hf, a.out, a.tokenizer, a.overwrite)
-    print(f"gptkit: converted {a.from_hf} -> {out}; try: gptkit generate {quote(out)} --prompt 'Hello'")
+    print(
+        f"gptkit: converted {a.from_hf} -> {out}; try: gptkit generate {quote(out)} --prompt "
+        "'Hello'"
+    )
 
 
 def cmd_export(a: argparse.Namespace) -> None:
     from gptkit.convert import export_hf
 
     out = export_hf(a.run, a.to_hf, a.overwrite)
-    print(f"gptkit: exported {a.run} -> {out} (transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))")
+    print(
+        f"gptkit: exported {a.run} -> {out} "
+        f"(transformers.AutoModelForCausalLM.from_pretrained({str(out)!r}))"
+    )
 
 
 def cmd_tune(a: argparse.Namespace) -> None:
@@ -415,9 +609,20 @@ def cmd_tune(a: argparse.Namespace) -> None:
     from gptkit.tune import tune
 
     summary = tune(
-        a.space, a.trials, a.budget, a.out, a.text, a.data, a.config or str(default_preset()), a.set,
-        a.storage, a.workers, a.pruner, a.objective, a.keep_top,
-    )  # fmt: skip
+        a.space,
+        a.trials,
+        a.budget,
+        a.out,
+        a.text,
+        a.data,
+        a.config or str(default_preset()),
+        a.set,
+        a.storage,
+        a.workers,
+        a.pruner,
+        a.objective,
+        a.keep_top,
+    )
     print(json.dumps(summary))
 
 
@@ -449,9 +654,15 @@ def os_error_message(e: OSError) -> str:
             room = f" ({free / 1e6:.1f} MB free there)"
         except OSError:
             room = ""
-        return f"no space left on the device writing {path}{room}; free some space and run the command again"
+        return (
+            f"no space left on the device writing {path}{room}; free some space and run the "
+            "command again"
+        )
     if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
-        return f"cannot write {path}: {e.strerror.lower()}; choose a folder you can write to (or fix its permissions)"
+        return (
+            f"cannot write {path}: {e.strerror.lower()}; choose a folder you can write to (or fix "
+            "its permissions)"
+        )
     return f"{path}: {e.strerror or e}"
 
 
@@ -463,7 +674,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except (GptkitError, OSError) as e:
         msg = os_error_message(e) if isinstance(e, OSError) else str(e)
-        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 reports; every rank exits
+        # under torchrun, rank 0 reports; every rank exits
+        if int(os.environ.get("RANK", "0")) == 0:
             print(f"gptkit: error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:

@@ -6,6 +6,7 @@ A run's whole configuration is one `Config`; it is saved beside every checkpoint
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -13,7 +14,7 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -30,16 +31,47 @@ class ModelConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms, as GPT-2
     # Modern options; the defaults give the GPT-2 architecture.
-    pos_embedding: str = "learned"  # learned | rope
+    pos_embedding: Literal["learned", "rope"] = "learned"
     rope_base: float = 10000.0
-    norm: str = "layernorm"  # layernorm | rmsnorm
+    norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     qk_norm: bool = False
-    mlp: str = "gelu"  # gelu | relu2 | swiglu
+    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
     mlp_ratio: float = 4.0
     tie_embeddings: bool = True
     zero_init_head: bool = False  # only for an untied head
     logit_softcap: float = 0.0  # 0: off; else logits = c * tanh(logits / c)
     n_kv_head: int = 0  # 0: same as n_head; fewer gives grouped-query attention
+
+    # Derived sizes, computed in one place.
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads: n_kv_head, or one per query head when it is 0."""
+        return self.n_kv_head or self.n_head
+
+    @property
+    def mlp_hidden(self) -> int:
+        """Units of the MLP's hidden layer. SwiGLU has two input matrices instead of one, so it
+        takes 2/3 of the plain MLP's width and keeps its parameter count."""
+        hidden = int(self.mlp_ratio * self.n_embd)
+        return int(2 * hidden / 3) if self.mlp == "swiglu" else hidden
+
+
+def model_config_from_base(
+    base: ModelConfig, block_size: int = 0, dropout: float = 0.0, vocab_size: int = 0
+) -> ModelConfig:
+    """The architecture of a run that starts from a base run's weights: the base's, with the
+    context cut to block_size (0: the base's; never longer, there are no position embeddings
+    past it), its own dropout, and the vocabulary grown to vocab_size (never shrunk)."""
+    return dataclasses.replace(
+        base,
+        block_size=min(block_size or base.block_size, base.block_size),
+        dropout=dropout,
+        vocab_size=max(base.vocab_size, vocab_size),
+    )
 
 
 @dataclass
@@ -50,9 +82,11 @@ class TrainConfig:
     lr: float = 1e-3
     min_lr_ratio: float = 0.1  # final learning rate = lr * min_lr_ratio
     warmup_steps: int = 100
-    schedule: str = "cosine"  # cosine | wsd (warm-up, stable, linear warm-down) | constant
+    # wsd: warm-up, stable, linear warm-down
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
     warmdown_frac: float = 0.3  # share of steps spent decaying, for schedule=wsd
-    optimizer: str = "adamw"  # adamw | muon (Muon for hidden matrices, AdamW for the rest)
+    # muon: Muon for hidden matrices, AdamW for the rest
+    optimizer: Literal["adamw", "muon"] = "adamw"
     muon_lr: float = 0.02
     muon_momentum: float = 0.95
     weight_decay: float = 0.1
@@ -60,17 +94,22 @@ class TrainConfig:
     beta2: float = 0.95
     grad_clip: float = 1.0  # 0: off
     eval_interval: int = 250
-    eval_batches: int = 20  # batches per periodic evaluation (0: the whole split); the final one covers it all
+    # batches per periodic evaluation (0: the whole split); the final one covers it all
+    eval_batches: int = 20
     eval_every_s: float = 0.0  # also evaluate every this many seconds of training (0: off)
-    patience: int = 0  # stop after this many evaluations without a lower validation loss, keeping the best weights (0: off)
-    min_delta: float = 0.01  # early stopping: a new best must be lower by this share of the best (counted as >= 0.1 nats)
+    # stop after this many evaluations without a lower validation loss, keeping the best weights (0:
+    # off)
+    patience: int = 0
+    # early stopping: a new best must be lower by this share of the best (counted as >= 0.1 nats)
+    min_delta: float = 0.01
     log_interval: int = 10
     checkpoint_interval: int = 1000
     seed: int = 1337
     device: str = "auto"  # auto | cpu | cuda | cuda:N | mps
-    dtype: str = "auto"  # auto | float32 | bfloat16 | float16 (autocast; weights stay fp32)
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"  # autocast; weights stay fp32
     compile: bool = False
-    fsdp: bool = False  # under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP
+    # under torchrun: shard parameters, gradients and optimizer state (FSDP) instead of DDP
+    fsdp: bool = False
     max_time_s: float = 0.0  # 0: no limit; else stop (and save) after this many seconds of training
     tensorboard: bool = True
     sample_tokens: int = 0  # print a sample of this many tokens at the end (0: none)
@@ -90,11 +129,19 @@ class FinetuneConfig:
     """Instruction fine-tuning (`gptkit finetune`); empty `base` means pretraining."""
 
     base: str = ""  # the base run folder the weights come from
-    data: list[str] = field(default_factory=list)  # instruction files, JSON or JSONL (Alpaca or chat format)
+    # instruction files, JSON or JSONL (Alpaca or chat format)
+    data: list[str] = field(default_factory=list)
     val_fraction: float = 0.1  # share of examples held out for the validation loss
-    epochs: float = 0.0  # > 0: train this many passes over the training examples (sets train.max_steps)
+    # > 0: train this many passes over the training examples (sets train.max_steps)
+    epochs: float = 0.0
     block_size: int = 0  # 0: the base's context; else examples are cut to this many tokens
     skip_invalid: bool = False  # skip malformed records (counted) instead of stopping at the first
+
+
+@dataclass
+class Lineage:
+    """Bookkeeping gptkit writes when a fine-tune starts; never the user's (--set refuses it)."""
+
     base_vocab_size: int = 0  # rows of the base model's embedding; rows past it are new tokens
     base_sha256: str = ""  # checksum of the base weights, so an adapter never meets the wrong base
 
@@ -105,7 +152,8 @@ class LoraConfig:
     rank: int = 8
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0  # on the adapter's input
-    targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])  # Linear names (suffixes)
+    # Linear names (suffixes)
+    targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
 
 
 @dataclass
@@ -115,6 +163,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    lineage: Lineage = field(default_factory=Lineage)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -123,15 +172,33 @@ class Config:
     def from_dict(cls, d: dict[str, Any], source: str = "config") -> Config:
         cfg = cls()
         if not isinstance(d, dict):
-            raise GptkitError(f"{source}: expected a mapping of sections (model, train, data), got {type(d).__name__}")
+            raise GptkitError(
+                f"{source}: expected a mapping of sections (model, train, data), got "
+                f"{type(d).__name__}"
+            )
         for section, values in d.items():
             if values is None:
                 continue
             if not isinstance(values, dict):
-                raise GptkitError(f"{source}: section '{section}' must be a mapping of keys to values")
+                raise GptkitError(
+                    f"{source}: section '{section}' must be a mapping of keys to values"
+                )
             for key, value in values.items():
-                set_key(cfg, f"{section}.{key}", value, source=source)
+                # config.yaml of runs made before Lineage
+                if section == "finetune" and key in LINEAGE_KEYS:
+                    section_key = f"lineage.{key}"
+                else:
+                    section_key = f"{section}.{key}"
+                set_key(cfg, section_key, value, source=source, internal=True)
         return cfg
+
+    def updated(self, changes: dict[str, Any]) -> Config:
+        """A validated copy with `changes` ({"section.key": value}) applied, typed as --set is; the
+        original is left as it was. Resolving a run's config builds it with this, once."""
+        cfg = copy.deepcopy(self)
+        for key, value in changes.items():
+            set_key(cfg, key, value, source="config", internal=True)
+        return cfg.validate()
 
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
@@ -141,9 +208,19 @@ class Config:
         return self
 
 
-def all_keys(cfg: Config | None = None) -> list[str]:
+INTERNAL_SECTIONS = ("lineage",)
+LINEAGE_KEYS = tuple(f.name for f in dataclasses.fields(Lineage))
+
+
+def all_keys(cfg: Config | None = None, internal: bool = False) -> list[str]:
+    """Every section.key a user may set (with internal: gptkit's bookkeeping too)."""
     cfg = cfg or Config()
-    return [f"{s.name}.{f.name}" for s in dataclasses.fields(cfg) for f in dataclasses.fields(getattr(cfg, s.name))]
+    return [
+        f"{s.name}.{f.name}"
+        for s in dataclasses.fields(cfg)
+        if internal or s.name not in INTERNAL_SECTIONS
+        for f in dataclasses.fields(getattr(cfg, s.name))
+    ]
 
 
 def _unknown_key(key: str, source: str) -> GptkitError:
@@ -154,10 +231,25 @@ def _unknown_key(key: str, source: str) -> GptkitError:
 
 def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     """Turn a YAML value or a --set string into the field's type, or say why it cannot be."""
+    if typing.get_origin(typ) is Literal:
+        allowed = typing.get_args(typ)
+        if value in allowed:
+            return value
+        choices = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
+        raise GptkitError(f"{source}: {key} must be {choices}, got {value!r}")
     if typ is bool:
         if isinstance(value, bool):
             return value
-        if isinstance(value, str) and value.lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        if isinstance(value, str) and value.lower() in (
+            "true",
+            "yes",
+            "1",
+            "on",
+            "false",
+            "no",
+            "0",
+            "off",
+        ):
             return value.lower() in ("true", "yes", "1", "on")
         if isinstance(value, int) and value in (0, 1):
             return bool(value)
@@ -187,17 +279,37 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     elif typing.get_origin(typ) is list:
         if isinstance(value, str):  # --set lora.targets=c_attn,c_fc
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if isinstance(value, (list, tuple)) and all(isinstance(v, (str, int, float)) for v in value):
+        if isinstance(value, (list, tuple)) and all(
+            isinstance(v, (str, int, float)) for v in value
+        ):
             return [str(v) for v in value]
-        raise GptkitError(f"{source}: {key} must be a list of strings (YAML list or comma-separated), got {value!r}")
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(typ, str(typ))
+        raise GptkitError(
+            f"{source}: {key} must be a list of strings (YAML list or comma-separated), got "
+            f"{value!r}"
+        )
+    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        typ, str(typ)
+    )
     raise GptkitError(f"{source}: {key} must be {kind}, got {value!r}")
 
 
-def set_key(cfg: Config, key: str, value: Any, source: str = "--set") -> None:
+def set_key(
+    cfg: Config, key: str, value: Any, source: str = "--set", internal: bool = False
+) -> None:
+    """Set section.key from a YAML value or a --set string, typed by the field. Bookkeeping
+    sections (INTERNAL_SECTIONS) are written by gptkit only (internal=True)."""
     parts = key.split(".")
-    if len(parts) != 2 or not hasattr(cfg, parts[0]) or not dataclasses.is_dataclass(getattr(cfg, parts[0])):
+    if (
+        len(parts) != 2
+        or not hasattr(cfg, parts[0])
+        or not dataclasses.is_dataclass(getattr(cfg, parts[0]))
+    ):
         raise _unknown_key(key, source)
+    if parts[0] in INTERNAL_SECTIONS and not internal:
+        raise GptkitError(
+            f"{source}: {key} is bookkeeping that gptkit writes when a fine-tune starts; it cannot "
+            "be set"
+        )
     section = getattr(cfg, parts[0])
     hints = typing.get_type_hints(type(section))
     if parts[1] not in hints:
@@ -249,60 +361,71 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 def validate(cfg: Config) -> None:
     m, t, d = cfg.model, cfg.train, cfg.data
     # nan and inf pass every comparison below one way or the other; refuse them once, for every key.
-    for key in all_keys(cfg):
+    for key in all_keys(cfg, internal=True):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         if isinstance(value, float):
             _check(math.isfinite(value), f"{key} must be a finite number, got {value}")
     for key in ("block_size", "n_layer", "n_head", "n_embd"):
         _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
-    _check(m.vocab_size >= 0, f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {m.vocab_size}")
+    _check(
+        m.vocab_size >= 0,
+        f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {m.vocab_size}",
+    )
     _check(
         m.n_embd % m.n_head == 0,
         f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
         f"e.g. n_embd={m.n_head * max(1, round(m.n_embd / m.n_head))}",
     )
     _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
-    _check(m.pos_embedding in ("learned", "rope"), f"model.pos_embedding must be learned or rope, got {m.pos_embedding!r}")
-    _check(m.norm in ("layernorm", "rmsnorm"), f"model.norm must be layernorm or rmsnorm, got {m.norm!r}")
-    _check(m.mlp in ("gelu", "relu2", "swiglu"), f"model.mlp must be gelu, relu2 or swiglu, got {m.mlp!r}")
-    hidden = int(m.mlp_ratio * m.n_embd) * (2 if m.mlp == "swiglu" else 3) // 3
     _check(
-        m.mlp_ratio > 0 and hidden >= 1,
-        f"model.mlp_ratio ({m.mlp_ratio}) gives an MLP of {max(hidden, 0)} units at n_embd={m.n_embd}; "
+        m.mlp_ratio > 0 and m.mlp_hidden >= 1,
+        f"model.mlp_ratio ({m.mlp_ratio}) gives an MLP of {max(m.mlp_hidden, 0)} units at "
+        f"n_embd={m.n_embd}; "
         "use 4 (GPT-2) or about 2.7 (SwiGLU)",
     )
-    _check(m.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}")
-    _check(m.rope_base > 1, f"model.rope_base must be > 1 (10000 is usual), got {m.rope_base}")
-    kv = m.n_kv_head or m.n_head
     _check(
-        0 < kv <= m.n_head and m.n_head % kv == 0,
+        m.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}"
+    )
+    _check(m.rope_base > 1, f"model.rope_base must be > 1 (10000 is usual), got {m.rope_base}")
+    _check(
+        0 < m.kv_heads <= m.n_head and m.n_head % m.kv_heads == 0,
         f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})",
     )
     if m.pos_embedding == "rope":
-        _check((m.n_embd // m.n_head) % 2 == 0, "RoPE needs an even head size (n_embd / n_head)")
-    _check(t.eval_batches >= 0, f"train.eval_batches must be >= 0 (0 = the whole split), got {t.eval_batches}")
+        _check(m.head_dim % 2 == 0, "RoPE needs an even head size (n_embd / n_head)")
+    _check(
+        t.eval_batches >= 0,
+        f"train.eval_batches must be >= 0 (0 = the whole split), got {t.eval_batches}",
+    )
     _check(0 <= t.min_delta < 1, f"train.min_delta must be in [0, 1), got {t.min_delta}")
-    _check(t.patience >= 0, f"train.patience must be >= 0 (0 = no early stopping), got {t.patience}")
+    _check(
+        t.patience >= 0, f"train.patience must be >= 0 (0 = no early stopping), got {t.patience}"
+    )
     _check(t.eval_every_s >= 0, f"train.eval_every_s must be >= 0 (0 = off), got {t.eval_every_s}")
-    for key in ("max_steps", "batch_size", "grad_accum", "eval_interval", "log_interval", "checkpoint_interval"):
+    for key in (
+        "max_steps",
+        "batch_size",
+        "grad_accum",
+        "eval_interval",
+        "log_interval",
+        "checkpoint_interval",
+    ):
         _check(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
     _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
     _check(t.muon_lr > 0, f"train.muon_lr must be positive, got {t.muon_lr}")
-    _check(0 <= t.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}")
+    _check(
+        0 <= t.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}"
+    )
     _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
     _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    _check(t.schedule in ("cosine", "wsd", "constant"), f"train.schedule must be cosine, wsd or constant, got {t.schedule!r}")
-    _check(0 <= t.warmdown_frac <= 1, f"train.warmdown_frac must be in [0, 1], got {t.warmdown_frac}")
-    _check(t.optimizer in ("adamw", "muon"), f"train.optimizer must be adamw or muon, got {t.optimizer!r}")
+    _check(
+        0 <= t.warmdown_frac <= 1, f"train.warmdown_frac must be in [0, 1], got {t.warmdown_frac}"
+    )
     _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
     _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
     _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
     _check(t.max_time_s >= 0, f"train.max_time_s must be >= 0 (0 = no limit), got {t.max_time_s}")
-    _check(
-        t.dtype in ("auto", "float32", "bfloat16", "float16"),
-        f"train.dtype must be auto, float32, bfloat16 or float16, got {t.dtype!r}",
-    )
     _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
     _check(
         DEVICE_PATTERN.fullmatch(t.device) is not None,
@@ -313,14 +436,25 @@ def validate(cfg: Config) -> None:
         f"data.tokenizer must be char, bpe, gpt2:PATH or run:RUN_DIR, got {d.tokenizer!r}",
     )
     _check(
-        d.vocab_size >= 256 or d.tokenizer != "bpe", f"data.vocab_size must be >= 256 for a byte-level BPE, got {d.vocab_size}"
+        d.vocab_size >= 256 or d.tokenizer != "bpe",
+        f"data.vocab_size must be >= 256 for a byte-level BPE, got {d.vocab_size}",
     )
     _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
     f, lo = cfg.finetune, cfg.lora
-    _check(0 <= f.val_fraction < 1, f"finetune.val_fraction must be in [0, 1), got {f.val_fraction}")
-    _check(f.epochs >= 0, f"finetune.epochs must be >= 0 (0 = train.max_steps decides), got {f.epochs}")
-    _check(f.block_size >= 0, f"finetune.block_size must be >= 0 (0 = the base's context), got {f.block_size}")
+    _check(
+        0 <= f.val_fraction < 1, f"finetune.val_fraction must be in [0, 1), got {f.val_fraction}"
+    )
+    _check(
+        f.epochs >= 0, f"finetune.epochs must be >= 0 (0 = train.max_steps decides), got {f.epochs}"
+    )
+    _check(
+        f.block_size >= 0,
+        f"finetune.block_size must be >= 0 (0 = the base's context), got {f.block_size}",
+    )
     _check(lo.rank > 0, f"lora.rank must be positive, got {lo.rank}")
     _check(lo.alpha > 0, f"lora.alpha must be positive, got {lo.alpha}")
     _check(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
-    _check(bool(lo.targets), "lora.targets must name at least one Linear layer, e.g. c_attn,c_proj,c_fc")
+    _check(
+        bool(lo.targets),
+        "lora.targets must name at least one Linear layer, e.g. c_attn,c_proj,c_fc",
+    )

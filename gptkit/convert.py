@@ -26,6 +26,7 @@ from gptkit.checkpoint import (
 )
 from gptkit.config import Config
 from gptkit.errors import GptkitError
+from gptkit.model import GPT
 from gptkit.tokenizer import EOT, HFTokenizer, load_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -34,15 +35,23 @@ IGNORED_SUFFIXES = (".attn.bias", ".attn.masked_bias")  # causal-mask buffers of
 
 def _hf_config_to_ours(hf: dict, source: Path) -> Config:
     if hf.get("model_type") != "gpt2":
-        raise GptkitError(f"{source}: model_type is {hf.get('model_type')!r}, not 'gpt2'; only GPT-2 checkpoints convert")
+        raise GptkitError(
+            f"{source}: model_type is {hf.get('model_type')!r}, not 'gpt2'; only GPT-2 checkpoints "
+            "convert"
+        )
     act = hf.get("activation_function", "gelu_new")
     if act not in ("gelu_new", "gelu_pytorch_tanh"):
-        raise GptkitError(f"{source}: activation_function {act!r} is not GPT-2's tanh GELU; cannot convert exactly")
+        raise GptkitError(
+            f"{source}: activation_function {act!r} is not GPT-2's tanh GELU; cannot convert "
+            "exactly"
+        )
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(flag):
             raise GptkitError(f"{source}: {flag}=true is not supported")
     if abs(hf.get("layer_norm_epsilon", 1e-5) - 1e-5) > 1e-12:
-        raise GptkitError(f"{source}: layer_norm_epsilon {hf['layer_norm_epsilon']} differs from GPT-2's 1e-5")
+        raise GptkitError(
+            f"{source}: layer_norm_epsilon {hf['layer_norm_epsilon']} differs from GPT-2's 1e-5"
+        )
     cfg = Config()
     m = cfg.model
     m.vocab_size = hf["vocab_size"]
@@ -66,7 +75,9 @@ def _open_hf_weights(folder: Path) -> Iterator[tuple[str, torch.Tensor]]:
         except Exception as e:
             if isinstance(e, GptkitError):
                 raise
-            raise GptkitError(f"{st}: cannot read ({e}); the file is truncated or corrupt") from None
+            raise GptkitError(
+                f"{st}: cannot read ({e}); the file is truncated or corrupt"
+            ) from None
         return
     pt = folder / "pytorch_model.bin"
     if pt.is_file():
@@ -92,10 +103,10 @@ def _our_name(hf_name: str) -> str | None:
     raise GptkitError(f"cannot map tensor {hf_name!r} onto the GPT-2 architecture")
 
 
-def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None, overwrite: bool = False) -> Path:
+def import_hf(
+    folder: str | Path, out: str | Path, tokenizer: str | None = None, overwrite: bool = False
+) -> Path:
     """A Hugging Face GPT2LMHeadModel folder -> a gptkit run folder (config, weights, tokenizer)."""
-    from gptkit.model import GPT
-
     folder, out = Path(folder), Path(out)
     if not (folder / "config.json").is_file():
         raise GptkitError(f"{folder}: no config.json; expected a Hugging Face model folder")
@@ -117,7 +128,8 @@ def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None,
         tok = HFTokenizer.gpt2(folder)
     if tok is not None and tok.vocab_size > cfg.model.vocab_size:
         raise GptkitError(
-            f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only {cfg.model.vocab_size} embeddings"
+            f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only "
+            f"{cfg.model.vocab_size} embeddings"
         )
 
     with staged_folder(out) as tmp:
@@ -129,9 +141,14 @@ def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None,
             if name.endswith(CONV1D):
                 t = t.t()
             if name not in expected:
-                raise GptkitError(f"tensor {hf_name!r} has no place in the model described by config.json")
+                raise GptkitError(
+                    f"tensor {hf_name!r} has no place in the model described by config.json"
+                )
             if tuple(t.shape) != expected[name]:
-                raise GptkitError(f"tensor {hf_name!r} has shape {tuple(t.shape)}, expected {expected[name]} from config.json")
+                raise GptkitError(
+                    f"tensor {hf_name!r} has shape {tuple(t.shape)}, expected {expected[name]} "
+                    "from config.json"
+                )
             sd[name] = t.contiguous()
         missing = sorted(set(expected) - set(sd))
         if missing:
@@ -145,14 +162,23 @@ def import_hf(folder: str | Path, out: str | Path, tokenizer: str | None = None,
         save_file(sd, str(tmp / CKPT / MODEL_FILE))
         del sd
         # A weights-only checkpoint: no optimizer state.
-        info = {"step": 0, "tokens_seen": 0, "elapsed_s": 0.0, "optimizers": [], "weights_only": True}
+        info = {
+            "step": 0,
+            "tokens_seen": 0,
+            "elapsed_s": 0.0,
+            "optimizers": [],
+            "weights_only": True,
+        }
         write_state_json(tmp / CKPT, info, [MODEL_FILE])
     return out
 
 
 def check_exportable(cfg: Config) -> None:
     if cfg.lora.enabled:
-        raise GptkitError("this run holds a LoRA adapter, not full weights; merge it first: gptkit merge RUN --out MERGED")
+        raise GptkitError(
+            "this run holds a LoRA adapter, not full weights; merge it first: gptkit merge RUN "
+            "--out MERGED"
+        )
     m = cfg.model
     problems = []
     if m.pos_embedding != "learned":
@@ -168,11 +194,14 @@ def check_exportable(cfg: Config) -> None:
     if m.n_kv_head not in (0, m.n_head):
         problems.append("model.n_kv_head=0")
     if problems:
-        raise GptkitError(f"this run is not a GPT-2 architecture; export needs {', '.join(problems)}")
+        raise GptkitError(
+            f"this run is not a GPT-2 architecture; export needs {', '.join(problems)}"
+        )
 
 
 def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> Path:
-    """A gptkit run -> a folder that transformers' AutoModelForCausalLM / AutoTokenizer load offline."""
+    """A gptkit run -> a folder that transformers' AutoModelForCausalLM / AutoTokenizer load
+    offline."""
     run_dir, out = Path(run_dir), Path(out)
     cfg = load_run_config(run_dir)
     check_exportable(cfg)
@@ -187,7 +216,11 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
                 t = f.get_tensor(name)
                 if name.endswith(CONV1D):
                     t = t.t().contiguous()
-                hf_name = "lm_head.weight" if name == "lm_head.weight" else "transformer." + name.replace("blocks.", "h.", 1)
+                hf_name = (
+                    "lm_head.weight"
+                    if name == "lm_head.weight"
+                    else "transformer." + name.replace("blocks.", "h.", 1)
+                )
                 sd[hf_name] = t
         if not m.bias:  # HF's GPT-2 always has biases: zeros are the same function
             for i in range(m.n_layer):
@@ -226,7 +259,13 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
             "torch_dtype": "float32",
         }
         (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
-        gen = {"bos_token_id": eot, "eos_token_id": eot, "do_sample": True, "temperature": 0.8, "max_new_tokens": 256}
+        gen = {
+            "bos_token_id": eot,
+            "eos_token_id": eot,
+            "do_sample": True,
+            "temperature": 0.8,
+            "max_new_tokens": 256,
+        }
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
         if tok is not None:
             _export_tokenizer(tok, tmp, m.block_size)
@@ -260,4 +299,6 @@ def _export_tokenizer(tok: object, folder: Path, max_len: int) -> None:
             indent=2,
         )
     )
-    (folder / "special_tokens_map.json").write_text(json.dumps({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT}))
+    (folder / "special_tokens_map.json").write_text(
+        json.dumps({"bos_token": EOT, "eos_token": EOT, "unk_token": EOT})
+    )

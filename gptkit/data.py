@@ -22,6 +22,7 @@ import torch
 from gptkit.errors import GptkitError
 from gptkit.tokenizer import Tokenizer, build_tokenizer, load_tokenizer
 
+Batch = tuple[torch.Tensor, torch.Tensor]  # (x, y): inputs and targets, -100 where no loss
 BLOCK_BYTES = 1 << 20  # read the corpus 1 MiB at a time
 ENCODE_BATCH = 16  # chunks per batch-encoding call
 
@@ -49,7 +50,9 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
         if p.is_file():
             files.append(p)
         elif p.is_dir():
-            found = sorted(q for q in p.rglob("*") if q.is_file() and q.suffix in (".txt", ".jsonl"))
+            found = sorted(
+                q for q in p.rglob("*") if q.is_file() and q.suffix in (".txt", ".jsonl")
+            )
             if not found:
                 raise GptkitError(f"{p}: folder holds no .txt or .jsonl files")
             files.extend(found)
@@ -63,7 +66,7 @@ def resolve_inputs(inputs: list[str]) -> list[Path]:
     return files
 
 
-def _read_text_chunks(path: Path, errors: str) -> Iterator[str]:
+def read_text_chunks(path: Path, errors: str) -> Iterator[str]:
     """Decoded pieces of about BLOCK_BYTES, cut at line ends; bad UTF-8 names its byte offset."""
     decoder = codecs.getincrementaldecoder("utf-8")(errors=errors)
     consumed = 0
@@ -117,7 +120,9 @@ def _read_jsonl_docs(path: Path, errors: str) -> Iterator[str]:
                 raise GptkitError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
             text = rec.get("text") if isinstance(rec, dict) else rec
             if not isinstance(text, str):
-                raise GptkitError(f'{path}:{lineno}: expected a JSON string or an object with a "text" string')
+                raise GptkitError(
+                    f'{path}:{lineno}: expected a JSON string or an object with a "text" string'
+                )
             yield text
 
 
@@ -129,7 +134,7 @@ def iter_documents(files: list[Path], errors: str = "strict") -> Iterator[Iterat
             for doc in _read_jsonl_docs(path, errors):
                 yield iter([doc])
         else:
-            yield _read_text_chunks(path, errors)
+            yield read_text_chunks(path, errors)
 
 
 @dataclass
@@ -149,7 +154,10 @@ class Meta:
     def load(cls, folder: Path) -> Meta:
         f = folder / "meta.json"
         if not f.is_file():
-            raise GptkitError(f"{folder}: not a prepared data folder (no meta.json); make one with `gptkit prepare`")
+            raise GptkitError(
+                f"{folder}: not a prepared data folder (no meta.json); make one with `gptkit "
+                "prepare`"
+            )
         try:
             return cls(**json.loads(f.read_text()))
         except (json.JSONDecodeError, TypeError) as e:
@@ -174,7 +182,10 @@ def prepare(
         raise GptkitError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     out = Path(out)
     if (out / "meta.json").exists() and not overwrite:
-        raise GptkitError(f"{out} already holds prepared data; pass --overwrite to replace it, or choose another --out")
+        raise GptkitError(
+            f"{out} already holds prepared data; pass --overwrite to replace it, or choose another "
+            "--out"
+        )
     files = resolve_inputs(inputs)
     if all(f.stat().st_size == 0 for f in files):
         raise GptkitError(f"corpus is empty: {', '.join(map(str, files))}")
@@ -213,7 +224,11 @@ def prepare(
     multi_doc = counts["docs"] > 1
     eot = np.asarray([tok.eot_id], dtype=np.int64)
     try:
-        with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval, _progress(progress, total) as bar:
+        with (
+            open(tmp["train"], "wb") as ftrain,
+            open(tmp["val"], "wb") as fval,
+            _progress(progress, total) as bar,
+        ):
             sinks = {"train": ftrain, "val": fval}
             pending: list[tuple[str, str, bool]] = []  # (split, text, ends_document)
 
@@ -284,7 +299,12 @@ class _progress:
             return lambda n: None
         from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-        self.p = Progress(TextColumn("tokenizing"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"), TimeRemainingColumn())
+        self.p = Progress(
+            TextColumn("tokenizing"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            TimeRemainingColumn(),
+        )
         self.p.start()
         task = self.p.add_task("tok", total=self.total)
         return lambda n: self.p.advance(task, n)
@@ -317,10 +337,13 @@ class Batches:
     """Random (x, y) windows of block_size tokens from a shard; y is x shifted by one. The index
     generator's state is part of a checkpoint, so a resumed run sees the same batches."""
 
-    def __init__(self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, name: str = "train") -> None:
+    def __init__(
+        self, tokens: np.ndarray, block_size: int, batch_size: int, seed: int, name: str = "train"
+    ) -> None:
         if len(tokens) < block_size + 1:
             raise GptkitError(
-                f"the {name} split has {len(tokens)} tokens, fewer than one context window plus one "
+                f"the {name} split has {len(tokens)} tokens, fewer than one context window plus "
+                "one "
                 f"({block_size + 1}); use a smaller model.block_size or a larger corpus"
             )
         self.tokens = tokens
@@ -329,7 +352,9 @@ class Batches:
         self._offsets = np.arange(block_size + 1)
 
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.randint(len(self.tokens) - self.block_size, (self.batch_size,), generator=self.gen).numpy()
+        starts = torch.randint(
+            len(self.tokens) - self.block_size, (self.batch_size,), generator=self.gen
+        ).numpy()
         windows = torch.from_numpy(self.tokens[starts[:, None] + self._offsets].astype(np.int64))
         return windows[:, :-1], windows[:, 1:]
 
@@ -338,3 +363,41 @@ class Batches:
 
     def load_state(self, state: torch.Tensor) -> None:
         self.gen.set_state(state)
+
+
+def windows(
+    tokens: np.ndarray,
+    block_size: int,
+    batch_size: int,
+    max_batches: int | None = None,
+    generator: torch.Generator | None = None,
+    split: tuple[int, int] | None = None,
+) -> Iterator[Batch]:
+    """(x, y) batches of windows of a token stream, for evaluation. Without a generator: every
+    window in order, consecutive and non-overlapping, so each token after the first is predicted
+    exactly once (the last, shorter window on its own); the first max_batches batches only when
+    given. With one: max_batches batches of random windows, a quick estimate during training.
+    split=(rank, world): every world-th window from rank on, so processes share the work."""
+    T, n = block_size, len(tokens)
+    if n < 2:
+        raise GptkitError(f"need at least 2 tokens to evaluate, got {n}")
+    if generator is not None:
+        starts = torch.randint(
+            max(1, n - T), ((max_batches or 1) * batch_size,), generator=generator
+        ).numpy()
+    else:
+        starts = np.arange(0, n - 1, T)
+        if max_batches is not None:
+            starts = starts[: max_batches * batch_size]
+    if split is not None:
+        starts = starts[split[0] :: split[1]]
+    full = [s for s in starts if s + T + 1 <= n]
+    rest = [s for s in starts if s + T + 1 > n]
+    for group in [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [
+        [s] for s in rest
+    ]:
+        length = min(T, n - 1 - group[0]) if len(group) == 1 else T
+        win = torch.from_numpy(
+            np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in group])
+        )
+        yield win[:, :-1], win[:, 1:]

@@ -58,7 +58,7 @@ class DistContext:
         if self.main:
             try:
                 out = fn()
-            except BaseException as e:  # noqa: BLE001 -- re-raised below, after telling the other ranks
+            except BaseException as e:  # noqa: BLE001 -- re-raised below, once the others know
                 err = e
         if self.enabled:
             flag = torch.tensor([1.0 if err is not None else 0.0])
@@ -98,16 +98,23 @@ def setup(device_name: str, fsdp: bool, batch_size: int) -> tuple[DistContext, t
         return DistContext(fsdp=fsdp), resolve_device(device_name)
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     if batch_size % world:
-        fits = max(world, (batch_size + (world - 1) // 2) // world * world)  # the nearest multiple (ties: the lower)
+        # The nearest multiple (ties: the lower).
+        fits = max(world, (batch_size + (world - 1) // 2) // world * world)
         raise GptkitError(
-            f"train.batch_size ({batch_size}) must be divisible by the number of processes ({world}): it is the global "
+            f"train.batch_size ({batch_size}) must be divisible by the number of processes "
+            f"({world}): it is the global "
             f"batch, split evenly; use e.g. train.batch_size={fits}"
         )
     if fsdp and not _has_fully_shard():
-        raise GptkitError(f"--fsdp needs torch.distributed.fsdp.fully_shard (PyTorch >= 2.6); this is torch {torch.__version__}")
+        raise GptkitError(
+            "--fsdp needs torch.distributed.fsdp.fully_shard (PyTorch >= 2.6); this is torch "
+            f"{torch.__version__}"
+        )
     want_cuda = device_name != "cpu" and torch.cuda.is_available()
     if device_name.startswith("cuda") and not torch.cuda.is_available():
-        raise GptkitError("train.device=cuda but no CUDA GPU is available; use train.device=cpu or auto")
+        raise GptkitError(
+            "train.device=cuda but no CUDA GPU is available; use train.device=cpu or auto"
+        )
     device = torch.device("cuda", local) if want_cuda else torch.device("cpu")
     if want_cuda:
         torch.cuda.set_device(device)
@@ -118,7 +125,8 @@ def setup(device_name: str, fsdp: bool, batch_size: int) -> tuple[DistContext, t
     except Exception as e:
         where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
         raise GptkitError(
-            f"cannot join the process group ({backend}, rendezvous {where}): {str(e).splitlines()[0]}; check torchrun's "
+            f"cannot join the process group ({backend}, rendezvous {where}): "
+            f"{str(e).splitlines()[0]}; check torchrun's "
             "--rdzv-endpoint (or --master-addr/--master-port) and that every node can reach it"
         ) from None
     return DistContext(rank, world, local, fsdp), device
@@ -187,7 +195,9 @@ def _fqn_order(model: nn.Module, opt: torch.optim.Optimizer) -> list[list[str]]:
     return [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
 
 
-def full_optimizer_states(model: nn.Module, optimizers: list[torch.optim.Optimizer], ctx: DistContext) -> list[dict[str, Any]]:
+def full_optimizer_states(
+    model: nn.Module, optimizers: list[torch.optim.Optimizer], ctx: DistContext
+) -> list[dict[str, Any]]:
     """Each optimizer's state_dict() as one process would have it (index-keyed, whole tensors)."""
     if not ctx.fsdp or not ctx.enabled:
         return [opt.state_dict() for opt in optimizers]
@@ -198,13 +208,23 @@ def full_optimizer_states(model: nn.Module, optimizers: list[torch.optim.Optimiz
         full = get_optimizer_state_dict(model, opt, options=_options())
         order = [n for group in _fqn_order(model, opt) for n in group]
         index = {n: i for i, n in enumerate(order)}
-        groups = [{**g, "params": [index[n] for n in g["params"]]} for g in full.get("param_groups", [])]
-        out.append({"state": {index[n]: s for n, s in full.get("state", {}).items()}, "param_groups": groups})
+        groups = [
+            {**g, "params": [index[n] for n in g["params"]]} for g in full.get("param_groups", [])
+        ]
+        out.append(
+            {
+                "state": {index[n]: s for n, s in full.get("state", {}).items()},
+                "param_groups": groups,
+            }
+        )
     return out
 
 
 def load_full_optimizer_states(
-    model: nn.Module, optimizers: list[torch.optim.Optimizer], states: list[dict[str, Any]], ctx: DistContext
+    model: nn.Module,
+    optimizers: list[torch.optim.Optimizer],
+    states: list[dict[str, Any]],
+    ctx: DistContext,
 ) -> None:
     """Load whole, index-keyed optimizer states (from any world size) into this run's optimizers."""
     if not ctx.fsdp or not ctx.enabled:

@@ -16,18 +16,33 @@ class DivergedError(GptkitError):
 
 
 def check_number(
-    name: str, value: object, low: float | None = None, high: float | None = None, *, integer: bool = False,
-    low_open: bool = False, hint: str = "",
-) -> None:  # fmt: skip
+    name: str,
+    value: object,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    integer: bool = False,
+    low_open: bool = False,
+    hint: str = "",
+) -> None:
     """One place for the range checks of numeric options: finite, of the right kind, in range."""
     hint = f" ({hint})" if hint else ""
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (integer and not isinstance(value, int)):
-        raise GptkitError(f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}")
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (integer and not isinstance(value, int))
+    ):
+        raise GptkitError(
+            f"{name} must be {'an integer' if integer else 'a number'}, got {value!r}"
+        )
     if isinstance(value, float) and not math.isfinite(value):
         raise GptkitError(f"{name} must be a finite number, got {value}")
     if low is not None and (value <= low if low_open else value < low):
         bound = f"> {low:g}" if low_open else f">= {low:g}"
-        raise GptkitError(f"{name} must be {bound}{'' if high is None else f' and <= {high:g}'}{hint}, got {value}")
+        raise GptkitError(
+            f"{name} must be {bound}{'' if high is None else f' and <= {high:g}'}{hint}, got "
+            f"{value}"
+        )
     if high is not None and value > high:
         raise GptkitError(f"{name} must be <= {high:g}{hint}, got {value}")
 

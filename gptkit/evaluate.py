@@ -1,4 +1,5 @@
-"""Loss, perplexity and bits-per-byte of a model on a token stream.
+"""Evaluation: loss, perplexity and bits-per-byte of a model on a token stream, and the
+response loss and answer match of an instruction-tuned model on held-out conversations.
 
 The whole split is covered by consecutive non-overlapping windows of block_size tokens, every
 token after the first predicted exactly once. Bits-per-byte divides the total loss (in bits) by
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -15,12 +17,45 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from gptkit.checkpoint import load_model
+from gptkit.data import DataSet, read_text_chunks, windows
 from gptkit.errors import GptkitError, check_number
+from gptkit.generate import SamplingParams
+from gptkit.instructions import encode_example, example_batches, load_conversations
 from gptkit.model import GPT
 from gptkit.runtime import autocast_context, resolve_device, resolve_dtype
+from gptkit.template import ChatTemplate, Message
+from gptkit.tokenizer import Tokenizer
 
 
 @torch.no_grad()
+def sum_losses(
+    model: GPT,
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    device: torch.device | str,
+    autocast: Any = None,
+) -> tuple[float, int, np.ndarray]:
+    """The one loss routine of every evaluation: over batches of (x, y), the sum of next-token
+    losses (nats) at the positions whose target is not -100, their count, and those targets."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    predicted: list[np.ndarray] = []
+    try:
+        for x, y in batches:
+            x, y = x.to(device), y.to(device)
+            with autocast if autocast is not None else contextlib.nullcontext():
+                logits, _ = model(x)
+            flat = logits.float().flatten(0, 1)
+            total += F.cross_entropy(flat, y.flatten(), ignore_index=-100, reduction="sum").item()
+            keep = y != -100
+            count += int(keep.sum())
+            predicted.append(y[keep].cpu().numpy())
+    finally:
+        model.train(was_training)
+    return total, count, np.concatenate(predicted) if predicted else np.zeros(0, dtype=np.int64)
+
+
 def token_losses(
     model: GPT,
     tokens: np.ndarray,
@@ -31,47 +66,21 @@ def token_losses(
     generator: torch.Generator | None = None,
     split: tuple[int, int] | None = None,
 ) -> tuple[float, int, np.ndarray]:
-    """Sum of next-token losses (nats), the number of predictions, and the predicted token ids.
+    """sum_losses over windows of a token stream (data.windows: every window in order, or with a
+    generator max_batches batches of random ones; split=(rank, world) shares them out)."""
+    batches = windows(tokens, model.config.block_size, batch_size, max_batches, generator, split)
+    return sum_losses(model, batches, device, autocast)
 
-    With a generator, `max_batches` batches of random windows (a quick estimate during training);
-    without, every window of the stream in order. split=(rank, world): only every world-th
-    window from rank on, so that processes share the work and their sums add up."""
-    T = model.config.block_size
-    n = len(tokens)
-    if n < 2:
-        raise GptkitError(f"need at least 2 tokens to evaluate, got {n}")
-    if generator is not None:
-        n_windows = (max_batches or 1) * batch_size
-        starts = torch.randint(max(1, n - T), (n_windows,), generator=generator).numpy()
-    else:
-        starts = np.arange(0, n - 1, T)
-        if max_batches is not None:
-            starts = starts[: max_batches * batch_size]
-    if split is not None:
-        starts = starts[split[0] :: split[1]]
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    predicted: list[np.ndarray] = []
-    ctx = autocast if autocast is not None else contextlib.nullcontext()
-    try:
-        # Full windows in batches; the final, shorter window (if any) on its own.
-        full = [s for s in starts if s + T + 1 <= n]
-        rest = [s for s in starts if s + T + 1 > n]
-        groups = [full[i : i + batch_size] for i in range(0, len(full), batch_size)] + [[s] for s in rest]
-        for group in groups:
-            length = min(T, n - 1 - group[0]) if len(group) == 1 else T
-            win = np.stack([np.asarray(tokens[s : s + length + 1], dtype=np.int64) for s in group])
-            x = torch.from_numpy(win[:, :-1]).to(device)
-            y = torch.from_numpy(win[:, 1:]).to(device)
-            with ctx:
-                logits, _ = model(x)
-            total += F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum").item()
-            count += y.numel()
-            predicted.append(win[:, 1:].reshape(-1))
-    finally:
-        model.train(was_training)
-    return total, count, np.concatenate(predicted)
+
+def response_losses(
+    model: GPT,
+    examples: list[tuple[list[int], list[int]]],
+    batch_size: int,
+    device: torch.device | str,
+    amp: Any = None,
+) -> tuple[float, int, np.ndarray]:
+    """sum_losses over the assistant tokens of instruction examples (encode_example)."""
+    return sum_losses(model, example_batches(examples, batch_size), device, amp)
 
 
 def summarize(total_nats: float, count: int, n_bytes: int | None) -> dict[str, Any]:
@@ -100,9 +109,6 @@ def evaluate(
     """Loss, perplexity, bits_per_byte and token count of a run's model on a data folder's split
     (the run's own data by default) or on a text file (invalid UTF-8 refused, or replaced with
     errors="replace"), over the whole of it."""
-    from gptkit.checkpoint import load_model
-    from gptkit.data import DataSet, _read_text_chunks
-
     if batch_size is not None:
         check_number("batch_size", batch_size, 1, integer=True)
     if max_batches is not None:
@@ -113,25 +119,97 @@ def evaluate(
         p = Path(text)
         if not p.is_file():
             raise GptkitError(f"{p}: no such file")
-        content = "".join(_read_text_chunks(p, errors))
+        content = "".join(read_text_chunks(p, errors))
         if not content:
             raise GptkitError(f"{p}: file is empty")
         tokens = np.asarray(tok.encode(content), dtype=np.int64)
     else:
         if data is None and cfg.finetune.base:
-            raise GptkitError(f"{run_dir} is a fine-tuned run: evaluate it with --instructions FILE (or --text FILE)")
+            raise GptkitError(
+                f"{run_dir} is a fine-tuned run: evaluate it with --instructions FILE (or --text "
+                "FILE)"
+            )
         folder = Path(data) if data is not None else _run_data_dir(Path(run_dir), cfg.data.dir)
         ds = DataSet(folder)
         if ds.tokenizer.vocab_size != tok.vocab_size or ds.tokenizer.kind != tok.kind:
-            raise GptkitError(f"{folder}: its tokenizer differs from the run's; prepare it with the run's tokenizer")
+            raise GptkitError(
+                f"{folder}: its tokenizer differs from the run's; prepare it with the run's "
+                "tokenizer"
+            )
         tokens = ds.split(split)
     amp = autocast_context(dev, resolve_dtype(cfg.train.dtype, dev))
-    total, count, predicted = token_losses(model, tokens, batch_size or cfg.train.batch_size, dev, amp, max_batches)
+    total, count, predicted = token_losses(
+        model, tokens, batch_size or cfg.train.batch_size, dev, amp, max_batches
+    )
     return summarize(total, count, predicted_bytes(predicted, tok.token_byte_lengths()))
 
 
 def _run_data_dir(run_dir: Path, configured: str) -> Path:
     if not configured:
-        raise GptkitError(f"{run_dir}: the run names no data folder; pass --data DIR or --text FILE")
+        raise GptkitError(
+            f"{run_dir}: the run names no data folder; pass --data DIR or --text FILE"
+        )
     p = Path(configured)
     return p if p.is_absolute() else run_dir / p
+
+
+# --- instruction evaluation ---
+
+
+def evaluate_instructions(
+    run: str | Path,
+    files: list[str],
+    device: str = "auto",
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Response loss, and exact / contains match of greedy answers to the last assistant turn of
+    each conversation in files, given what came before it."""
+
+    check_number("max_new_tokens", max_new_tokens, 1, integer=True)
+    check_number("batch_size", batch_size, 1, integer=True)
+    if limit is not None:
+        check_number("limit", limit, 1, integer=True)
+    model, tok, _ = load_model(run, resolve_device(device), merge_adapters=True)
+    return evaluate_answers(
+        model, tok, load_conversations(files).items[:limit], max_new_tokens, batch_size
+    )
+
+
+def evaluate_answers(
+    model: GPT,
+    tok: Tokenizer,
+    convs: list[list[Message]],
+    max_new_tokens: int = 128,
+    batch_size: int = 16,
+) -> dict[str, Any]:
+    """evaluate_instructions on a model in memory. `samples` shows the first five answers, then
+    wrong ones, up to twelve in all."""
+    template = ChatTemplate(tok)
+    block = model.config.block_size
+    examples = [e for e in (encode_example(template, c, block) for c in convs) if e is not None]
+    total, count, _ = response_losses(model, examples, batch_size, next(model.parameters()).device)
+    params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    exact = contains = 0
+    samples = []
+    for c in convs:
+        last = max(i for i, m in enumerate(c) if m.role == "assistant")
+        answer = "".join(
+            template.reply(model, template.encode(c[:last], generation_prompt=True)[0], params)
+        )
+        want = c[last].content.strip()
+        exact += answer.strip() == want
+        contains += bool(want) and want.lower() in answer.lower()
+        if len(samples) < 5 or (answer.strip() != want and len(samples) < 12):
+            samples.append(
+                {"prompt": c[last - 1].content if last else "", "expected": want, "got": answer}
+            )
+    n = len(convs)
+    return {
+        "response_loss": total / count if count else float("nan"),
+        "exact_match": exact / n,
+        "contains_match": contains / n,
+        "examples": n,
+        "samples": samples,
+    }

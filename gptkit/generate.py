@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -34,7 +35,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
 
     def validate(self) -> SamplingParams:
-        """Refuse values that would break sampling; the CLI, the Python API and the server all call this."""
+        """Refuse values that would break sampling; the CLI, the Python API and the server all call
+        this."""
         check_number("max_new_tokens", self.max_new_tokens, 0, integer=True)
         check_number("temperature", self.temperature, 0, TEMPERATURE_MAX, hint="0 = greedy")
         check_number("top_k", self.top_k, 0, integer=True, hint="0 = off")
@@ -51,15 +53,24 @@ class SamplingParams:
 
     def batch_key(self) -> tuple:
         """Settings that must be equal for rows to be sampled in one batched step."""
-        return (self.temperature, self.top_k, self.top_p, self.repetition_penalty, self.frequency_penalty,
-                self.presence_penalty, tuple(sorted(self.logit_bias.items())))  # fmt: skip
+        return (
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.repetition_penalty,
+            self.frequency_penalty,
+            self.presence_penalty,
+            tuple(sorted(self.logit_bias.items())),
+        )
 
 
 TEMPERATURE_MAX = 100.0
 PENALTY_RANGE = (0.01, 100.0)  # beyond it a float32 logit overflows or the penalty means nothing
 
 
-def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> torch.Generator | None:
+def seeded_generator(
+    seed: int | None, device: torch.device | str = "cpu"
+) -> torch.Generator | None:
     """A generator for a request's seed. Any integer is accepted: it is reduced to the 64 bits
     the generator holds (torch refuses values outside them)."""
     if seed is None:
@@ -68,7 +79,10 @@ def seeded_generator(seed: int | None, device: torch.device | str = "cpu") -> to
 
 
 def process_logits(
-    logits: torch.Tensor, context: torch.Tensor, p: SamplingParams, generated: torch.Tensor | None = None
+    logits: torch.Tensor,
+    context: torch.Tensor,
+    p: SamplingParams,
+    generated: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Apply logit bias, presence / frequency penalties (on the generated tokens), repetition
     penalty (on the whole context), temperature, top-k and top-p to (B, V) logits."""
@@ -79,8 +93,14 @@ def process_logits(
         bias = torch.tensor(list(p.logit_bias.values()), device=logits.device, dtype=logits.dtype)
         logits = logits.index_add(1, ids[ids_ok], bias[ids_ok].expand(logits.size(0), -1))
     if (p.frequency_penalty or p.presence_penalty) and generated is not None and generated.size(1):
-        counts = torch.zeros_like(logits).scatter_add_(1, generated, torch.ones_like(generated, dtype=logits.dtype))
-        logits = logits - p.frequency_penalty * counts - p.presence_penalty * (counts > 0).to(logits.dtype)
+        counts = torch.zeros_like(logits).scatter_add_(
+            1, generated, torch.ones_like(generated, dtype=logits.dtype)
+        )
+        logits = (
+            logits
+            - p.frequency_penalty * counts
+            - p.presence_penalty * (counts > 0).to(logits.dtype)
+        )
     if p.repetition_penalty != 1.0:
         seen = logits.gather(1, context)
         seen = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
@@ -104,9 +124,12 @@ def process_logits(
 
 
 def sample_next(
-    logits: torch.Tensor, context: torch.Tensor, p: SamplingParams, gen: torch.Generator | list[torch.Generator | None] | None,
+    logits: torch.Tensor,
+    context: torch.Tensor,
+    p: SamplingParams,
+    gen: torch.Generator | list[torch.Generator | None] | None,
     generated: torch.Tensor | None = None,
-) -> torch.Tensor:  # fmt: skip
+) -> torch.Tensor:
     """The next token of each row; gen may be one generator for the batch or one per row (each
     request of a batched server keeps its own seed)."""
     logits = process_logits(logits, context, p, generated)
@@ -114,7 +137,9 @@ def sample_next(
         return logits.argmax(-1)
     probs = logits.softmax(-1)
     if isinstance(gen, list):
-        return torch.cat([torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(gen)]).squeeze(-1)
+        return torch.cat(
+            [torch.multinomial(probs[i : i + 1], 1, generator=g) for i, g in enumerate(gen)]
+        ).squeeze(-1)
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
@@ -161,11 +186,23 @@ class Detokenizer:
     ended ("stop": a stop id or string, "length": max_new_tokens)."""
 
     def __init__(
-        self, tok: Tokenizer, params: SamplingParams, stop_ids: set[int], stops: list[str], skip_ids: frozenset[int] = frozenset()
+        self,
+        tok: Tokenizer,
+        params: SamplingParams,
+        stop_ids: set[int],
+        stops: list[str],
+        skip_ids: frozenset[int] = frozenset(),
     ) -> None:
-        """skip_ids: tokens that count but are not written as text (special tokens, for the server)."""
-        self.tok, self.params, self.stop_ids, self.stops, self.skip_ids = tok, params, stop_ids, [s for s in stops if s], skip_ids
-        self.hold = max((len(s) for s in self.stops), default=1) - 1  # a stop string may still be forming
+        """skip_ids: tokens that count but are not written as text (special tokens, for serve)."""
+        self.tok, self.params, self.stop_ids, self.stops, self.skip_ids = (
+            tok,
+            params,
+            stop_ids,
+            [s for s in stops if s],
+            skip_ids,
+        )
+        # a stop string may still be forming
+        self.hold = max((len(s) for s in self.stops), default=1) - 1
         self.out: list[int] = []
         self.text = ""
         self.emitted = 0  # characters of self.text already returned
@@ -212,9 +249,14 @@ class TextStream:
     "stop" or "length" and `completion_tokens` counts the tokens generated."""
 
     def __init__(
-        self, model: GPT, tok: Tokenizer, prompt: str | list[int], params: SamplingParams,
-        stop_ids: list[int] | None = None, extra_stop: list[str] | None = None,
-    ) -> None:  # fmt: skip
+        self,
+        model: GPT,
+        tok: Tokenizer,
+        prompt: str | list[int],
+        params: SamplingParams,
+        stop_ids: list[int] | None = None,
+        extra_stop: list[str] | None = None,
+    ) -> None:
         """stop_ids: token ids that end the sample (besides end-of-text, when params.stop_at_eot);
         extra_stop: stop strings added to params.stop (a chat template's end of turn)."""
         self.model, self.tok, self.params = model, tok, params.validate()
@@ -257,8 +299,7 @@ class TextStream:
 
 
 def generate(
-    model: GPT, tok: Tokenizer, prompt: str | list[int], params: SamplingParams,
-    stop_ids: list[int] | None = None, extra_stop: list[str] | None = None,
-) -> str:  # fmt: skip
-    """The completion of `prompt` as one string."""
-    return "".join(TextStream(model, tok, prompt, params, stop_ids, extra_stop))
+    model: GPT, tok: Tokenizer, prompt: str | list[int], params: SamplingParams, **stops: Any
+) -> str:
+    """The completion of `prompt` as one string (stops: TextStream's stop_ids and extra_stop)."""
+    return "".join(TextStream(model, tok, prompt, params, **stops))

@@ -11,10 +11,12 @@ a plain GPT whose logits equal the adapted model's.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.utils.hooks import RemovableHandle
 
 from gptkit.config import LoraConfig
 from gptkit.errors import GptkitError
@@ -38,7 +40,10 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        return (
+            self.base(x)
+            + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
+        )
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:
@@ -52,19 +57,37 @@ def _targets(model: GPT, targets: list[str]) -> list[str]:
     chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
     if "lm_head" in chosen and model.config.tie_embeddings:
         raise GptkitError(
-            "lora.targets: lm_head shares its weight with the token embedding here (tied), so an adapter on it "
+            "lora.targets: lm_head shares its weight with the token embedding here (tied), so an "
+            "adapter on it "
             "could not be merged; leave lm_head out"
         )
     for t in targets:
         if not any(n == t or n.endswith("." + t) for n in linears):
-            names = sorted({n.split(".", 2)[-1] for n in linears if n.startswith("blocks.")} | {"lm_head"})
-            raise GptkitError(f"lora.targets: {t!r} names no Linear layer of this model; choose from {', '.join(names)}")
+            names = sorted(
+                {n.split(".", 2)[-1] for n in linears if n.startswith("blocks.")} | {"lm_head"}
+            )
+            raise GptkitError(
+                f"lora.targets: {t!r} names no Linear layer of this model; choose from "
+                f"{', '.join(names)}"
+            )
     return chosen
 
 
-def apply_lora(model: GPT, cfg: LoraConfig, base_vocab_size: int | None = None) -> dict[str, int]:
+@dataclass
+class Adapters:
+    """What apply_lora did to a model, kept as `model.adapters`: which Linears carry adapters,
+    and which embedding matrices train only their rows from `new_rows_from` on (new tokens).
+    The optimizers take `row_params` apart: weight decay there would move the frozen rows."""
+
+    targets: list[str]
+    new_rows_from: int
+    row_params: list[nn.Parameter] = field(default_factory=list)
+    hooks: list[RemovableHandle] = field(default_factory=list)
+
+
+def apply_lora(model: GPT, cfg: LoraConfig, base_vocab_size: int | None = None) -> Adapters:
     """Freeze the model, wrap the target Linears with adapters, and let the embedding rows from
-    base_vocab_size on train. Returns trainable and total parameter counts."""
+    base_vocab_size on train. Returns what was adapted (also kept as model.adapters)."""
     chosen = _targets(model, cfg.targets)
     for p in model.parameters():
         p.requires_grad_(False)
@@ -72,24 +95,35 @@ def apply_lora(model: GPT, cfg: LoraConfig, base_vocab_size: int | None = None) 
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         setattr(parent, child, LoRALinear(getattr(parent, child), cfg.rank, cfg.alpha, cfg.dropout))
-    model.lora_new_rows_from = base_vocab_size if base_vocab_size is not None else model.config.vocab_size
-    model.lora_hooks = []
-    for p in _row_params(model):
+    start = base_vocab_size if base_vocab_size is not None else model.config.vocab_size
+    adapters = Adapters(chosen, start, _new_row_params(model, start))
+    for p in adapters.row_params:
         p.requires_grad_(True)
-        p.frozen_rows = model.lora_new_rows_from  # optimizers: no weight decay here, it would move frozen rows
-        hook = p.register_hook(lambda g, n=model.lora_new_rows_from: torch.cat([torch.zeros_like(g[:n]), g[n:]]))
-        model.lora_hooks.append(hook)
-    return parameter_counts(model)
+        adapters.hooks.append(
+            p.register_hook(lambda g: torch.cat([torch.zeros_like(g[:start]), g[start:]]))
+        )
+    model.adapters = adapters
+    return adapters
 
 
-def _row_params(model: GPT) -> list[nn.Parameter]:
+def _new_row_params(model: GPT, start: int) -> list[nn.Parameter]:
     """wte and an untied head, when the vocabulary grew past the base's."""
-    if model.lora_new_rows_from >= model.config.vocab_size:
+    if start >= model.config.vocab_size:
         return []
     params = [model.wte.weight]
     if not model.config.tie_embeddings:
-        params.append(model.lm_head.weight if isinstance(model.lm_head, nn.Linear) else model.lm_head.base.weight)
+        params.append(
+            model.lm_head.weight
+            if isinstance(model.lm_head, nn.Linear)
+            else model.lm_head.base.weight
+        )
     return params
+
+
+def _adapters(model: GPT) -> Adapters:
+    if model.adapters is None:
+        raise ValueError("the model has no LoRA adapters (apply_lora)")
+    return model.adapters
 
 
 def has_lora(model: nn.Module) -> bool:
@@ -99,17 +133,18 @@ def has_lora(model: nn.Module) -> bool:
 def parameter_counts(model: GPT) -> dict[str, int]:
     total = sum(p.numel() for p in model.parameters())
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    if has_lora(model):  # rows of wte/lm_head that are masked do not train
-        n = model.lora_new_rows_from
-        trainable -= sum(p[:n].numel() for p in _row_params(model))
+    if model.adapters is not None:  # rows of wte/lm_head that are masked do not train
+        n = model.adapters.new_rows_from
+        trainable -= sum(p[:n].numel() for p in model.adapters.row_params)
     return {"trainable": trainable, "total": total}
 
 
 def adapter_state(model: GPT) -> dict[str, torch.Tensor]:
     """What a LoRA checkpoint stores: A and B of every adapter and the new embedding rows."""
     sd = {n: p.detach().contiguous() for n, p in model.named_parameters() if ".lora_" in n}
-    n = model.lora_new_rows_from
-    for name, p in zip(("wte", "lm_head"), _row_params(model)):
+    adapters = _adapters(model)
+    n = adapters.new_rows_from
+    for name, p in zip(("wte", "lm_head"), adapters.row_params):
         sd[name + NEW_ROWS] = p.detach()[n:].contiguous()
     return sd
 
@@ -117,12 +152,16 @@ def adapter_state(model: GPT) -> dict[str, torch.Tensor]:
 @torch.no_grad()
 def load_adapter_state(model: GPT, sd: dict[str, torch.Tensor]) -> None:
     params = dict(model.named_parameters())
-    expected = {n for n in params if ".lora_" in n} | {k + NEW_ROWS for k, _ in zip(("wte", "lm_head"), _row_params(model))}
+    adapters = _adapters(model)
+    rows = list(zip(("wte", "lm_head"), adapters.row_params))
+    expected = {n for n in params if ".lora_" in n} | {name + NEW_ROWS for name, _ in rows}
     if set(sd) != expected:
         missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
-        raise KeyError(f"adapter does not match the model: missing {missing[:4]}, unexpected {extra[:4]}")
-    n = model.lora_new_rows_from
-    for name, p in zip(("wte", "lm_head"), _row_params(model)):
+        raise KeyError(
+            f"adapter does not match the model: missing {missing[:4]}, unexpected {extra[:4]}"
+        )
+    n = adapters.new_rows_from
+    for name, p in rows:
         p[n:] = sd[name + NEW_ROWS].to(p.dtype)
     for k, v in sd.items():
         if ".lora_" in k:
@@ -136,11 +175,10 @@ def merge_lora(model: GPT) -> GPT:
             parent_name, _, child = name.rpartition(".")
             parent = model.get_submodule(parent_name) if parent_name else model
             setattr(parent, child, module.merged())
-    for hook in getattr(model, "lora_hooks", []):
-        hook.remove()
-    model.lora_hooks = []
+    if model.adapters is not None:
+        for hook in model.adapters.hooks:
+            hook.remove()
+        model.adapters = None
     for p in model.parameters():
         p.requires_grad_(True)
-        if hasattr(p, "frozen_rows"):
-            del p.frozen_rows
     return model

@@ -15,19 +15,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch import Tensor
 
 from gptkit.config import ModelConfig
+from gptkit.runtime import attention_kernels
 
-# Attention kernels for bf16 training on a CPU with short contexts (up to CPU_MATH_ATTENTION_MAX_T
-# tokens): there the fused kernel's backward is slower than the plain formula; in fp32, or with
-# longer contexts, the fused kernel is used (benchmarks/attention_backend.py measures both).
-CPU_TRAIN_ATTENTION = [SDPBackend.MATH]
-CPU_MATH_ATTENTION_MAX_T = 128
+if TYPE_CHECKING:
+    from gptkit.lora import Adapters
+
+Rope = tuple[Tensor, Tensor]  # cos and sin tables of the positions in a forward pass
 
 
 class RMSNorm(nn.Module):
@@ -72,17 +73,23 @@ class KVCache:
     pos: int = 0  # how many positions are filled
 
     @classmethod
-    def empty(cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype) -> KVCache:
-        kv_heads = cfg.n_kv_head or cfg.n_head
-        shape = (cfg.n_layer, batch, kv_heads, max_len, cfg.n_embd // cfg.n_head)
-        return cls(torch.empty(shape, device=device, dtype=dtype), torch.empty(shape, device=device, dtype=dtype))
+    def empty(
+        cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+    ) -> KVCache:
+        shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim)
+        return cls(
+            torch.empty(shape, device=device, dtype=dtype),
+            torch.empty(shape, device=device, dtype=dtype),
+        )
 
     @property
     def max_len(self) -> int:
         return self.k.size(3)
 
 
-def attention_mask(past: int, T: int, pad: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+def attention_mask(
+    past: int, T: int, pad: torch.Tensor | None, device: torch.device
+) -> torch.Tensor | None:
     """Which keys each of T new queries may see, built once per forward for every layer; None
     for the plain causal case (SDPA's is_causal). Query i sits at position past + i and sees keys
     0 .. past + i -- SDPA's is_causal aligns top-left, right only when past == 0 -- and, in a
@@ -106,21 +113,19 @@ class CausalSelfAttention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_head = cfg.n_head
-        self.n_kv_head = cfg.n_kv_head or cfg.n_head
-        self.head_dim = cfg.n_embd // cfg.n_head
+        self.n_kv_head = cfg.kv_heads
+        self.head_dim = cfg.head_dim
         # Q, K and V projections fused into one matmul (GPT-2's c_attn).
-        self.c_attn = nn.Linear(cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias)
+        self.c_attn = nn.Linear(
+            cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias
+        )
         self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
         self.qk_norm = cfg.qk_norm
         self.dropout = cfg.dropout
 
     def forward(
-        self,
-        x: torch.Tensor,
-        rope: tuple[torch.Tensor, torch.Tensor] | None,
-        cache: KVCache | None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        self, x: Tensor, rope: Rope | None, cache: KVCache | None, mask: Tensor | None
+    ) -> Tensor:
         B, T, C = x.shape
         qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         # Queries and keys are normalised and rotated together: half the small kernels.
@@ -148,11 +153,7 @@ class CausalSelfAttention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )
-        cpu_bf16_training = x.device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
-        if cpu_bf16_training and T <= CPU_MATH_ATTENTION_MAX_T:
-            with sdpa_kernel(CPU_TRAIN_ATTENTION):
-                y = F.scaled_dot_product_attention(q, k, v, **kwargs)
-        else:
+        with attention_kernels(x.device, T):
             y = F.scaled_dot_product_attention(q, k, v, **kwargs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return F.dropout(self.c_proj(y), self.dropout, self.training)
@@ -162,13 +163,11 @@ class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         self.kind = cfg.mlp
-        hidden = int(cfg.mlp_ratio * cfg.n_embd)
-        if self.kind == "swiglu":
-            # Two input matrices instead of one: keep the parameter count of the plain MLP.
-            hidden = int(2 * hidden / 3)
-            self.c_fc = nn.Linear(cfg.n_embd, 2 * hidden, bias=cfg.bias)
-        else:
-            self.c_fc = nn.Linear(cfg.n_embd, hidden, bias=cfg.bias)
+        hidden = cfg.mlp_hidden
+        # SwiGLU's gate and up projections are one matmul: c_fc gives both halves.
+        self.c_fc = nn.Linear(
+            cfg.n_embd, 2 * hidden if self.kind == "swiglu" else hidden, bias=cfg.bias
+        )
         self.c_proj = nn.Linear(hidden, cfg.n_embd, bias=cfg.bias)
         self.dropout = cfg.dropout
 
@@ -193,9 +192,8 @@ class Block(nn.Module):
         self.mlp = MLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None, cache: KVCache | None,
-        mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:  # fmt: skip
+        self, x: Tensor, rope: Rope | None, cache: KVCache | None, mask: Tensor | None
+    ) -> Tensor:
         x = x + self.attn(self.ln_1(x), rope, cache, mask)
         x = x + self.mlp(self.ln_2(x))
         return x
@@ -205,16 +203,21 @@ class GPT(nn.Module):
     def __init__(self, cfg: ModelConfig) -> None:
         super().__init__()
         if cfg.vocab_size <= 0:
-            raise ValueError("model.vocab_size must be set (from the tokenizer) before building the model")
+            raise ValueError(
+                "model.vocab_size must be set (from the tokenizer) before building the model"
+            )
         self.config = cfg
+        self.adapters: Adapters | None = None  # set by lora.apply_lora
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
-        self.wpe = nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None
+        self.wpe = (
+            nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None
+        )
         self.drop = nn.Dropout(cfg.dropout)
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layer))
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.pos_embedding == "rope":
-            cos, sin = rope_tables(cfg.n_embd // cfg.n_head, cfg.block_size, cfg.rope_base)
+            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_base)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -254,7 +257,10 @@ class GPT(nn.Module):
         B, T = idx.shape
         past = cache.pos if cache is not None else 0
         if past + T > self.config.block_size:
-            raise ValueError(f"sequence of {past + T} tokens is longer than the context ({self.config.block_size})")
+            raise ValueError(
+                f"sequence of {past + T} tokens is longer than the context "
+                f"({self.config.block_size})"
+            )
         x = self.wte(idx)
         pos = torch.arange(past, past + T, device=idx.device)
         if pad is not None:
@@ -263,9 +269,11 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos)
         elif pad is None:
-            rope = (self.rope_cos[past : past + T, None], self.rope_sin[past : past + T, None])  # (T, 1, D/2)
+            # (T, 1, D/2)
+            rope = (self.rope_cos[past : past + T, None], self.rope_sin[past : past + T, None])
         else:
-            rope = (self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None])  # (B, T, 1, D/2)
+            # (B, T, 1, D/2)
+            rope = (self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None])
         x = self.drop(x)
         mask = attention_mask(past, T, pad, idx.device)
         for block in self.blocks:
@@ -281,7 +289,9 @@ class GPT(nn.Module):
             logits = c * torch.tanh(logits / c)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
+            loss = F.cross_entropy(
+                logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
+            )
         return logits, loss
 
     @torch.no_grad()
@@ -323,7 +333,8 @@ class GPT(nn.Module):
         cfg = self.config
         T = seq_len or cfg.block_size
         linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
-        attention = 2 * 2 * cfg.n_layer * T * cfg.n_embd  # QK^T and AV, full (not halved by the mask)
+        # QK^T and AV, full (not halved by the mask)
+        attention = 2 * 2 * cfg.n_layer * T * cfg.n_embd
         forward = 2 * linear + attention
         return 3 * forward if training else forward
 
@@ -340,4 +351,7 @@ class GPT(nn.Module):
         missing, unexpected = self.load_state_dict(sd, strict=False)
         missing = [k for k in missing if not (k == "lm_head.weight" and self.config.tie_embeddings)]
         if missing or unexpected:
-            raise KeyError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+            raise KeyError(
+                f"weights do not match the model: missing {missing[:5]}, unexpected "
+                f"{unexpected[:5]}"
+            )

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 
 from gptkit.config import TrainConfig
+from gptkit.lora import Adapters
 from gptkit.model import GPT
 from gptkit.runtime import fast_low_precision_dtype
 
@@ -38,14 +39,19 @@ def lr_factor(step: int, cfg: TrainConfig, time_frac: float = 0.0) -> float:
     progress = min(1.0, max(by_steps, time_frac))
     if cfg.schedule == "wsd":
         start = 1 - cfg.warmdown_frac
-        decay = 1.0 if progress < start else 1.0 - (1.0 - floor) * (progress - start) / max(cfg.warmdown_frac, 1e-9)
+        decay = (
+            1.0
+            if progress < start
+            else 1.0 - (1.0 - floor) * (progress - start) / max(cfg.warmdown_frac, 1e-9)
+        )
     else:
         decay = floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
     return min(warm, decay)
 
 
 def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
-    """Approximately orthogonal matrices with the singular vectors of g, (m, n) or (batch, m, n), singular
+    """Approximately orthogonal matrices with the singular vectors of g, (m, n) or (batch, m, n),
+    singular
     values pushed towards 1, by a quintic Newton-Schulz iteration, in bf16 where the hardware
     makes it fast (the iteration tolerates its precision) and in float32 elsewhere."""
     a, b, c = 3.4445, -4.7750, 2.0315
@@ -58,7 +64,8 @@ def newton_schulz(g: torch.Tensor, steps: int = 5) -> torch.Tensor:
     x = x if batched else x[None]
     for _ in range(steps):
         # x <- a x + (b S + c S^2) x with S = x x^T, as two fused multiply-adds: on a CPU the
-        # separate scalings and sums cost as much as the matmuls (17 -> 11 ms at the speedrun shape).
+        # separate scalings and sums cost as much as the matmuls (17 -> 11 ms at the speedrun
+        # shape).
         s = torch.bmm(x, x.mT)
         x = torch.baddbmm(x, torch.baddbmm(s, s, s, beta=b, alpha=c), x, beta=a)
     x = x if batched else x[0]
@@ -73,7 +80,11 @@ class Muon(torch.optim.Optimizer):
     the many small matmuls of one-at-a-time cost more in overhead than in arithmetic."""
 
     def __init__(
-        self, params: list[torch.nn.Parameter], lr: float = 0.02, momentum: float = 0.95, weight_decay: float = 0.0
+        self,
+        params: list[torch.nn.Parameter],
+        lr: float = 0.02,
+        momentum: float = 0.95,
+        weight_decay: float = 0.0,
     ) -> None:
         super().__init__(params, dict(lr=lr, momentum=momentum, weight_decay=weight_decay))
 
@@ -102,15 +113,20 @@ class Muon(torch.optim.Optimizer):
                 torch._foreach_add_(params, updates, alpha=-group["lr"] * scale)
 
 
-def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list[torch.optim.Optimizer]:
+def build_optimizers(
+    model: GPT, cfg: TrainConfig, device: torch.device, adapters: Adapters | None = None
+) -> list[torch.optim.Optimizer]:
     """AdamW alone, or Muon (hidden matrices) + AdamW (everything else). Each group's `base_lr`
-    is scaled by lr_factor every step."""
+    is scaled by lr_factor every step. With LoRA `adapters`, the embeddings of which only the
+    new rows train get no weight decay: it would move the frozen rows too."""
     params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    partial = {id(p) for p in adapters.row_params} if adapters is not None else set()
     embed_or_head = {n for n in params if n.startswith(("wte", "wpe", "lm_head"))}
     matrices = [p for n, p in params.items() if p.dim() >= 2 and n not in embed_or_head]
-    embeddings = [p for n, p in params.items() if p.dim() >= 2 and n in embed_or_head and not hasattr(p, "frozen_rows")]
-    # 1-D parameters, and embeddings of which only some rows train (LoRA): decay would move the rest.
-    vectors = [p for n, p in params.items() if p.dim() < 2 or hasattr(p, "frozen_rows")]
+    embeddings = [
+        p for n, p in params.items() if p.dim() >= 2 and n in embed_or_head and id(p) not in partial
+    ]
+    vectors = [p for n, p in params.items() if p.dim() < 2 or id(p) in partial]
     adam_kw: dict[str, Any] = dict(lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
     if device.type in ("cuda", "cpu"):
         # One kernel for all parameters. On a CPU PyTorch's default is a Python loop over the
@@ -119,12 +135,19 @@ def build_optimizers(model: GPT, cfg: TrainConfig, device: torch.device) -> list
     if cfg.optimizer == "muon":
         muon = Muon(matrices, lr=cfg.muon_lr, momentum=cfg.muon_momentum)
         adam = torch.optim.AdamW(
-            [{"params": embeddings, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}], **adam_kw
+            [
+                {"params": embeddings, "weight_decay": cfg.weight_decay},
+                {"params": vectors, "weight_decay": 0.0},
+            ],
+            **adam_kw,
         )
         optimizers: list[torch.optim.Optimizer] = [muon, adam]
     else:
         adam = torch.optim.AdamW(
-            [{"params": matrices + embeddings, "weight_decay": cfg.weight_decay}, {"params": vectors, "weight_decay": 0.0}],
+            [
+                {"params": matrices + embeddings, "weight_decay": cfg.weight_decay},
+                {"params": vectors, "weight_decay": 0.0},
+            ],
             **adam_kw,
         )
         optimizers = [adam]

@@ -11,8 +11,15 @@ import sys
 from typing import Any
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from gptkit.errors import GptkitError
+
+# Attention kernels for bf16 training on a CPU with short contexts (up to CPU_MATH_ATTENTION_MAX_T
+# tokens): there the fused kernel's backward is slower than the plain formula; in fp32, or with
+# longer contexts, the fused kernel is used (benchmarks/attention_backend.py measures both).
+CPU_TRAIN_ATTENTION = [SDPBackend.MATH]
+CPU_MATH_ATTENTION_MAX_T = 128
 
 
 @functools.cache
@@ -45,9 +52,13 @@ def resolve_device(name: str = "auto") -> torch.device:
     try:
         dev = torch.device(name)
     except RuntimeError:
-        raise GptkitError(f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+        raise GptkitError(
+            f"train.device: unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps"
+        ) from None
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise GptkitError("train.device=cuda but no CUDA GPU is available; use train.device=cpu or auto")
+        raise GptkitError(
+            "train.device=cuda but no CUDA GPU is available; use train.device=cpu or auto"
+        )
     return dev
 
 
@@ -59,7 +70,8 @@ def keep_freed_memory() -> bool:
     faults a step at the 4x128 baseline shape, and steps 1.1x-2.6x slower depending on the model
     and the run (benchmarks/allocator.py). Blocks above 32 MiB are still mapped and unmapped;
     the cost is that the process keeps its peak heap. Skipped where the user chose an allocator
-    (LD_PRELOAD) or glibc settings (MALLOC_* variables), and off Linux. Returns whether it applied."""
+    (LD_PRELOAD) or glibc settings (MALLOC_* variables), and off Linux. Returns whether it
+    applied."""
     if not sys.platform.startswith("linux") or "LD_PRELOAD" in os.environ:
         return False
     if any(k.startswith("MALLOC_") for k in os.environ):
@@ -86,3 +98,14 @@ def autocast_context(device: torch.device, dtype: torch.dtype) -> Any:
     if dtype == torch.float32:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def attention_kernels(device: torch.device, seq_len: int) -> Any:
+    """The attention kernels to allow for one forward: all of them, except in bf16 training on a
+    CPU with a short context, where the plain formula is the faster one (CPU_TRAIN_ATTENTION)."""
+    cpu_bf16_training = (
+        device.type == "cpu" and torch.is_grad_enabled() and torch.is_autocast_enabled("cpu")
+    )
+    if cpu_bf16_training and seq_len <= CPU_MATH_ATTENTION_MAX_T:
+        return sdpa_kernel(CPU_TRAIN_ATTENTION)
+    return contextlib.nullcontext()

@@ -6,11 +6,10 @@
     POST /v1/chat/completions    chat through the run's chat template
     GET  /                       a small chat page that streams from /v1/chat/completions
 
-Generation runs on one engine thread, never on the event loop. Requests waiting together are
-decoded together in one batch when their sampling settings match (prompts of different lengths
-are left-padded, see GPT.forward); others wait their turn in a bounded queue, and a request
-that would overflow it gets 429. Each request keeps its own seed. A streaming client that
-disconnects stops its rows at the next token.
+This module is the HTTP layer only: request models and their checks, auth and limits (Guard),
+server-sent events and OpenAI's error shapes. Generation runs on the engine's thread
+(gptkit/engine.py), never on the event loop; a request that would overflow its queue gets 429.
+A streaming client that disconnects stops its rows at the next token.
 """
 
 from __future__ import annotations
@@ -18,152 +17,28 @@ from __future__ import annotations
 import asyncio
 import hmac
 import json
-import threading
 import time
 import uuid
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import torch
-from fastapi import FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptkit.checkpoint import load_model
+from gptkit.engine import Engine, Job, QueueFull
 from gptkit.errors import GptkitError
-from gptkit.generate import Detokenizer, SamplingParams, generate_ids, seeded_generator
+from gptkit.generate import SamplingParams
 from gptkit.model import GPT
 from gptkit.runtime import resolve_device
 from gptkit.template import ChatTemplate, Message
 from gptkit.tokenizer import Tokenizer
-
-# --- the engine: batched decoding on one thread ---
-
-
-@dataclass(eq=False)  # identity, not field-by-field comparison: two choices may be alike
-class Job:
-    """One sample (one choice) of one request."""
-
-    index: int  # the choice's index in its request
-    prompt: list[int]
-    params: SamplingParams
-    stop_ids: set[int]
-    stops: list[str]
-    emit: Callable[[Job, str, bool], None]  # (job, text delta, finished); called on the engine thread
-    skip_ids: frozenset[int] = frozenset()  # tokens not written as text (special tokens)
-    cancelled: bool = False
-    detok: Detokenizer | None = None
-    error: str = ""  # set when generation failed for this sample; it finishes with no text of the failure
-    solo: bool = False  # retried alone after its batch failed, so that a failure stays with its own row
-    emitted: bool = False
-
-    def key(self) -> tuple:
-        return ("solo", id(self)) if self.solo else self.params.batch_key()
-
-    def send(self, delta: str, done: bool) -> None:
-        self.emitted = self.emitted or bool(delta)
-        self.emit(self, delta, done)
-
-
-class QueueFull(Exception):
-    pass
-
-
-class Engine:
-    def __init__(self, model: GPT, tok: Tokenizer, max_batch: int = 16, queue_limit: int = 64) -> None:
-        self.model, self.tok = model, tok
-        self.max_batch, self.queue_limit = max_batch, queue_limit
-        self.queue: deque[Job] = deque()
-        self.active = 0  # jobs queued or running
-        self.cv = threading.Condition()
-        self.batches = 0  # decoded batches, their total rows and tokens (for /health and the load test)
-        self.rows = 0
-        self.tokens = 0
-        self.failures = 0  # samples that ended with an error
-        self.thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
-        self.thread.start()
-
-    def submit(self, jobs: list[Job]) -> None:
-        with self.cv:
-            if self.active + len(jobs) > self.queue_limit:
-                raise QueueFull
-            self.active += len(jobs)
-            self.queue.extend(jobs)
-            self.cv.notify()
-
-    def _take_batch(self) -> list[Job]:
-        with self.cv:
-            while not self.queue:
-                self.cv.wait()
-            first = self.queue.popleft()
-            batch = [first]
-            for job in list(self.queue):
-                if len(batch) >= self.max_batch:
-                    break
-                if job.key() == first.key():
-                    self.queue.remove(job)
-                    batch.append(job)
-            return batch
-
-    def _loop(self) -> None:
-        while True:
-            batch = self._take_batch()
-            retry: list[Job] = []
-            try:
-                self._run(batch)
-            except Exception as e:  # noqa: BLE001 -- never let one bad row end the server, or its batch
-                unfinished = [j for j in batch if j.detok is None or not j.detok.done]
-                for job in unfinished:
-                    if len(batch) > 1 and not job.emitted:
-                        job.solo, job.detok = True, None  # run it again alone: only the culprit fails
-                        retry.append(job)
-                    else:
-                        job.error = f"generation failed: {type(e).__name__}: {e}"
-                        self.failures += 1
-                        job.send("", True)
-            finally:
-                with self.cv:
-                    self.active -= len(batch) - len(retry)
-                    self.queue.extendleft(reversed(retry))
-
-    @torch.no_grad()
-    def _run(self, jobs: list[Job]) -> None:
-        self.batches += 1
-        self.rows += len(jobs)
-        for job in jobs:
-            job.detok = Detokenizer(self.tok, job.params, job.stop_ids, job.stops, job.skip_ids)
-        live = [j for j in jobs if not j.cancelled and j.params.max_new_tokens > 0]
-        for job in jobs:
-            if job not in live:
-                job.detok.finish_reason = "length"
-                job.send("", True)
-        if not live:
-            return
-        width = max(len(j.prompt) for j in live)
-        pad = torch.tensor([width - len(j.prompt) for j in live])
-        ids = torch.tensor([[self.tok.eot_id] * (width - len(j.prompt)) + j.prompt for j in live])
-        gens = [seeded_generator(j.params.seed) for j in live]
-        params = replace(live[0].params, max_new_tokens=max(j.params.max_new_tokens for j in live))
-        pending = set(range(len(live)))
-        for nxt in generate_ids(self.model, ids, params, gens if any(gens) else None, pad if pad.any() else None):
-            for i in list(pending):
-                job = live[i]
-                if job.cancelled:
-                    pending.discard(i)
-                    continue
-                delta = job.detok.feed(int(nxt[i]))
-                self.tokens += 1
-                if delta or job.detok.done:
-                    job.send(delta, job.detok.done)
-                if job.detok.done:
-                    pending.discard(i)
-            if not pending:
-                break
-
 
 # --- requests and responses ---
 
@@ -203,8 +78,10 @@ class _Base(BaseModel):
     user: str | None = None
     top_k: Int = Field(default=0, ge=0)  # extensions beyond OpenAI's parameters
     repetition_penalty: float = Field(default=1.0, ge=0.01, le=100.0)
-    truncate: bool = False  # keep the last tokens of a prompt longer than the context instead of a 400
-    skip_special_tokens: bool = True  # special tokens (the chat template's) are not written into the text
+    # keep the last tokens of a prompt longer than the context instead of a 400
+    truncate: bool = False
+    # special tokens (the chat template's) are not written into the text
+    skip_special_tokens: bool = True
     # Declared to be refused when used (see UNSUPPORTED); the neutral values pass.
     response_format: dict[str, Any] | None = None
     tools: list[Any] | None = None
@@ -264,16 +141,23 @@ class ErrorResponse(BaseModel):
     error: ErrorBody
 
 
-def _error(status: int, message: str, code: str | None = None, param: str | None = None) -> JSONResponse:
+def _error(
+    status: int, message: str, code: str | None = None, param: str | None = None
+) -> JSONResponse:
     kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse({"error": {"message": message, "type": kind, "param": param, "code": code}}, status_code=status)
+    return JSONResponse(
+        {"error": {"message": message, "type": kind, "param": param, "code": code}},
+        status_code=status,
+    )
 
 
 class ApiError(HTTPException):
     """An error with OpenAI's shape. An HTTPException, so that FastAPI passes it through unchanged
     even when it is raised while the body is being read (the size limit)."""
 
-    def __init__(self, status: int, message: str, code: str | None = None, param: str | None = None) -> None:
+    def __init__(
+        self, status: int, message: str, code: str | None = None, param: str | None = None
+    ) -> None:
         super().__init__(status, message)
         self.status, self.message, self.code, self.param = status, message, code, param
 
@@ -307,7 +191,9 @@ def host_allowed(host_header: str, allowed: list[str] | None) -> bool:
         name = name[1 : name.find("]")] if "]" in name else name
     elif name.count(":") == 1:
         name = name.split(":")[0]
-    return name in (LOOPBACK_NAMES if allowed is None else [*LOOPBACK_NAMES, *(a.lower() for a in allowed)])
+    return name in (
+        LOOPBACK_NAMES if allowed is None else [*LOOPBACK_NAMES, *(a.lower() for a in allowed)]
+    )
 
 
 class Guard:
@@ -321,19 +207,34 @@ class Guard:
         self.app, self.sc = app, sc
 
     def refusal(self, scope: dict) -> JSONResponse | None:
-        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
+        headers = {
+            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
+        }
         sc = self.sc
         if not host_allowed(headers.get("host", ""), sc.allowed_hosts):
-            return _error(400, "the Host header names a host this server does not serve (DNS rebinding?); start it with "
-                          "--allowed-hosts NAME to accept that name", "invalid_host")  # fmt: skip
+            return _error(
+                400,
+                "the Host header names a host this server does not serve (DNS rebinding?); start "
+                "it with "
+                "--allowed-hosts NAME to accept that name",
+                "invalid_host",
+            )
         size = headers.get("content-length")
         if size is not None and (not size.isdigit() or int(size) > sc.max_request_bytes):
-            return _error(413, f"the request body is larger than {sc.max_request_bytes} bytes", "request_too_large")
+            return _error(
+                413,
+                f"the request body is larger than {sc.max_request_bytes} bytes",
+                "request_too_large",
+            )
         if scope["path"].startswith("/v1") and sc.api_key is not None:
             auth = headers.get("authorization", "")
             given = auth[7:] if auth.lower().startswith("bearer ") else ""
             if not hmac.compare_digest(given.encode(), sc.api_key.encode()):
-                return _error(401, "missing or wrong API key: send 'Authorization: Bearer KEY'", "invalid_api_key")
+                return _error(
+                    401,
+                    "missing or wrong API key: send 'Authorization: Bearer KEY'",
+                    "invalid_api_key",
+                )
         return None
 
     async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
@@ -366,7 +267,9 @@ class Guard:
 
         await self.app(scope, counted, guarded)
         if over and not started:
-            await _error(413, f"the request body is larger than {limit} bytes", "request_too_large")(scope, receive, send)
+            await _error(
+                413, f"the request body is larger than {limit} bytes", "request_too_large"
+            )(scope, receive, send)
 
 
 ERRORS = {
@@ -377,150 +280,199 @@ ERRORS = {
     429: "the server's queue is full; retry shortly",
     500: "generation failed",
 }
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {k: {"model": ErrorResponse, "description": v} for k, v in ERRORS.items()}
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    k: {"model": ErrorResponse, "description": v} for k, v in ERRORS.items()
+}
 STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {"description": "a JSON object; with stream: true, server-sent events ending in data: [DONE]",
-          # Each event's data is a chunk object, or [DONE] at the end.
-          "content": {"application/json": {}, "text/event-stream": {"schema": {}}}},
-}  # fmt: skip
+    200: {
+        "description": "a JSON object; with stream: true, server-sent events ending in data: "
+        "[DONE]",
+        # Each event's data is a chunk object, or [DONE] at the end.
+        "content": {"application/json": {}, "text/event-stream": {"schema": {}}},
+    }
+}
 
 
 CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
 
 
-def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
-    """The FastAPI application serving `model` (call from Python to embed it elsewhere)."""
-    # No /docs: Swagger UI loads its scripts from a CDN, blank offline. /openapi.json describes the API.
-    app = FastAPI(title="gptkit", version="1", docs_url=None, redoc_url=None)
-    engine = Engine(model, tok, sc.max_batch, sc.queue_limit)
-    app.state.engine = engine
-    template = ChatTemplate(tok)
-    block = model.config.block_size
-    created = int(time.time())
-    special_ids = frozenset(tok.special_tokens.values()) - {tok.eot_id}
+class Served:
+    """What every route shares: the model's tokenizer and chat template, the engine, the limits.
+    The request checks that both endpoints make are its methods."""
 
-    @app.exception_handler(StarletteHTTPException)  # ours, FastAPI's and the router's 404 / 405
-    async def _http(request: Request, e: StarletteHTTPException) -> JSONResponse:
-        if isinstance(e, ApiError):
-            return _error(e.status, e.message, e.code, e.param)
-        if e.status_code == 400:  # FastAPI could not read the body: bad UTF-8, nesting too deep ...
-            return _error(400, f"the request body could not be read as JSON ({e.detail})", "invalid_json")
-        resp = _error(e.status_code, str(e.detail), {404: "not_found", 405: "method_not_allowed"}.get(e.status_code))
-        resp.headers.update(e.headers or {})  # 405's Allow header
-        return resp
+    def __init__(self, model: GPT, tok: Tokenizer, sc: ServeConfig) -> None:
+        self.tok, self.sc = tok, sc
+        self.engine = Engine(model, tok, sc.max_batch, sc.queue_limit)
+        self.template = ChatTemplate(tok)
+        self.block = model.config.block_size
+        self.created = int(time.time())
+        self.special_ids = frozenset(tok.special_tokens.values()) - {tok.eot_id}
+        self.chat_page = CHAT_PAGE.read_text(encoding="utf-8")
 
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(request: Request, e: RequestValidationError) -> JSONResponse:
-        err = e.errors()[0] if e.errors() else {}
-        loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
-        if err.get("type") == "json_invalid":
-            return _error(400, "the request body is not valid JSON", "invalid_json")
-        return _error(400, f"{loc or 'body'}: {err.get('msg', 'invalid value')}", "invalid_value", loc or None)
-
-    @app.exception_handler(Exception)
-    async def _crash(request: Request, e: Exception) -> JSONResponse:
-        return _error(500, f"internal error: {type(e).__name__}")
-
-    app.add_middleware(Guard, sc=sc)
-
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {"status": "ok", "model": sc.model_name, "active_samples": engine.active, "batches": engine.batches,
-                "rows": engine.rows, "tokens": engine.tokens, "failures": engine.failures}  # fmt: skip
-
-    @app.get("/v1/models", responses=ERROR_RESPONSES)
-    async def models() -> dict[str, Any]:
-        return {"object": "list", "data": [{"id": sc.model_name, "object": "model", "created": created, "owned_by": "gptkit"}]}
-
-    chat_page = CHAT_PAGE.read_text(encoding="utf-8")
-
-    @app.get("/", response_class=HTMLResponse)
-    async def page() -> str:
-        return chat_page
-
-    def check_text(text: str, param: str) -> str:
+    def check_text(self, text: str, param: str) -> str:
         """JSON can carry lone surrogates (\\ud800), which no tokenizer can encode: say where."""
         try:
             text.encode("utf-8")
         except UnicodeEncodeError as e:
-            raise ApiError(400, f"{param}: a lone UTF-16 surrogate (U+{ord(text[e.start]):04X}) at character {e.start} "
-                           "is not text; send valid Unicode", "invalid_value", param) from None  # fmt: skip
+            raise ApiError(
+                400,
+                f"{param}: a lone UTF-16 surrogate (U+{ord(text[e.start]):04X}) at character "
+                f"{e.start} "
+                "is not text; send valid Unicode",
+                "invalid_value",
+                param,
+            ) from None
         return text
 
-    def check_common(r: _Base, default_max: int, n_prompts: int = 1) -> SamplingParams:
+    def sampling(self, r: _Base, default_max: int, n_prompts: int = 1) -> SamplingParams:
+        """The request's sampling settings, checked against this server's model and limits."""
+        sc = self.sc
         if r.model != sc.model_name:
-            msg = f"model {r.model!r} does not exist; this server has {sc.model_name!r}"
-            raise ApiError(404, msg, "model_not_found", "model")
+            raise ApiError(
+                404,
+                f"model {r.model!r} does not exist; this server has {sc.model_name!r}",
+                "model_not_found",
+                "model",
+            )
         for name, neutral in UNSUPPORTED.items():
             value = getattr(r, name, None)
             if value not in neutral:
-                raise ApiError(400, f"{name} is not supported by this server (got {json.dumps(value)[:80]}); leave it out",
-                               "unsupported_parameter", name)  # fmt: skip
+                raise ApiError(
+                    400,
+                    f"{name} is not supported by this server (got {json.dumps(value)[:80]}); leave "
+                    "it out",
+                    "unsupported_parameter",
+                    name,
+                )
         max_tokens = r.max_tokens if r.max_tokens is not None else default_max
         if isinstance(r, ChatRequest) and r.max_completion_tokens is not None:
             max_tokens = r.max_completion_tokens
         if max_tokens > sc.max_tokens_cap:
-            raise ApiError(400, f"max_tokens is {max_tokens}; this server allows at most {sc.max_tokens_cap}", "invalid_value",
-                           "max_tokens")  # fmt: skip
+            raise ApiError(
+                400,
+                f"max_tokens is {max_tokens}; this server allows at most {sc.max_tokens_cap}",
+                "invalid_value",
+                "max_tokens",
+            )
         samples = r.n * n_prompts
         if samples > sc.queue_limit:  # never fits: 429 would be retried forever
-            raise ApiError(400, f"the request asks for {samples} samples; this server's queue holds {sc.queue_limit} "
-                           "(--queue-limit)", "invalid_value", "n")  # fmt: skip
+            raise ApiError(
+                400,
+                f"the request asks for {samples} samples; this server's queue holds "
+                f"{sc.queue_limit} "
+                "(--queue-limit)",
+                "invalid_value",
+                "n",
+            )
         if samples * max_tokens > sc.max_request_work:
-            raise ApiError(400, f"the request asks for {samples} samples x {max_tokens} tokens = {samples * max_tokens}; "
-                           f"one request may ask for at most {sc.max_request_work} (--max-request-work), so that it "
-                           "leaves room for others", "invalid_value", "n")  # fmt: skip
+            raise ApiError(
+                400,
+                f"the request asks for {samples} samples x {max_tokens} tokens = "
+                f"{samples * max_tokens}; "
+                f"one request may ask for at most {sc.max_request_work} (--max-request-work), so "
+                "that it "
+                "leaves room for others",
+                "invalid_value",
+                "n",
+            )
         stops = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
         if len(stops) > 4:
             raise ApiError(400, "stop: at most 4 stop sequences", "invalid_value", "stop")
-        stops = [check_text(s, "stop") for s in stops]  # the Detokenizer ignores empty ones, as OpenAI does
+        stops = [
+            self.check_text(s, "stop") for s in stops
+        ]  # the Detokenizer ignores empty ones, as OpenAI does
         bias: dict[int, float] = {}
         for key, value in (r.logit_bias or {}).items():
             if not key.isdigit():
-                raise ApiError(400, f"logit_bias: {key!r} is not a token id", "invalid_value", "logit_bias")
-            if int(key) < tok.vocab_size:  # ids past this model's vocabulary bias nothing
+                raise ApiError(
+                    400, f"logit_bias: {key!r} is not a token id", "invalid_value", "logit_bias"
+                )
+            if int(key) < self.tok.vocab_size:  # ids past this model's vocabulary bias nothing
                 bias[int(key)] = value
         params = SamplingParams(
-            max_tokens, r.temperature, r.top_k, r.top_p, r.repetition_penalty, stops, r.seed,
-            frequency_penalty=r.frequency_penalty, presence_penalty=r.presence_penalty, logit_bias=bias,
-        )  # fmt: skip
+            max_tokens,
+            r.temperature,
+            r.top_k,
+            r.top_p,
+            r.repetition_penalty,
+            stops,
+            r.seed,
+            frequency_penalty=r.frequency_penalty,
+            presence_penalty=r.presence_penalty,
+            logit_bias=bias,
+        )
         try:
             return params.validate()
         except GptkitError as e:
             raise ApiError(400, str(e), "invalid_value", str(e).split(" ")[0]) from None
 
-    def fit(ids: list[int], r: _Base) -> list[int]:
+    def fit(self, ids: list[int], r: _Base) -> list[int]:
+        """A prompt within the context: refused when longer, or its last tokens with truncate."""
         if not ids:
-            ids = [tok.eot_id]
-        if len(ids) > block:
+            ids = [self.tok.eot_id]
+        if len(ids) > self.block:
             if not r.truncate:
-                msg = (f"the prompt is {len(ids)} tokens, longer than the model's context of {block}; shorten it or send "
-                       '"truncate": true to keep its last tokens')  # fmt: skip
+                msg = (
+                    f"the prompt is {len(ids)} tokens, longer than the model's context of "
+                    f"{self.block}; shorten it or "
+                    'send "truncate": true to keep its last tokens'
+                )
                 raise ApiError(400, msg, "context_length_exceeded", "prompt")
-            ids = ids[-block:]
+            ids = ids[-self.block :]
         return ids
 
-    async def run(
-        prompts: list[list[int]], params: SamplingParams, stop_ids: set[int], stops: list[str], n: int, skip: frozenset[int]
-    ) -> Any:
-        """Submit n samples per prompt; returns (jobs, an async iterator of (index, delta, finished))."""
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            if any(not 0 <= x < self.tok.vocab_size for x in prompt):
+                raise ApiError(
+                    400,
+                    f"prompt: token ids must be in [0, {self.tok.vocab_size})",
+                    "invalid_value",
+                    "prompt",
+                )
+            return prompt
+        try:
+            return self.tok.encode(self.check_text(prompt, "prompt"))
+        except GptkitError as e:
+            raise ApiError(400, f"prompt: {e}", "invalid_value", "prompt") from None
+
+    async def submit(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        stop_ids: set[int],
+        stops: list[str],
+        n: int,
+        skip_special: bool,
+    ) -> tuple[list[Job], AsyncIterator[tuple[int, str, bool]]]:
+        """Submit n samples per prompt; returns (jobs, an async iterator of (index, delta,
+        finished))."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
 
         def emit(job: Job, delta: str, done: bool) -> None:
             loop.call_soon_threadsafe(events.put_nowait, (job.index, delta, done))
 
+        skip = self.special_ids if skip_special else frozenset()
         jobs = [
             Job(
-                i * n + k, p, replace(params, seed=None if params.seed is None else params.seed + k), stop_ids, stops, emit, skip
-            )  # fmt: skip
+                i * n + k,
+                p,
+                replace(params, seed=None if params.seed is None else params.seed + k),
+                stop_ids,
+                stops,
+                emit,
+                skip,
+            )
             for i, p in enumerate(prompts)
             for k in range(n)
         ]
         try:
-            engine.submit(jobs)
+            self.engine.submit(jobs)
         except QueueFull:
-            raise ApiError(429, "the server is busy (its queue is full); retry shortly", "rate_limit_exceeded") from None
+            raise ApiError(
+                429, "the server is busy (its queue is full); retry shortly", "rate_limit_exceeded"
+            ) from None
 
         async def stream() -> AsyncIterator[tuple[int, str, bool]]:
             left = len(jobs)
@@ -535,157 +487,284 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
 
         return jobs, stream()
 
-    async def drain(request: Request, jobs: list[Job], events: AsyncIterator) -> None:
-        """Wait for every sample of a non-streaming request, checking that its client is still
-        there: one that has gone frees its rows at the next token."""
 
-        async def consume() -> None:
-            async for _ in events:
-                pass
+def _served(request: Request) -> Served:
+    return request.app.state.served
 
-        task = asyncio.ensure_future(consume())
-        try:
-            while not task.done():
-                await asyncio.wait({task}, timeout=0.25)
-                if not task.done() and await request.is_disconnected():
-                    for j in jobs:
-                        j.cancelled = True
-                    task.cancel()
-                    raise ApiError(499, "client closed the request")
-        finally:
-            if not task.done():
-                task.cancel()
-        failed = next((j.error for j in jobs if j.error), "")
-        if failed:
-            raise ApiError(500, failed, "generation_failed")
 
-    def usage(jobs: list[Job], prompts: list[list[int]]) -> dict[str, int]:
-        p = sum(len(x) for x in prompts)
-        c = sum(j.detok.completion_tokens for j in jobs if j.detok is not None)
+def sse(obj: Any) -> str:
+    return f"data: {json.dumps(obj)}\n\n"
+
+
+class Reply:
+    """The one response builder of both endpoints: chunks and server-sent events, the final
+    object with its choices, and usage. A completion's choice carries `text` (after the echoed
+    prompt, with echo); a chat choice a `message`, streamed as `delta`s after a role chunk."""
+
+    def __init__(
+        self,
+        s: Served,
+        r: _Base,
+        jobs: list[Job],
+        prompts: list[list[int]],
+        echo: list[str] | None = None,
+    ) -> None:
+        self.s, self.r, self.jobs, self.prompts = s, r, jobs, prompts
+        self.chat = isinstance(r, ChatRequest)
+        self.echo = echo or [""] * len(prompts)
+        self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
+        self.created = int(time.time())
+        self.object = "chat.completion" if self.chat else "text_completion"
+        self.chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
+
+    def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.s.sc.model_name,
+            "choices": choices,
+        }
+
+    def _chunk(
+        self, i: int, text: str | None, finish: str | None = None, opening: bool = False
+    ) -> str:
+        choice: dict[str, Any] = {"index": i}
+        if self.chat:
+            choice["delta"] = (
+                {"role": "assistant", "content": ""}
+                if opening
+                else {"content": text}
+                if text
+                else {}
+            )
+        else:
+            choice["text"] = text or ""
+        choice.update(logprobs=None, finish_reason=finish)
+        return sse(self._envelope(self.chunk_object, [choice]))
+
+    def usage(self) -> dict[str, int]:
+        p = sum(len(x) for x in self.prompts)
+        c = sum(j.detok.completion_tokens for j in self.jobs if j.detok is not None)
         return {"prompt_tokens": p, "completion_tokens": c, "total_tokens": p + c}
 
-    def sse(obj: Any) -> str:
-        return f"data: {json.dumps(obj)}\n\n"
+    async def stream(self, events: AsyncIterator[tuple[int, str, bool]]) -> AsyncIterator[str]:
+        """SSE: (chat: a role chunk per choice), text as it comes, a finish chunk per choice; a
+        failed sample sends an error event (never text presented as the model's) and ends it."""
+        if self.chat:
+            for i in range(len(self.jobs)):
+                yield self._chunk(i, None, opening=True)
+        started: set[int] = set()
+        n = self.r.n
+        async for i, delta, done in events:
+            job = self.jobs[i]
+            if done and job.error:
+                yield sse(
+                    {
+                        "error": {
+                            "message": job.error,
+                            "type": "server_error",
+                            "param": None,
+                            "code": "generation_failed",
+                        }
+                    }
+                )
+                return
+            text = delta if i in started else self.echo[i // n] + delta
+            started.add(i)
+            if text:
+                yield self._chunk(i, text)
+            if done:
+                yield self._chunk(i, None, job.detok.finish_reason)
+        # OpenAI's usage chunk
+        if self.r.stream_options is not None and self.r.stream_options.include_usage:
+            yield sse({**self._envelope(self.chunk_object, []), "usage": self.usage()})
+        yield "data: [DONE]\n\n"
 
-    def stream_end(r: _Base, obj: str, rid: str, now: int, jobs: list[Job], prompts: list[list[int]]) -> str:
-        """The end of a stream: OpenAI's usage chunk (no choices) when asked for, then [DONE]."""
-        end = "data: [DONE]\n\n"
-        if r.stream_options is not None and r.stream_options.include_usage:
-            usage_chunk = {"id": rid, "object": obj, "created": now, "model": sc.model_name, "choices": [],
-                           "usage": usage(jobs, prompts)}  # fmt: skip
-            end = sse(usage_chunk) + end
-        return end
+    def final(self) -> dict[str, Any]:
+        choices = []
+        for i, job in enumerate(self.jobs):
+            choice: dict[str, Any] = {"index": i}
+            if self.chat:
+                choice["message"] = {"role": "assistant", "content": job.detok.text.strip()}
+            else:
+                choice["text"] = self.echo[i // self.r.n] + job.detok.text
+            choice.update(logprobs=None, finish_reason=job.detok.finish_reason)
+            choices.append(choice)
+        return {**self._envelope(self.object, choices), "usage": self.usage()}
 
-    def stream_error(job: Job) -> str:
-        """A failed sample in a stream: an error event, never text presented as the model's."""
-        return sse({"error": {"message": job.error, "type": "server_error", "param": None, "code": "generation_failed"}})
+    async def send(self, request: Request, events: AsyncIterator[tuple[int, str, bool]]) -> Any:
+        if self.r.stream:
+            return StreamingResponse(self.stream(events), media_type="text/event-stream")
+        await _drain(request, self.jobs, events)
+        return self.final()
 
-    @app.post("/v1/completions", responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
-    async def completions(r: CompletionRequest, request: Request) -> Any:
-        prompt = r.prompt
-        if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
-            texts: list[str | list[int]] = [list(prompt)]  # type: ignore[arg-type]
-        elif isinstance(prompt, list) and prompt and all(isinstance(x, list) for x in prompt):
-            texts = [list(x) for x in prompt]  # type: ignore[union-attr]
-        else:
-            texts = [prompt] if isinstance(prompt, str) else list(prompt)  # type: ignore[list-item]
-        if not texts:
-            raise ApiError(400, "prompt: give a string, a list of strings or a list of token ids", "invalid_value", "prompt")
-        params = check_common(r, 16, len(texts))
-        for t in texts:
-            if isinstance(t, list) and any(not 0 <= x < tok.vocab_size for x in t):
-                raise ApiError(400, f"prompt: token ids must be in [0, {tok.vocab_size})", "invalid_value", "prompt")
-        prompts = [fit(_encode(tok, check_text(t, "prompt") if isinstance(t, str) else t), r) for t in texts]
-        # The end-of-turn token ends a completion as end-of-text does; special tokens are not text.
-        stop_ids = {tok.eot_id, *template.stop_ids}
-        jobs, events = await run(
-            prompts, params, stop_ids, params.stop, r.n, special_ids if r.skip_special_tokens else frozenset()
+
+async def _drain(request: Request, jobs: list[Job], events: AsyncIterator) -> None:
+    """Wait for every sample of a non-streaming request, checking that its client is still
+    there: one that has gone frees its rows at the next token."""
+
+    async def consume() -> None:
+        async for _ in events:
+            pass
+
+    task = asyncio.ensure_future(consume())
+    try:
+        while not task.done():
+            await asyncio.wait({task}, timeout=0.25)
+            if not task.done() and await request.is_disconnected():
+                for j in jobs:
+                    j.cancelled = True
+                task.cancel()
+                raise ApiError(499, "client closed the request")
+    finally:
+        if not task.done():
+            task.cancel()
+    failed = next((j.error for j in jobs if j.error), "")
+    if failed:
+        raise ApiError(500, failed, "generation_failed")
+
+
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> dict[str, Any]:
+    s = _served(request)
+    e = s.engine
+    return {
+        "status": "ok",
+        "model": s.sc.model_name,
+        "active_samples": e.active,
+        "batches": e.batches,
+        "rows": e.rows,
+        "tokens": e.tokens,
+        "failures": e.failures,
+    }
+
+
+@router.get("/v1/models", responses=ERROR_RESPONSES)
+async def models(request: Request) -> dict[str, Any]:
+    s = _served(request)
+    return {
+        "object": "list",
+        "data": [
+            {"id": s.sc.model_name, "object": "model", "created": s.created, "owned_by": "gptkit"}
+        ],
+    }
+
+
+@router.get("/", response_class=HTMLResponse)
+async def page(request: Request) -> str:
+    return _served(request).chat_page
+
+
+@router.post("/v1/completions", responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
+async def completions(r: CompletionRequest, request: Request) -> Any:
+    s, tok = _served(request), _served(request).tok
+    prompt = r.prompt
+    if isinstance(prompt, list) and prompt and all(isinstance(x, int) for x in prompt):
+        texts: list[str | list[int]] = [list(prompt)]  # type: ignore[arg-type]
+    elif isinstance(prompt, list) and prompt and all(isinstance(x, list) for x in prompt):
+        texts = [list(x) for x in prompt]  # type: ignore[union-attr]
+    else:
+        texts = [prompt] if isinstance(prompt, str) else list(prompt)  # type: ignore[list-item]
+    if not texts:
+        raise ApiError(
+            400,
+            "prompt: give a string, a list of strings or a list of token ids",
+            "invalid_value",
+            "prompt",
         )
-        rid, now = f"cmpl-{uuid.uuid4().hex[:24]}", int(time.time())
-        echo = [tok.decode(p) if r.echo else "" for p in prompts]
+    params = s.sampling(r, 16, len(texts))
+    prompts = [s.fit(s.encode(t), r) for t in texts]
+    # The end-of-turn token ends a completion as end-of-text does; special tokens are not text.
+    stop_ids = {tok.eot_id, *s.template.stop_ids}
+    jobs, events = await s.submit(
+        prompts, params, stop_ids, params.stop, r.n, r.skip_special_tokens
+    )
+    echo = [tok.decode(p) if r.echo else "" for p in prompts]
+    return await Reply(s, r, jobs, prompts, echo).send(request, events)
 
-        def chunk(i: int, text: str, finish: str | None) -> dict[str, Any]:
-            choice = {"index": i, "text": text, "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": "text_completion", "created": now, "model": sc.model_name, "choices": [choice]}
 
-        if r.stream:
-
-            async def body() -> AsyncIterator[str]:
-                started: set[int] = set()
-                async for i, delta, done in events:
-                    if done and jobs[i].error:
-                        yield stream_error(jobs[i])
-                        return
-                    prefix = echo[i // r.n] if i not in started else ""
-                    started.add(i)
-                    if delta or prefix:
-                        yield sse(chunk(i, prefix + delta, None))
-                    if done:
-                        yield sse(chunk(i, "", jobs[i].detok.finish_reason))
-                yield stream_end(r, "text_completion", rid, now, jobs, prompts)
-
-            return StreamingResponse(body(), media_type="text/event-stream")
-        await drain(request, jobs, events)
-        choices = [
-            {"index": i, "text": echo[i // r.n] + j.detok.text, "logprobs": None, "finish_reason": j.detok.finish_reason}
-            for i, j in enumerate(jobs)
-        ]
-        return {"id": rid, "object": "text_completion", "created": now, "model": sc.model_name, "choices": choices,
-                "usage": usage(jobs, prompts)}  # fmt: skip
-
-    @app.post("/v1/chat/completions", responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
-    async def chat(r: ChatRequest, request: Request) -> Any:
-        params = check_common(r, min(sc.default_max_tokens, sc.max_tokens_cap))
-        msgs = [
-            Message("system" if m.role == "developer" else m.role,
-                    check_text(m.content if isinstance(m.content, str) else "".join(p.text for p in m.content), "messages"))
-            for m in r.messages
-        ]  # fmt: skip
-        try:  # roles are checked by the request model; a system message may come anywhere, as OpenAI allows
-            ids, _ = template.encode(msgs, generation_prompt=True)
-        except GptkitError as e:
-            raise ApiError(400, f"messages: {e}", "invalid_value", "messages") from None
-        prompts = [fit(ids, r)]
-        skip = special_ids if r.skip_special_tokens else frozenset()
-        jobs, events = await run(
-            prompts, params, set(template.stop_ids) | {tok.eot_id}, params.stop + template.stop_strings, r.n, skip
+@router.post("/v1/chat/completions", responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
+async def chat(r: ChatRequest, request: Request) -> Any:
+    s = _served(request)
+    params = s.sampling(r, min(s.sc.default_max_tokens, s.sc.max_tokens_cap))
+    msgs = [
+        Message(
+            "system" if m.role == "developer" else m.role,
+            s.check_text(
+                m.content if isinstance(m.content, str) else "".join(p.text for p in m.content),
+                "messages",
+            ),
         )
-        rid, now = f"chatcmpl-{uuid.uuid4().hex[:24]}", int(time.time())
+        for m in r.messages
+    ]
+    # roles are checked by the request model; a system message may come anywhere, as OpenAI allows
+    try:
+        ids, _ = s.template.encode(msgs, generation_prompt=True)
+    except GptkitError as e:
+        raise ApiError(400, f"messages: {e}", "invalid_value", "messages") from None
+    prompts = [s.fit(ids, r)]
+    stop_ids = set(s.template.stop_ids) | {s.tok.eot_id}
+    jobs, events = await s.submit(
+        prompts, params, stop_ids, params.stop + s.template.stop_strings, r.n, r.skip_special_tokens
+    )
+    return await Reply(s, r, jobs, prompts).send(request, events)
 
-        def chunk(i: int, delta: dict[str, str], finish: str | None) -> dict[str, Any]:
-            choice = {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}
-            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": sc.model_name, "choices": [choice]}
 
-        if r.stream:
+async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
+    """Ours, FastAPI's and the router's errors (404, 405 ...), in OpenAI's shape."""
+    if isinstance(e, ApiError):
+        return _error(e.status, e.message, e.code, e.param)
+    if e.status_code == 400:  # FastAPI could not read the body: bad UTF-8, nesting too deep ...
+        return _error(
+            400, f"the request body could not be read as JSON ({e.detail})", "invalid_json"
+        )
+    resp = _error(
+        e.status_code,
+        str(e.detail),
+        {404: "not_found", 405: "method_not_allowed"}.get(e.status_code),
+    )
+    resp.headers.update(e.headers or {})  # 405's Allow header
+    return resp
 
-            async def body() -> AsyncIterator[str]:
-                for i in range(len(jobs)):
-                    yield sse(chunk(i, {"role": "assistant", "content": ""}, None))
-                async for i, delta, done in events:
-                    if done and jobs[i].error:
-                        yield stream_error(jobs[i])
-                        return
-                    if delta:
-                        yield sse(chunk(i, {"content": delta}, None))
-                    if done:
-                        yield sse(chunk(i, {}, jobs[i].detok.finish_reason))
-                yield stream_end(r, "chat.completion.chunk", rid, now, jobs, prompts)
 
-            return StreamingResponse(body(), media_type="text/event-stream")
-        await drain(request, jobs, events)
-        choices = [
-            {"index": i, "message": {"role": "assistant", "content": j.detok.text.strip()}, "logprobs": None,
-             "finish_reason": j.detok.finish_reason}
-            for i, j in enumerate(jobs)
-        ]  # fmt: skip
-        return {"id": rid, "object": "chat.completion", "created": now, "model": sc.model_name, "choices": choices,
-                "usage": usage(jobs, prompts)}  # fmt: skip
+async def _invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
+    err = e.errors()[0] if e.errors() else {}
+    loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+    if err.get("type") == "json_invalid":
+        return _error(400, "the request body is not valid JSON", "invalid_json")
+    return _error(
+        400, f"{loc or 'body'}: {err.get('msg', 'invalid value')}", "invalid_value", loc or None
+    )
 
-    app.openapi = lambda: _openapi(app, sc, tok, template, block)  # type: ignore[method-assign]
+
+async def _crash(request: Request, e: Exception) -> JSONResponse:
+    return _error(500, f"internal error: {type(e).__name__}")
+
+
+def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
+    """The FastAPI application serving `model` (call from Python to embed it elsewhere)."""
+    # No /docs: Swagger UI loads its scripts from a CDN, blank offline. /openapi.json describes the
+    # API.
+    app = FastAPI(title="gptkit", version="1", docs_url=None, redoc_url=None)
+    served = Served(model, tok, sc)
+    app.state.served = served
+    app.state.engine = served.engine
+    app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
+    app.add_exception_handler(RequestValidationError, _invalid_request)  # type: ignore[arg-type]
+    app.add_exception_handler(Exception, _crash)
+    app.add_middleware(Guard, sc=sc)
+    app.include_router(router)
+    app.openapi = lambda: _openapi(app, sc, tok, served.template, served.block)  # type: ignore[method-assign]
     return app
 
 
-def _openapi(app: FastAPI, sc: ServeConfig, tok: Tokenizer, template: ChatTemplate, block: int) -> dict[str, Any]:
+def _openapi(
+    app: FastAPI, sc: ServeConfig, tok: Tokenizer, template: ChatTemplate, block: int
+) -> dict[str, Any]:
     """The schema as this server behaves, so that a request valid by it is accepted: 400 (not
     FastAPI's 422) for invalid bodies, bearer auth on /v1 when a key is set, errors in OpenAI's
     shape, and this model's own limits (its name, max_tokens cap, prompts that fit its context
@@ -706,32 +785,85 @@ def _openapi(app: FastAPI, sc: ServeConfig, tok: Tokenizer, template: ChatTempla
     if sc.api_key is not None:
         comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
 
-    # Text that surely fits: a byte-level BPE token covers at least one byte, a character at most four.
+    # Text that surely fits: a byte-level BPE token covers at least one byte, a character at most
+    # four.
     per_char = 1 if tok.kind == "char" else 4
     text: dict[str, Any] = {"type": "string", "maxLength": block // per_char}
     if tok.kind == "char":
-        known = "".join(c if c.isalnum() else f"\\u{ord(c):04x}" for c in getattr(tok, "chars", []) if ord(c) < 0x10000)
+        known = "".join(
+            c if c.isalnum() else f"\\u{ord(c):04x}"
+            for c in getattr(tok, "chars", [])
+            if ord(c) < 0x10000
+        )
         text["pattern"] = f"^[{known}]*$"
-    ids = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": tok.vocab_size - 1}, "minItems": 1,
-           "maxItems": block}  # fmt: skip
-    most = 4  # prompts per request, messages per conversation (as the schema promises; the API takes more)
+    ids = {
+        "type": "array",
+        "items": {"type": "integer", "minimum": 0, "maximum": tok.vocab_size - 1},
+        "minItems": 1,
+        "maxItems": block,
+    }
+    # prompts per request, messages per conversation (as the schema promises; the API takes more)
+    most = 4
     n_max = max(1, min(16, sc.queue_limit // most))
-    marker = max(len(v) for k, v in template.marker.items() if k != "end") + len(template.marker["end"])
-    chat_text = {**text, "maxLength": max(0, (block - len(template.marker["assistant"]) - most * marker) // most // per_char)}
+    marker = max(len(v) for k, v in template.marker.items() if k != "end") + len(
+        template.marker["end"]
+    )
+    chat_text = {
+        **text,
+        "maxLength": max(
+            0, (block - len(template.marker["assistant"]) - most * marker) // most // per_char
+        ),
+    }
     schemas = comps["schemas"]
     common = {
         "model": {"type": "string", "enum": [sc.model_name]},
-        "max_tokens": {"anyOf": [{"type": "integer", "minimum": 0, "maximum": sc.max_tokens_cap}, {"type": "null"}]},
-        "n": {"type": "integer", "minimum": 1, "maximum": n_max, "default": 1,
-              "description": f"samples per prompt; n x prompts x max_tokens may be at most {sc.max_request_work}"},
-        "stop": {"anyOf": [{"type": "string"}, {"type": "array", "items": {"type": "string"}, "maxItems": 4}, {"type": "null"}]},
-        "logit_bias": {"anyOf": [{"type": "object", "propertyNames": {"pattern": "^[0-9]{1,9}$"},
-                                  "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100}},
-                                 {"type": "null"}]},
-    }  # fmt: skip
-    neutral = {name: {"enum": [v for v in values if not isinstance(v, (dict, list))]} for name, values in UNSUPPORTED.items()}
-    neutral["response_format"] = {"anyOf": [{"type": "null"}, {"type": "object", "properties": {"type": {"enum": ["text"]}},
-                                                               "required": ["type"], "additionalProperties": False}]}  # fmt: skip
+        "max_tokens": {
+            "anyOf": [
+                {"type": "integer", "minimum": 0, "maximum": sc.max_tokens_cap},
+                {"type": "null"},
+            ]
+        },
+        "n": {
+            "type": "integer",
+            "minimum": 1,
+            "maximum": n_max,
+            "default": 1,
+            "description": "samples per prompt; n x prompts x max_tokens may be at most "
+            f"{sc.max_request_work}",
+        },
+        "stop": {
+            "anyOf": [
+                {"type": "string"},
+                {"type": "array", "items": {"type": "string"}, "maxItems": 4},
+                {"type": "null"},
+            ]
+        },
+        "logit_bias": {
+            "anyOf": [
+                {
+                    "type": "object",
+                    "propertyNames": {"pattern": "^[0-9]{1,9}$"},
+                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
+                },
+                {"type": "null"},
+            ]
+        },
+    }
+    neutral = {
+        name: {"enum": [v for v in values if not isinstance(v, (dict, list))]}
+        for name, values in UNSUPPORTED.items()
+    }
+    neutral["response_format"] = {
+        "anyOf": [
+            {"type": "null"},
+            {
+                "type": "object",
+                "properties": {"type": {"enum": ["text"]}},
+                "required": ["type"],
+                "additionalProperties": False,
+            },
+        ]
+    }
     for name in ("tools", "functions"):
         neutral[name] = {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}
     neutral["suffix"] = {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}
@@ -739,26 +871,24 @@ def _openapi(app: FastAPI, sc: ServeConfig, tok: Tokenizer, template: ChatTempla
     for model_name in ("CompletionRequest", "ChatRequest"):
         props = schemas[model_name]["properties"]
         props.update({k: v for k, v in {**common, **neutral}.items() if k in props})
-    schemas["CompletionRequest"]["properties"]["prompt"] = {"anyOf": [
-        text, {"type": "array", "items": text, "minItems": 1, "maxItems": most}, ids,
-        {"type": "array", "items": ids, "minItems": 1, "maxItems": most},
-    ]}  # fmt: skip
+    schemas["CompletionRequest"]["properties"]["prompt"] = {
+        "anyOf": [
+            text,
+            {"type": "array", "items": text, "minItems": 1, "maxItems": most},
+            ids,
+            {"type": "array", "items": ids, "minItems": 1, "maxItems": most},
+        ]
+    }
     schemas["ChatRequest"]["properties"]["messages"].update(maxItems=most)
-    schemas["ChatMessage"]["properties"]["content"] = {"anyOf": [
-        chat_text, {"type": "array", "items": {"$ref": "#/components/schemas/TextPart"}, "maxItems": 1},
-    ]}  # fmt: skip
+    schemas["ChatMessage"]["properties"]["content"] = {
+        "anyOf": [
+            chat_text,
+            {"type": "array", "items": {"$ref": "#/components/schemas/TextPart"}, "maxItems": 1},
+        ]
+    }
     schemas["TextPart"]["properties"]["text"] = chat_text
     app.openapi_schema = schema
     return schema
-
-
-def _encode(tok: Tokenizer, prompt: str | list[int]) -> list[int]:
-    if isinstance(prompt, list):
-        return prompt
-    try:
-        return tok.encode(prompt)
-    except GptkitError as e:
-        raise ApiError(400, f"prompt: {e}", "invalid_value", "prompt") from None
 
 
 def _header_timeout_protocol(seconds: float) -> type:
@@ -771,7 +901,9 @@ def _header_timeout_protocol(seconds: float) -> type:
         def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
             super().connection_made(transport)
             self._tail = b""
-            self._deadline: asyncio.TimerHandle | None = self.loop.call_later(seconds, self._too_slow)
+            self._deadline: asyncio.TimerHandle | None = self.loop.call_later(
+                seconds, self._too_slow
+            )
 
         def data_received(self, data: bytes) -> None:
             if self._deadline is not None:
@@ -806,28 +938,36 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, sc: ServeConfig | None = None,
-          device: str = "auto", dtype: str = "float32") -> None:  # fmt: skip
+def serve(
+    run: str | Path,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    sc: ServeConfig | None = None,
+    device: str = "auto",
+    dtype: str = "float32",
+) -> None:
     """Load the run and serve it until interrupted; prints the address once it is listening."""
     import socket
 
     import uvicorn
-
-    from gptkit.checkpoint import load_model
 
     model, tok, _ = load_model(run, resolve_device(device), merge_adapters=True)
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     sc = sc or ServeConfig(model_name=Path(run).resolve().name)
     if sc.allowed_hosts is None and not is_loopback(host):
-        sc = replace(sc, allowed_hosts=["*"])  # bound to a public address on purpose: any name reaches it
+        # bound to a public address on purpose: any name reaches it
+        sc = replace(sc, allowed_hosts=["*"])
     app = create_app(model, tok, sc)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
     except OSError as e:
-        msg = f"cannot listen on {host}:{port} ({e.strerror}); choose another --port, or --port 0 for a free one"
+        msg = (
+            f"cannot listen on {host}:{port} ({e.strerror}); choose another --port, or --port 0 "
+            "for a free one"
+        )
         raise GptkitError(msg) from None
     bound = sock.getsockname()[1]
 
@@ -835,10 +975,18 @@ def serve(run: str | Path, host: str = "127.0.0.1", port: int = 8000, sc: ServeC
         async def startup(self, sockets: list | None = None) -> None:
             await super().startup(sockets)
             shown = f"[{host}]" if ":" in host else host
-            print(f"gptkit: serving {sc.model_name} at http://{shown}:{bound} (OpenAI API under /v1, chat page at /)", flush=True)
+            print(
+                f"gptkit: serving {sc.model_name} at http://{shown}:{bound} (OpenAI API under /v1, "
+                "chat page at /)",
+                flush=True,
+            )
 
     config = uvicorn.Config(
-        app, log_level="warning", timeout_graceful_shutdown=2, http=_header_timeout_protocol(sc.timeout_headers),
-        timeout_keep_alive=sc.timeout_keep_alive, limit_concurrency=sc.max_connections,
-    )  # fmt: skip
+        app,
+        log_level="warning",
+        timeout_graceful_shutdown=2,
+        http=_header_timeout_protocol(sc.timeout_headers),
+        timeout_keep_alive=sc.timeout_keep_alive,
+        limit_concurrency=sc.max_connections,
+    )
     _Server(config).run(sockets=[sock])

@@ -29,7 +29,9 @@ def _words() -> list[str]:
     return sorted({w for w in re.findall(r"[a-z]+", text) if 3 <= len(w) <= 7})
 
 
-def make_tasks(n: int, split: str = "train", seed: int = 0, tasks: tuple[str, ...] = TASKS) -> list[dict[str, str]]:
+def make_tasks(
+    n: int, split: str = "train", seed: int = 0, tasks: tuple[str, ...] = TASKS
+) -> list[dict[str, str]]:
     """n Alpaca records ({instruction, input, output}), tasks in turn."""
     if split not in ("train", "test"):
         raise ValueError("split must be train or test")

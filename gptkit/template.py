@@ -24,7 +24,12 @@ from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 
 ROLES = ("system", "user", "assistant")
-SPECIAL_TEMPLATE = {"system": "<|system|>", "user": "<|user|>", "assistant": "<|assistant|>", "end": "<|end|>"}
+SPECIAL_TEMPLATE = {
+    "system": "<|system|>",
+    "user": "<|user|>",
+    "assistant": "<|assistant|>",
+    "end": "<|end|>",
+}
 PLAIN_TEMPLATE = {"system": "System: ", "user": "User: ", "assistant": "Assistant: ", "end": "\n"}
 
 
@@ -41,13 +46,19 @@ def check_messages(messages: list[Message], need_assistant: bool) -> None:
         raise GptkitError("the conversation is empty; give at least one message")
     for i, m in enumerate(messages):
         if m.role not in ROLES:
-            raise GptkitError(f"message {i}: role must be one of {', '.join(ROLES)}, got {m.role!r}")
+            raise GptkitError(
+                f"message {i}: role must be one of {', '.join(ROLES)}, got {m.role!r}"
+            )
         if not isinstance(m.content, str):
-            raise GptkitError(f"message {i}: content must be a string, got {type(m.content).__name__}")
+            raise GptkitError(
+                f"message {i}: content must be a string, got {type(m.content).__name__}"
+            )
         if m.role == "system" and i != 0:
             raise GptkitError(f"message {i}: a system message may only come first")
     if need_assistant and not any(m.role == "assistant" for m in messages):
-        raise GptkitError("the conversation has no assistant turn, so there is nothing to learn from it")
+        raise GptkitError(
+            "the conversation has no assistant turn, so there is nothing to learn from it"
+        )
 
 
 class ChatTemplate:
@@ -58,7 +69,9 @@ class ChatTemplate:
         if self.special:
             missing = [t for t in spec.values() if t not in tok.special_tokens]
             if missing:
-                raise GptkitError(f"the tokenizer's chat template names tokens it does not have: {missing}")
+                raise GptkitError(
+                    f"the tokenizer's chat template names tokens it does not have: {missing}"
+                )
             self.marker = {k: [tok.special_tokens[v]] for k, v in spec.items()}
         else:
             self.marker = {k: tok.encode(v) for k, v in spec.items()}
@@ -82,7 +95,9 @@ class ChatTemplate:
         """With the plain template, the text that ends a turn (the special one stops by id)."""
         return [] if self.special else [PLAIN_TEMPLATE["end"]]
 
-    def encode(self, messages: list[Message], generation_prompt: bool = False) -> tuple[list[int], list[bool]]:
+    def encode(
+        self, messages: list[Message], generation_prompt: bool = False
+    ) -> tuple[list[int], list[bool]]:
         """Token ids of the conversation and, per token, whether it is assistant output (carries
         loss). With generation_prompt, the ids end with the assistant marker, ready to sample."""
         ids: list[int] = []

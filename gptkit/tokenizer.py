@@ -27,7 +27,8 @@ class Tokenizer:
 
     kind: str = ""
     special_tokens: dict[str, int]
-    chat_template: dict[str, str] | None = None  # role -> marker token, "end" -> end of turn; see template.py
+    # role -> marker token, "end" -> end of turn; see template.py
+    chat_template: dict[str, str] | None = None
 
     @property
     def vocab_size(self) -> int:
@@ -66,7 +67,12 @@ class CharTokenizer(Tokenizer):
 
     kind = "char"
 
-    def __init__(self, chars: list[str], specials: list[str] | None = None, added: list[tuple[str, bool]] | None = None) -> None:
+    def __init__(
+        self,
+        chars: list[str],
+        specials: list[str] | None = None,
+        added: list[tuple[str, bool]] | None = None,
+    ) -> None:
         # ids: the corpus's characters, then the special tokens, then tokens added later (new
         # characters or specials, in order), so that growing the vocabulary never moves an id.
         self.chars = list(chars)
@@ -114,7 +120,9 @@ class CharTokenizer(Tokenizer):
     def _lookup(self, text: str) -> np.ndarray:
         """Ids of text's characters, -1 where the vocabulary lacks one."""
         codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32).astype(np.int64)
-        return np.where(codes < self._table.size, self._table[np.minimum(codes, self._table.size - 1)], -1)
+        return np.where(
+            codes < self._table.size, self._table[np.minimum(codes, self._table.size - 1)], -1
+        )
 
     def encode_array(self, text: str) -> np.ndarray:
         ids = self._lookup(text)
@@ -124,8 +132,10 @@ class CharTokenizer(Tokenizer):
             ch = text[pos]
             name = unicodedata.name(ch, "unnamed")
             raise GptkitError(
-                f"character {ch!r} (U+{ord(ch):04X} {name}) at position {pos} is not in this character "
-                f"tokenizer's vocabulary of {len(self.chars)} characters; use only characters from the training "
+                f"character {ch!r} (U+{ord(ch):04X} {name}) at position {pos} is not in this "
+                "character "
+                f"tokenizer's vocabulary of {len(self.chars)} characters; use only characters from "
+                "the training "
                 "corpus, or train with data.tokenizer=bpe, which represents any text"
             )
         return ids
@@ -212,7 +222,8 @@ class HFTokenizer(Tokenizer):
         if (p / "tokenizer.json").is_file():
             return cls._load_hf_json(p / "tokenizer.json", "gpt2")
         raise GptkitError(
-            f"{p}: no GPT-2 tokenizer files found; expected vocab.json + merges.txt (Hugging Face names) "
+            f"{p}: no GPT-2 tokenizer files found; expected vocab.json + merges.txt (Hugging Face "
+            "names) "
             "or encoder.json + vocab.bpe (OpenAI names)"
         )
 
@@ -274,7 +285,9 @@ class HFTokenizer(Tokenizer):
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(folder / "tokenizer.json"))  # type: ignore[attr-defined]
-        (folder / META_FILE).write_text(json.dumps({"kind": self.kind, "special_tokens": list(self.special_tokens)}))
+        (folder / META_FILE).write_text(
+            json.dumps({"kind": self.kind, "special_tokens": list(self.special_tokens)})
+        )
         _save_template(self, folder)
 
 
@@ -305,8 +318,11 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     return tok
 
 
-def build_tokenizer(spec: str, texts: Iterable[str] | None = None, vocab_size: int = 4096) -> Tokenizer:
-    """spec: "char" or "bpe" (trained on texts), "gpt2:PATH" (GPT-2's files) or "run:RUN_DIR" (a run's)."""
+def build_tokenizer(
+    spec: str, texts: Iterable[str] | None = None, vocab_size: int = 4096
+) -> Tokenizer:
+    """spec: "char" or "bpe" (trained on texts), "gpt2:PATH" (GPT-2's files) or "run:RUN_DIR" (a
+    run's)."""
     if spec.startswith("gpt2:"):
         return HFTokenizer.gpt2(spec.split(":", 1)[1])
     if spec.startswith("run:"):

@@ -17,12 +17,11 @@ import signal
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 
 from gptkit import distributed
@@ -33,16 +32,17 @@ from gptkit.checkpoint import (
     has_checkpoint,
     is_run,
     load_best,
+    load_for_finetune,
     load_run_config,
     read_training_state,
     save_best,
     save_checkpoint,
 )
-from gptkit.config import Config, TrainConfig, all_keys, apply_overrides
-from gptkit.data import Batches, DataSet, prepare
+from gptkit.config import Config, TrainConfig, all_keys, apply_overrides, load_config
+from gptkit.data import Batch, Batches, DataSet, bundled_corpus, default_preset, prepare, windows
 from gptkit.distributed import DistContext
 from gptkit.errors import DivergedError, GptkitError, quote
-from gptkit.evaluate import predicted_bytes, summarize, token_losses
+from gptkit.evaluate import predicted_bytes, sum_losses, summarize
 from gptkit.model import GPT
 from gptkit.optim import build_optimizers, lr_factor
 from gptkit.runtime import autocast_context, keep_freed_memory, resolve_dtype
@@ -101,12 +101,23 @@ def init_run_folder(run_dir: Path, resume: bool, overwrite: bool, quiet: bool = 
         saved = has_checkpoint(run_dir)
         if saved and not overwrite:
             raise GptkitError(
-                f"{run_dir} already holds a run; pass --resume {quote(run_dir)} to continue it, --overwrite to replace it, "
+                f"{run_dir} already holds a run; pass --resume {quote(run_dir)} to continue it, "
+                "--overwrite to replace it, "
                 "or choose another --out"
             )
         if not saved and not quiet:
-            print(f"gptkit: {run_dir} holds no checkpoint (its run stopped before the first save); starting it afresh")
-        for name in ("checkpoint", "checkpoint.old", "checkpoint.tmp", "tensorboard", "data", "tokenizer"):
+            print(
+                f"gptkit: {run_dir} holds no checkpoint (its run stopped before the first save); "
+                "starting it afresh"
+            )
+        for name in (
+            "checkpoint",
+            "checkpoint.old",
+            "checkpoint.tmp",
+            "tensorboard",
+            "data",
+            "tokenizer",
+        ):
             shutil.rmtree(run_dir / name, ignore_errors=True)
         for name in ("metrics.jsonl", "loss.png", "config.yaml"):
             (run_dir / name).unlink(missing_ok=True)
@@ -118,21 +129,71 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
     time budget unless train.max_time_s is set too (the user asked for steps)."""
     saved = load_run_config(Path(run_dir))
     cfg = apply_overrides(copy.deepcopy(saved), overrides or []).validate()
-    changed = [k for k in all_keys(cfg) if k.startswith("model.") and k != "model.dropout" and _get(cfg, k) != _get(saved, k)]
+    changed = [
+        k
+        for k in all_keys(cfg)
+        if k.startswith("model.") and k != "model.dropout" and _get(cfg, k) != _get(saved, k)
+    ]
     if changed:
         k = changed[0]
         raise GptkitError(
-            f"--resume cannot change {k} ({_get(saved, k)} -> {_get(cfg, k)}): the checkpoint's weights have the old shape; "
-            f"start a new run from its weights with --init-from {quote(run_dir)}, or train a new one with --out"
+            f"--resume cannot change {k} ({_get(saved, k)} -> {_get(cfg, k)}): the checkpoint's "
+            "weights have the old shape; "
+            f"start a new run from its weights with --init-from {quote(run_dir)}, or train a new "
+            "one with --out"
         )
     keys = {o.split("=", 1)[0].strip() for o in overrides or []}
     if "train.max_steps" in keys and "train.max_time_s" not in keys and saved.train.max_time_s > 0:
-        cfg.train.max_time_s = 0.0
+        cfg = cfg.updated({"train.max_time_s": 0.0})
         print(
-            f"gptkit: train.max_steps={cfg.train.max_steps} replaces the run's time budget ({saved.train.max_time_s:g} s); "
+            f"gptkit: train.max_steps={cfg.train.max_steps} replaces the run's time budget "
+            f"({saved.train.max_time_s:g} s); "
             "add --set train.max_time_s=N to keep one"
         )
     return cfg
+
+
+@dataclass
+class NewRun:
+    """A new run's whole configuration, resolved once from the command line (new_run_config)."""
+
+    config: Config
+    name: str  # the default run folder's name (runs/NAME)
+    text: str | None = None  # a text file to prepare into the run folder
+    init_from: GPT | None = None  # the base run's weights, for --init-from
+
+
+def new_run_config(
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    data: str | None = None,
+    text: str | None = None,
+    init_from: str | None = None,
+    fsdp: bool = False,
+) -> NewRun:
+    """`gptkit train`'s configuration, built once: the defaults, then the file (or the bundled CPU
+    preset when training from scratch: its schedule is not for fine-tuning, so --init-from starts
+    from the plain defaults), then --data and --fsdp, then --set, then --init-from's base run,
+    whose architecture and tokenizer the run keeps (the config may shorten the context and set
+    dropout). With no data named anywhere the run trains on the bundled tiny Shakespeare."""
+    flags = ([f"data.dir={data}"] if data else []) + (["train.fsdp=true"] if fsdp else [])
+    cfg = load_config(
+        config or (None if init_from else default_preset()), flags + list(overrides or [])
+    )
+    if not data and not text and not cfg.data.dir:
+        text = str(bundled_corpus())
+    name = (
+        "shakespeare-char"
+        if text == str(bundled_corpus())
+        else Path(data or text or cfg.data.dir).stem
+    )
+    if not init_from:
+        return NewRun(cfg, name, text)
+    model = load_for_finetune(init_from, cfg.model.block_size, cfg.model.dropout)
+    changes: dict[str, Any] = {f"model.{k}": v for k, v in model.config.__dict__.items()}
+    if not data:
+        changes["data.tokenizer"] = f"run:{init_from}"
+    return NewRun(cfg.updated(changes), name, text, model)
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -140,37 +201,50 @@ def _get(cfg: Config, key: str) -> Any:
     return getattr(getattr(cfg, section), name)
 
 
-def setup_run(
-    cfg: Config, run_dir: Path, resume: bool, overwrite: bool, text: str | None, progress: bool, ctx: DistContext | None = None,
-    quiet: bool = False,
-) -> DataSet:  # fmt: skip
-    """Check the run folder and prepare data if asked (rank 0 writes; every rank ends with the same
-    config and data set). The config and tokenizer are written once training is sure to start."""
-    ctx = ctx or DistContext()
-    ctx.on_main(lambda: init_run_folder(run_dir, resume, overwrite, quiet))
-    if text is not None and not resume:
-        data_dir = run_dir / "data"
-        ctx.on_main(lambda: prepare(
-            [text], data_dir, cfg.data.tokenizer, cfg.data.vocab_size, cfg.data.val_fraction, overwrite=True, progress=progress
-        ))  # fmt: skip
-        cfg.data.dir = "data"
-    if not cfg.data.dir:
-        raise GptkitError("no training data: pass --data DATA_DIR (from `gptkit prepare`) or --text FILE")
-    data_path = Path(cfg.data.dir)
-    if not data_path.is_absolute():
-        data_path = run_dir / data_path if (resume or text is not None) else data_path
+def _shard_data(
+    cfg: Config, run_dir: Path, opts: TrainOptions, ctx: DistContext
+) -> tuple[Config, ShardData]:
+    """Pretraining data, and the run's config resolved against it: the data folder (prepared
+    into the run folder from opts.text, rank 0 writing), its tokenizer, and model.vocab_size
+    from it. Returns a new config; the caller's is left as it was."""
+    changes: dict[str, Any] = {}
+    if opts.text is not None and not opts.resume:
+        d = cfg.data
+        ctx.on_main(
+            lambda: prepare(
+                [opts.text],
+                run_dir / "data",
+                d.tokenizer,
+                d.vocab_size,
+                d.val_fraction,
+                overwrite=True,
+                progress=opts.progress and ctx.main,
+            )
+        )
+        changes["data.dir"] = "data"
+    data_dir = changes.get("data.dir", cfg.data.dir)
+    if not data_dir:
+        raise GptkitError(
+            "no training data: pass --data DATA_DIR (from `gptkit prepare`) or --text FILE"
+        )
+    data_path = Path(data_dir)
+    if not data_path.is_absolute() and (opts.resume or opts.text is not None):
+        data_path = run_dir / data_path  # the run's own data/ folder
     ds = DataSet(data_path)
-    if not resume:
-        cfg.data.dir = _absolute_or_relative(data_path, run_dir)
-        cfg.data.tokenizer = cfg.data.tokenizer if text is not None else ds.tokenizer.kind
+    if not opts.resume:
+        changes["data.dir"] = _absolute_or_relative(data_path, run_dir)
+        changes["data.tokenizer"] = (
+            cfg.data.tokenizer if opts.text is not None else ds.tokenizer.kind
+        )
     if cfg.model.vocab_size == 0:
-        cfg.model.vocab_size = ds.tokenizer.vocab_size
+        changes["model.vocab_size"] = ds.tokenizer.vocab_size
     elif cfg.model.vocab_size < ds.tokenizer.vocab_size:
         raise GptkitError(
             f"model.vocab_size ({cfg.model.vocab_size}) is smaller than the tokenizer's vocabulary "
             f"({ds.tokenizer.vocab_size}); leave it 0 to take the tokenizer's"
         )
-    return ds
+    cfg = cfg.updated(changes)
+    return cfg, ShardData(ds, cfg.model.block_size, cfg.train.batch_size, cfg.train.seed)
 
 
 def _write_run(run_dir: Path, tok: Tokenizer, cfg: Config) -> None:
@@ -186,51 +260,59 @@ class TrainData(Protocol):
     tokenizer: Tokenizer
     description: str  # for the start-up line, e.g. "1,003,854 train tokens"
 
+    def bind(self, ctx: DistContext) -> None: ...  # under torchrun: this rank's share of batches
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]: ...  # (x, y); y == -100: no loss
 
-    def state(self) -> torch.Tensor: ...
+    def state(self) -> torch.Tensor: ...  # the sampler's state, saved in checkpoints
 
     def load_state(self, state: torch.Tensor) -> None: ...
 
-    def evaluate(
-        self, model: GPT, batch_size: int, device: torch.device, amp: Any, max_batches: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[float, int, np.ndarray]: ...  # fmt: skip
+    # all of the validation data, or a sample
+    def val_batches(
+        self, batch_size: int, max_batches: int | None = None, gen: torch.Generator | None = None
+    ) -> Iterable[Batch]: ...
 
 
 class ShardData:
     """Pretraining: random windows of the train shard; validation over the val shard."""
 
-    def __init__(self, ds: DataSet, block_size: int, batch_size: int, seed: int, ctx: DistContext | None = None) -> None:
+    def __init__(self, ds: DataSet, block_size: int, batch_size: int, seed: int) -> None:
         self.tokenizer = ds.tokenizer
         self.train_tokens, self.val_tokens = ds.split("train"), ds.split("val")
         n = len(self.train_tokens) + len(self.val_tokens)
         if n <= block_size + 1:
             raise GptkitError(
-                f"{ds.folder}: the corpus is {n} tokens, shorter than one context window (model.block_size={block_size}); "
+                f"{ds.folder}: the corpus is {n} tokens, shorter than one context window "
+                f"(model.block_size={block_size}); "
                 "use a larger corpus or a smaller model.block_size"
             )
         if len(self.val_tokens) < 2:
-            raise GptkitError(f"{ds.folder}: the validation split is empty; use a larger --val-fraction or corpus")
+            raise GptkitError(
+                f"{ds.folder}: the validation split is empty; use a larger --val-fraction or corpus"
+            )
         # Every rank draws the global batch from the same generator and keeps its own rows.
         self.batches = Batches(self.train_tokens, block_size, batch_size, seed, "train")
-        self.ctx = ctx or DistContext()
-        self.rows = self.ctx.shard(batch_size)
+        self.block_size, self.batch_size = block_size, batch_size
+        self.ctx = DistContext()
         self.description = f"{len(self.train_tokens):,} train tokens"
         self.state, self.load_state = self.batches.state, self.batches.load_state
 
+    def bind(self, ctx: DistContext) -> None:
+        self.ctx = ctx
+
     def next(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.batches.next()
-        return x[self.rows], y[self.rows]
+        rows = self.ctx.shard(self.batch_size)
+        return x[rows], y[rows]
 
-    def evaluate(
-        self, model: GPT, batch_size: int, device: torch.device, amp: Any, max_batches: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> tuple[float, int, np.ndarray]:  # fmt: skip
+    def val_batches(
+        self, batch_size: int, max_batches: int | None = None, gen: torch.Generator | None = None
+    ) -> Iterable[Batch]:
         # Under DDP each rank scores its share of the windows; the caller sums. FSDP's forward is
         # a collective, so there every rank scores all windows alike.
         split = (self.ctx.rank, self.ctx.world) if self.ctx.enabled and not self.ctx.fsdp else None
-        return token_losses(model, self.val_tokens, batch_size, device, amp, max_batches, generator, split)
+        return windows(self.val_tokens, self.block_size, batch_size, max_batches, gen, split)
 
 
 class MetricsLog:
@@ -240,7 +322,11 @@ class MetricsLog:
         path = run_dir / "metrics.jsonl"
         if resume_step is not None and path.exists():
             # Rows logged after the checkpoint we resume from are about to be redone.
-            rows = [r for r in path.read_text().splitlines() if r.strip() and json.loads(r)["step"] <= resume_step]
+            rows = [
+                r
+                for r in path.read_text().splitlines()
+                if r.strip() and json.loads(r)["step"] <= resume_step
+            ]
             path.write_text("".join(r + "\n" for r in rows))
         self.file = open(path, "a")
         self.tb = None
@@ -272,7 +358,11 @@ def plot_losses(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    rows = [
+        json.loads(line)
+        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     final = [(r["step"], r["final_val_loss"]) for r in rows if "final_val_loss" in r][-1:]
@@ -292,7 +382,8 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.grid(alpha=0.3)
     ax.legend()
     out = run_dir / "loss.png"
-    with warnings.catch_warnings():  # a run name in a script the font lacks (CJK) draws boxes, not warnings
+    # a run name in a script the font lacks (CJK) draws boxes, not warnings
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         fig.tight_layout()
         fig.savefig(out, dpi=110)
@@ -324,10 +415,14 @@ class _Bar:
                 TimeRemainingColumn(),
             )
             done = progress_fraction(step, train_s, tc)
-            self.task = self.p.add_task("train", total=1.0, completed=done, step=step, loss="-", tps="-")
+            self.task = self.p.add_task(
+                "train", total=1.0, completed=done, step=step, loss="-", tps="-"
+            )
             self.p.start()
 
-    def update(self, step: int, train_s: float, loss: float | None = None, tps: float | None = None) -> None:
+    def update(
+        self, step: int, train_s: float, loss: float | None = None, tps: float | None = None
+    ) -> None:
         if self.p is not None:
             fields: dict[str, Any] = {"step": step}
             if loss is not None:
@@ -354,7 +449,12 @@ class Clock:
     (train.max_time_s) and the learning-rate schedule count training time only."""
 
     def __init__(self, train_s: float = 0.0, elapsed_s: float = 0.0) -> None:
-        self.t0, self.prior_train_s, self.prior_elapsed_s, self.eval_s = time.perf_counter(), train_s, elapsed_s, 0.0
+        self.t0, self.prior_train_s, self.prior_elapsed_s, self.eval_s = (
+            time.perf_counter(),
+            train_s,
+            elapsed_s,
+            0.0,
+        )
 
     @property
     def elapsed_s(self) -> float:
@@ -379,7 +479,10 @@ class Clock:
 def limits(tc: TrainConfig) -> str:
     """The limits of a run in words, for its start-up line."""
     if tc.max_time_s > 0:
-        return f"stops at step {tc.max_steps} or after {tc.max_time_s:g} s of training, whichever comes first"
+        return (
+            f"stops at step {tc.max_steps} or after {tc.max_time_s:g} s of training, whichever "
+            "comes first"
+        )
     return f"stops at step {tc.max_steps} (no time budget)"
 
 
@@ -392,13 +495,16 @@ def _refuse_finished(run_dir: Path, state: TrainingState, tc: TrainConfig) -> No
         reached.append(f"{state.train_s:.0f} s of train.max_time_s={tc.max_time_s:g}")
     if tc.patience and state.best.get("evals_since", 0) >= tc.patience:
         raise GptkitError(
-            f"{run_dir} stopped early at step {state.step}: validation loss flat for {state.best['evals_since']} evaluations "
-            f"(best at step {state.best['step']}); to go on, raise train.patience or set it to 0 (--set train.patience=0)"
+            f"{run_dir} stopped early at step {state.step}: validation loss flat for "
+            f"{state.best['evals_since']} evaluations "
+            f"(best at step {state.best['step']}); to go on, raise train.patience or set it to 0 "
+            "(--set train.patience=0)"
         )
     if reached:
         raise GptkitError(
             f"{run_dir} has already reached its limit ({' and '.join(reached)}); continue it with "
-            f"--set train.max_steps=N (which replaces the time budget) or --set train.max_time_s=N (0: no limit)"
+            "--set train.max_steps=N (which replaces the time budget) or --set train.max_time_s=N "
+            "(0: no limit)"
         )
 
 
@@ -406,7 +512,9 @@ def early_stopping_update(state: TrainingState, val_loss: float, min_delta: floa
     """Track the best validation loss in state.best; True when this evaluation is the new best.
     A new best must improve on the old by min_delta of it (of 0.1 nats at least, so that losses
     near zero, which keep creeping down long after the answers are right, count as flat)."""
-    if not state.best or val_loss < state.best["val_loss"] - min_delta * max(state.best["val_loss"], 0.1):
+    if not state.best or val_loss < state.best["val_loss"] - min_delta * max(
+        state.best["val_loss"], 0.1
+    ):
         state.best = {"step": state.step, "val_loss": val_loss, "evals_since": 0}
         return True
     state.best["evals_since"] += 1
@@ -414,9 +522,14 @@ def early_stopping_update(state: TrainingState, val_loss: float, min_delta: floa
 
 
 def divergence_message(
-    step: int, loss: float, model: GPT, optimizers: list[torch.optim.Optimizer], tc: TrainConfig, run_dir: Path
+    step: int,
+    loss: float,
+    model: GPT,
+    optimizers: list[torch.optim.Optimizer],
+    tc: TrainConfig,
+    run_dir: Path,
 ) -> str:
-    """Say what diverged (the loss alone, or the parameters of which optimizer) and what is on disk."""
+    """Say what diverged (the loss alone, or the parameters of which optimizer), what is saved."""
     lr_key = {"Muon": f"train.muon_lr={tc.muon_lr:g}"}
     broken = []
     for opt in optimizers:
@@ -425,271 +538,409 @@ def divergence_message(
             name = type(opt).__name__
             broken.append(f"{name} ({lr_key.get(name, f'train.lr={tc.lr:g}')})")
     what = (
-        f"the parameters trained by {' and '.join(broken)} are no longer finite; lower that learning rate "
+        f"the parameters trained by {' and '.join(broken)} are no longer finite; lower that "
+        "learning rate "
         "or raise train.warmup_steps"
         if broken
-        else "the parameters are still finite, so the forward pass overflowed; try train.dtype=float32, a lower "
+        else "the parameters are still finite, so the forward pass overflowed; try "
+        "train.dtype=float32, a lower "
         "train.lr or model.logit_softcap"
     )
     if has_checkpoint(run_dir):
-        saved = f"the last checkpoint, at step {checkpoint_info(run_dir)['step']}, is kept in {run_dir}"
+        saved = (
+            f"the last checkpoint, at step {checkpoint_info(run_dir)['step']}, is kept in {run_dir}"
+        )
     else:
-        saved = f"no checkpoint was saved (the first is due at step {tc.checkpoint_interval}), so there is nothing to resume"
-    return f"training diverged at step {step} (loss {loss}): {what}. {saved[0].upper() + saved[1:]}."
+        saved = (
+            f"no checkpoint was saved (the first is due at step {tc.checkpoint_interval}), so "
+            "there is nothing to resume"
+        )
+    return (
+        f"training diverged at step {step} (loss {loss}): {what}. {saved[0].upper() + saved[1:]}."
+    )
 
 
-def train(
-    cfg: Config,
-    run_dir: str | Path,
-    resume: bool = False,
-    overwrite: bool = False,
-    text: str | None = None,
-    progress: bool = True,
-    on_eval: Callable[[int, float], None] | None = None,
-    init_from: GPT | None = None,
-    quiet: bool = False,
-    stop_at: int | None = None,
-    data: TrainData | None = None,
-) -> TrainResult:
+@dataclass
+class TrainOptions:
+    """How `train` runs a config (everything that is not saved in config.yaml)."""
+
+    resume: bool = False  # continue the run in run_dir from its last checkpoint
+    overwrite: bool = False  # replace a run already in run_dir
+    text: str | None = None  # a text file, prepared into RUN/data with data.tokenizer
+    progress: bool = True  # a progress bar
+    # (step, val_loss) after each periodic evaluation
+    on_eval: Callable[[int, float], None] | None = None
+    init_from: GPT | None = None  # start from these weights instead of a fresh initialisation
+    quiet: bool = False  # no start-up and summary lines
+    stop_at: int | None = None  # pause after this step with a checkpoint, as an interruption would
+    # replaces the config's token shards (fine-tuning's instruction examples)
+    data: TrainData | None = None
+
+
+def train(cfg: Config, run_dir: str | Path, **options: Any) -> TrainResult:
     """Train (or resume) the run in `run_dir` as `cfg` says; returns the final evaluation.
-
-    on_eval(step, val_loss) is called after each periodic evaluation (hyperparameter search
-    uses it to prune); init_from starts from given weights instead of a fresh initialisation;
-    stop_at pauses the run after that step with a checkpoint, as an interruption would; data
-    replaces the config's token shards (fine-tuning passes its instruction examples)."""
-    run_dir = Path(run_dir)
+    Keyword options are TrainOptions' fields; `cfg` itself is not changed."""
+    opts = TrainOptions(**options)
     tc = cfg.train
     ctx, device = distributed.setup(tc.device, tc.fsdp, tc.batch_size)
+    threads = torch.get_num_threads()
     try:
-        result = _train(cfg, run_dir, ctx, device, resume, overwrite, text, progress, on_eval, init_from, quiet, stop_at, data)
+        result = Trainer(cfg, Path(run_dir), opts, ctx, device).run()
         # Every rank leaves together: a rank that tears down gloo while rank 0 still writes its plot
         # aborted now and then ("terminate called without an active exception").
         ctx.barrier()
         return result
     finally:
+        # train.threads is the run's setting: a caller's later work (another run, in one test
+        # session) keeps its own, and with it the same numerics.
+        torch.set_num_threads(threads)
         distributed.shutdown(ctx)
 
 
-def _train(
-    cfg: Config, run_dir: Path, ctx: DistContext, device: torch.device, resume: bool, overwrite: bool, text: str | None,
-    progress: bool, on_eval: Callable[[int, float], None] | None, init_from: GPT | None, quiet: bool, stop_at: int | None,
-    data: TrainData | None,
-) -> TrainResult:  # fmt: skip
+def _refuse_with_fsdp(cfg: Config, ctx: DistContext) -> None:
     tc = cfg.train
-    quiet = quiet or not ctx.main  # one rank speaks
     if ctx.fsdp and ctx.enabled and (tc.optimizer == "muon" or cfg.lora.enabled or tc.patience):
-        raise GptkitError("--fsdp shards every matrix, but Muon, LoRA and early stopping (train.patience) need whole ones "
-                          "here; use train.optimizer=adamw without --lora and train.patience=0, or plain data parallelism "
-                          "(no --fsdp)")  # fmt: skip
-    if data is None:
-        ds = setup_run(cfg, run_dir, resume, overwrite, text, progress and ctx.main, ctx, quiet)
-        data = ShardData(ds, cfg.model.block_size, tc.batch_size, tc.seed, ctx)
-    else:
-        ctx.on_main(lambda: init_run_folder(run_dir, resume, overwrite, quiet))
-        if hasattr(data, "bind"):
-            data.bind(ctx)
-    dtype = resolve_dtype(tc.dtype, device)
+        raise GptkitError(
+            "--fsdp shards every matrix, but Muon, LoRA and early stopping (train.patience) need "
+            "whole ones here; "
+            "use train.optimizer=adamw without --lora and train.patience=0, or plain data "
+            "parallelism (no --fsdp)"
+        )
+
+
+def _configure_process(tc: TrainConfig, device: torch.device) -> None:
+    """Process-wide settings a run makes before it builds its model."""
     if device.type == "cpu":
         keep_freed_memory()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)
 
-    if init_from is not None and data.tokenizer.vocab_size > init_from.config.vocab_size:
-        raise GptkitError(
-            f"the data's tokenizer has {data.tokenizer.vocab_size} tokens but the model starts from one with "
-            f"{init_from.config.vocab_size}; prepare the data with the base run's tokenizer (data.tokenizer=run:BASE_RUN)"
+
+class Trainer:
+    """One run in progress: its resolved config, model, optimizers, data, clock and logs. `run`
+    is the loop; each of its steps is a small method below."""
+
+    def __init__(
+        self, cfg: Config, run_dir: Path, opts: TrainOptions, ctx: DistContext, device: torch.device
+    ) -> None:
+        _refuse_with_fsdp(cfg, ctx)
+        self.run_dir, self.opts, self.ctx, self.device = run_dir, opts, ctx, device
+        self.quiet = opts.quiet or not ctx.main  # one rank speaks
+        ctx.on_main(lambda: init_run_folder(run_dir, opts.resume, opts.overwrite, self.quiet))
+        if opts.data is None:
+            cfg, data = _shard_data(cfg, run_dir, opts, ctx)
+        else:
+            data = opts.data
+        data.bind(ctx)
+        self.cfg, self.tc, self.data = cfg, cfg.train, data  # from here on the config is read-only
+        self.dtype = resolve_dtype(self.tc.dtype, device)
+        _configure_process(self.tc, device)
+        self.model = self._initial_model().to(device)
+        self.resumed = opts.resume and has_checkpoint(run_dir)
+        restarted = opts.resume and not self.resumed  # it stopped before its first save
+        if restarted and not self.quiet:
+            print(
+                f"gptkit: {run_dir} holds no checkpoint yet (its run stopped before the first "
+                "save); starting it afresh"
+            )
+        self.state, opt_states = (
+            self._read_checkpoint() if self.resumed else (TrainingState(), None)
         )
-    model = init_from if init_from is not None else GPT(cfg.model)
-    model.to(device)
-    state, opt_states = TrainingState(), None
-    restart = resume and not has_checkpoint(run_dir)
-    if restart:
-        resume = False  # it stopped before its first save: start again from its own config
-        if not quiet:
-            print(f"gptkit: {run_dir} holds no checkpoint yet (its run stopped before the first save); starting it afresh")
-    if resume:  # whole weights into the unwrapped model; optimizer state once it is built
-        state, opt_states = read_training_state(run_dir, model)
-        _refuse_finished(run_dir, state, tc)
+        # The command is accepted: only now is anything in the run folder written.
+        ctx.on_main(lambda: _write_run(run_dir, data.tokenizer, cfg))
+        self.wrapped = distributed.wrap(self.model, ctx, device)
+        self.optimizers = build_optimizers(self.model, self.tc, device, self.model.adapters)
+        if opt_states is not None:
+            distributed.load_full_optimizer_states(self.model, self.optimizers, opt_states, ctx)
+        self.forward = torch.compile(self.wrapped) if self.tc.compile else self.wrapped
+        self.amp = autocast_context(device, self.dtype)
+        self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
+        # On resume, rows past the checkpoint are about to be redone; on a restart, all of them are.
+        keep_to = self.state.step if self.resumed or restarted else None
+        self.log = MetricsLog(run_dir, self.tc.tensorboard, keep_to) if ctx.main else None
+        self.byte_lengths = data.tokenizer.token_byte_lengths()
+        self.result = TrainResult(run_dir=run_dir, step=self.state.step)
+        self.clock = Clock(self.state.train_s, self.state.elapsed_s)
+        self.bar = _Bar(
+            opts.progress and not self.quiet, self.tc, self.state.step, self.clock.train_s
+        )
+        self.loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+        self.loss_steps = 0
+        self.tokens_since_log, self.train_s_at_log = 0, self.clock.train_s
+        self.last_eval_s = self.clock.train_s  # training time at the last periodic evaluation
+
+    def _initial_model(self) -> GPT:
+        init = self.opts.init_from
+        if init is None:
+            return GPT(self.cfg.model)
+        if self.data.tokenizer.vocab_size > init.config.vocab_size:
+            raise GptkitError(
+                f"the data's tokenizer has {self.data.tokenizer.vocab_size} tokens but the model "
+                f"starts from one with {init.config.vocab_size}; prepare the data with the base "
+                "run's tokenizer (data.tokenizer=run:BASE_RUN)"
+            )
+        return init
+
+    def _read_checkpoint(self) -> tuple[TrainingState, list[dict[str, Any]]]:
+        """Resuming: the weights into the unwrapped model, the RNG and sampler states; returns the
+        training state and the optimizers' states, loaded once the optimizers are built."""
+        state, opt_states = read_training_state(self.run_dir, self.model)
+        _refuse_finished(self.run_dir, state, self.tc)
         torch.set_rng_state(state.tensors["torch"])
-        data.load_state(state.tensors["sampler"])
-        if device.type == "cuda" and "cuda" in state.tensors:
+        self.data.load_state(state.tensors["sampler"])
+        if self.device.type == "cuda" and "cuda" in state.tensors:
             torch.cuda.set_rng_state(state.tensors["cuda"])
-    # The command is accepted: only now is anything in the run folder written.
-    ctx.on_main(lambda: _write_run(run_dir, data.tokenizer, cfg))
-    wrapped = distributed.wrap(model, ctx, device)
-    optimizers = build_optimizers(model, tc, device)
-    if opt_states is not None:
-        distributed.load_full_optimizer_states(model, optimizers, opt_states, ctx)
-    step_fn = torch.compile(wrapped) if tc.compile else wrapped
-    amp = autocast_context(device, dtype)
-    scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
-    # On resume, rows past the checkpoint are about to be redone; on a restart, all of them are.
-    log = MetricsLog(run_dir, tc.tensorboard, state.step if resume or restart else None) if ctx.main else None
-    byte_lengths = data.tokenizer.token_byte_lengths()
-    result = TrainResult(run_dir=run_dir, step=state.step)
-    clock = Clock(state.train_s, state.elapsed_s)
+        return state, opt_states
 
-    def checkpoint() -> None:
-        state.tensors = {"torch": torch.get_rng_state(), "sampler": data.state()}
-        if device.type == "cuda":
-            state.tensors["cuda"] = torch.cuda.get_rng_state()
-        state.elapsed_s, state.train_s = clock.elapsed_s, clock.train_s
-        # Gathering is collective under FSDP; writing is rank 0's.
-        weights = distributed.gathered_model_state(model, ctx)
-        opt_states = distributed.full_optimizer_states(model, optimizers, ctx)
-        ctx.on_main(lambda: save_checkpoint(run_dir, model, optimizers, state, weights, opt_states))
+    # --- the loop ---
 
-    def evaluate(max_batches: int | None = None, gen: torch.Generator | None = None) -> tuple[float, int, int]:
+    def run(self) -> TrainResult:
+        self._announce()
+        self.model.train()
+        try:
+            with _StopFlag() as stop:
+                while self.state.step < self.tc.max_steps:
+                    factor = self._set_learning_rate()
+                    self._optimizer_step()
+                    self._log(factor)
+                    if self._evaluation_due():
+                        self._evaluate_periodically()
+                    signalled, limit_reached = self._should_stop(stop)
+                    if (
+                        signalled
+                        or limit_reached
+                        or self.state.step % self.tc.checkpoint_interval == 0
+                    ):
+                        self._checkpoint()
+                    if signalled:
+                        self._interrupted(stop.signal)
+                        break
+                    if limit_reached:
+                        break
+                if not self.result.interrupted:
+                    self.bar.finish()  # a limit was reached, whichever it was
+                    self._checkpoint()
+        finally:
+            self.bar.stop()
+            if self.log is not None:
+                self.log.close()
+        self.result.step = self.state.step
+        self.result.elapsed_s, self.result.train_s = self.clock.elapsed_s, self.clock.train_s
+        if not self.result.interrupted:
+            self._final_evaluation()
+        return self.result
+
+    def _set_learning_rate(self) -> float:
+        time_frac = self.clock.train_s / self.tc.max_time_s if self.tc.max_time_s else 0.0
+        factor = lr_factor(self.state.step, self.tc, time_frac)
+        for opt in self.optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["base_lr"] * factor
+        return factor
+
+    def _optimizer_step(self) -> None:
+        """grad_accum micro-steps, clipping, one step of every optimizer."""
+        tc, scaler = self.tc, self.scaler
+        for micro in range(tc.grad_accum):
+            x, y = self.data.next()
+            self.tokens_since_log += x.numel() * self.ctx.world
+            self.state.tokens_seen += x.numel() * self.ctx.world
+            x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+            with (
+                distributed.sync_context(self.wrapped, self.ctx, micro == tc.grad_accum - 1),
+                self.amp,
+            ):
+                _, loss = self.forward(x, y)
+                scaler.scale(loss / tc.grad_accum).backward()
+            self.loss_sum += loss.detach() / tc.grad_accum
+        if tc.grad_clip > 0:
+            for opt in self.optimizers:
+                scaler.unscale_(opt)
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+        for opt in self.optimizers:
+            scaler.step(opt)
+        scaler.update()
+        for opt in self.optimizers:
+            opt.zero_grad(set_to_none=True)
+        self.state.step += 1
+        self.loss_steps += 1
+
+    def _log(self, factor: float) -> None:
+        """Every log_interval steps: the mean loss since the last log (one sync), tokens/s of
+        training time, a metrics row; a non-finite loss ends the run with DivergedError."""
+        step, tc = self.state.step, self.tc
+        if step % tc.log_interval and step != tc.max_steps:
+            self.bar.update(step, self.clock.train_s)
+            return
+        loss = (
+            self.ctx.sum([(self.loss_sum / self.loss_steps).item()], self.device)[0]
+            / self.ctx.world
+        )
+        self.loss_sum.zero_()
+        self.loss_steps = 0
+        if not math.isfinite(loss):
+            raise DivergedError(
+                divergence_message(step, loss, self.model, self.optimizers, tc, self.run_dir)
+            )
+        train_s = self.clock.train_s
+        tps = self.tokens_since_log / max(train_s - self.train_s_at_log, 1e-9)
+        self.tokens_since_log, self.train_s_at_log = 0, train_s
+        if self.log is not None:
+            self.log.log(
+                step, loss=loss, lr=tc.lr * factor, tokens_per_s=tps, elapsed_s=self.clock.elapsed_s
+            )
+        self.result.losses.append((step, loss))
+        self.bar.update(step, train_s, loss, tps)
+
+    def _evaluation_due(self) -> bool:
+        step, tc = self.state.step, self.tc
+        by_time = tc.eval_every_s > 0 and self.clock.train_s - self.last_eval_s >= tc.eval_every_s
+        return (step % tc.eval_interval == 0 or by_time) and step < tc.max_steps
+
+    def _evaluate_periodically(self) -> None:
+        """A validation estimate on eval_batches random batches (a fresh generator: training's
+        RNG is untouched), or on all of it; early stopping keeps the best weights."""
+        step, tc = self.state.step, self.tc
+        train_s = self.last_eval_s = self.clock.train_s
+        with self.clock.evaluating():
+            gen = torch.Generator().manual_seed(tc.seed + step) if tc.eval_batches else None
+            total, count, _ = self._validation(tc.eval_batches or None, gen)
+            val_loss = total / count
+            if self.log is not None:
+                self.log.log(
+                    step,
+                    val_loss=val_loss,
+                    val_perplexity=math.exp(min(val_loss, 700)),
+                    train_s=train_s,
+                )
+            if not self.quiet:
+                self.bar.print(f"step {step}: val loss {val_loss:.4f} ({train_s:.0f}s)")
+            if self.opts.on_eval is not None:
+                self.opts.on_eval(step, val_loss)
+            if tc.patience and early_stopping_update(self.state, val_loss, tc.min_delta):
+                self.ctx.on_main(lambda: save_best(self.run_dir, self.model, step, val_loss))
+
+    def _validation(
+        self, max_batches: int | None = None, gen: torch.Generator | None = None
+    ) -> tuple[float, int, int]:
         """Validation (loss sum, predictions, bytes), summed over the ranks that share the work."""
-        total, count, predicted = data.evaluate(model, tc.batch_size, device, amp, max_batches, gen)
-        n_bytes = predicted_bytes(predicted, byte_lengths)
-        if ctx.enabled and not ctx.fsdp:
-            total, count, n_bytes = ctx.sum([total, count, n_bytes], device)
+        batches = self.data.val_batches(self.tc.batch_size, max_batches, gen)
+        total, count, predicted = sum_losses(self.model, batches, self.device, self.amp)
+        n_bytes = predicted_bytes(predicted, self.byte_lengths)
+        if self.ctx.enabled and not self.ctx.fsdp:
+            total, count, n_bytes = self.ctx.sum([total, count, n_bytes], self.device)
         return total, int(count), int(n_bytes)
 
-    if not quiet:
-        start = f"resuming at step {state.step} ({state.train_s:.0f} s trained); " if resume else ""
+    def _should_stop(self, stop: _StopFlag) -> tuple[bool, bool]:
+        """(a signal or stop_at asks to pause, a limit ends the run): the time budget spent, or
+        patience run out. Every rank decides alike, so all stop (and checkpoint) at one step."""
+        tc, step = self.tc, self.state.step
+        out_of_patience = bool(tc.patience) and self.state.best.get("evals_since", 0) >= tc.patience
+        limit_reached = self.clock.budget_spent(tc) or out_of_patience
+        if self.opts.stop_at is not None and self.opts.stop_at <= step < tc.max_steps:
+            stop.signal = "stop_at"
+        if self.ctx.enabled:
+            signalled, limit_reached = self.ctx.any([bool(stop.signal), limit_reached], self.device)
+            stop.signal = stop.signal or ("SIGTERM" if signalled else "")
+        return bool(stop.signal), limit_reached
+
+    def _checkpoint(self) -> None:
+        state = self.state
+        state.tensors = {"torch": torch.get_rng_state(), "sampler": self.data.state()}
+        if self.device.type == "cuda":
+            state.tensors["cuda"] = torch.cuda.get_rng_state()
+        state.elapsed_s, state.train_s = self.clock.elapsed_s, self.clock.train_s
+        # Gathering is collective under FSDP; writing is rank 0's.
+        weights = distributed.gathered_model_state(self.model, self.ctx)
+        opt_states = distributed.full_optimizer_states(self.model, self.optimizers, self.ctx)
+        self.ctx.on_main(
+            lambda: save_checkpoint(
+                self.run_dir, self.model, self.optimizers, state, weights, opt_states
+            )
+        )
+
+    def _interrupted(self, signal_name: str) -> None:
+        self.result.interrupted = signal_name
+        self.bar.stop()
+        if not self.quiet:
+            print(
+                f"gptkit: {signal_name} received; checkpoint saved at step {self.state.step}. "
+                f"Continue with: gptkit train --resume {quote(self.run_dir)}",
+                flush=True,
+            )
+
+    # --- start and end ---
+
+    def _announce(self) -> None:
+        if self.quiet:
+            return
+        state, model = self.state, self.model
+        start = (
+            f"resuming at step {state.step} ({state.train_s:.0f} s trained); "
+            if self.resumed
+            else ""
+        )
         print(
-            f"gptkit: {model.num_params() / 1e6:.2f}M parameters, {model.flops_per_token() / 1e6:.1f} MFLOPs/token "
-            f"(training), {device.type} {str(dtype).replace('torch.', '')}, {data.description}, "
-            f"run folder {run_dir}; {start}{limits(tc)}",
+            f"gptkit: {model.num_params() / 1e6:.2f}M parameters, "
+            f"{model.flops_per_token() / 1e6:.1f} MFLOPs/token "
+            f"(training), {self.device.type} {str(self.dtype).replace('torch.', '')}, "
+            f"{self.data.description}, "
+            f"run folder {self.run_dir}; {start}{limits(self.tc)}",
             flush=True,
         )
-    bar = _Bar(progress and not quiet, tc, state.step, clock.train_s)
-    t_log, tokens_at_log = time.perf_counter(), 0
-    loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
-    loss_count = 0
-    last_eval = clock.train_s  # training time at the last evaluation
-    model.train()
-    try:
-        with _StopFlag() as stop:
-            while state.step < tc.max_steps:
-                time_frac = clock.train_s / tc.max_time_s if tc.max_time_s else 0.0
-                factor = lr_factor(state.step, tc, time_frac)
-                for opt in optimizers:
-                    for group in opt.param_groups:
-                        group["lr"] = group["base_lr"] * factor
-                step_tokens = 0
-                for micro in range(tc.grad_accum):
-                    x, y = data.next()
-                    step_tokens += x.numel() * ctx.world
-                    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                    with distributed.sync_context(wrapped, ctx, micro == tc.grad_accum - 1), amp:
-                        _, loss = step_fn(x, y)
-                        scaler.scale(loss / tc.grad_accum).backward()
-                    loss_sum += loss.detach() / tc.grad_accum
-                if tc.grad_clip > 0:
-                    for opt in optimizers:
-                        scaler.unscale_(opt)
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), tc.grad_clip)
-                for opt in optimizers:
-                    scaler.step(opt)
-                scaler.update()
-                for opt in optimizers:
-                    opt.zero_grad(set_to_none=True)
-                state.step += 1
-                state.tokens_seen += step_tokens
-                tokens_at_log += step_tokens
-                loss_count += 1
 
-                if state.step % tc.log_interval == 0 or state.step == tc.max_steps:
-                    loss_val = ctx.sum([(loss_sum / loss_count).item()], device)[0] / ctx.world
-                    loss_sum.zero_()
-                    loss_count = 0
-                    if not math.isfinite(loss_val):
-                        raise DivergedError(divergence_message(state.step, loss_val, model, optimizers, tc, run_dir))
-                    now = time.perf_counter()
-                    tps = tokens_at_log / max(now - t_log, 1e-9)
-                    t_log, tokens_at_log = now, 0
-                    if log is not None:
-                        log.log(state.step, loss=loss_val, lr=tc.lr * factor, tokens_per_s=tps, elapsed_s=clock.elapsed_s)
-                    result.losses.append((state.step, loss_val))
-                    bar.update(state.step, clock.train_s, loss_val, tps)
-                else:
-                    bar.update(state.step, clock.train_s)
-
-                train_s = clock.train_s
-                due = state.step % tc.eval_interval == 0 or (tc.eval_every_s > 0 and train_s - last_eval >= tc.eval_every_s)
-                if due and state.step < tc.max_steps:
-                    last_eval = train_s
-                    with clock.evaluating():
-                        # eval_batches random batches (a fresh generator: training's RNG is untouched), or all.
-                        gen = torch.Generator().manual_seed(tc.seed + state.step) if tc.eval_batches else None
-                        total, count, _ = evaluate(tc.eval_batches or None, gen)
-                        val_loss = total / count
-                        if log is not None:
-                            log.log(state.step, val_loss=val_loss, val_perplexity=math.exp(min(val_loss, 700)), train_s=train_s)
-                        if not quiet:
-                            bar.print(f"step {state.step}: val loss {val_loss:.4f} ({train_s:.0f}s)")
-                        if on_eval is not None:
-                            on_eval(state.step, val_loss)
-                        if tc.patience and early_stopping_update(state, val_loss, tc.min_delta):
-                            ctx.on_main(lambda v=val_loss: save_best(run_dir, model, state.step, v))
-                    t_log, tokens_at_log = time.perf_counter(), 0  # evaluation time is not training time
-
-                # Out of time, or out of patience: either way the run ends here, saved.
-                out_of_time = clock.budget_spent(tc) or (bool(tc.patience) and state.best.get("evals_since", 0) >= tc.patience)
-                if stop_at is not None and state.step >= stop_at and state.step < tc.max_steps:
-                    stop.signal = "stop_at"
-                if ctx.enabled:  # every rank stops (and checkpoints) at the same step
-                    signalled, out_of_time = ctx.any([bool(stop.signal), out_of_time], device)
-                    stop.signal = stop.signal or ("SIGTERM" if signalled else "")
-                if stop.signal or out_of_time or state.step % tc.checkpoint_interval == 0:
-                    checkpoint()
-                if stop.signal:
-                    result.interrupted = stop.signal
-                    bar.stop()
-                    if not quiet:
-                        print(
-                            f"gptkit: {stop.signal} received; checkpoint saved at step {state.step}. "
-                            f"Continue with: gptkit train --resume {quote(run_dir)}",
-                            flush=True,
-                        )
-                    break
-                if out_of_time:
-                    break
-            if not result.interrupted:
-                bar.finish()  # a limit was reached, whichever it was
-                checkpoint()
-    finally:
-        bar.stop()
-        if log is not None:
-            log.close()
-
-    result.step = state.step
-    result.elapsed_s, result.train_s = clock.elapsed_s, clock.train_s
-    if not result.interrupted:
-        with clock.evaluating():
-            total, count, n_bytes = evaluate()
+    def _final_evaluation(self) -> None:
+        """The whole validation split, with the best weights when early stopping kept better ones
+        than the last; metrics, loss.png and the summary line."""
+        run_dir, state, tc, result = self.run_dir, self.state, self.tc, self.result
+        with self.clock.evaluating():
+            total, count, n_bytes = self._validation()
             if tc.patience and state.best and (run_dir / BEST_FILE).is_file():
-                if total / count >= state.best["val_loss"]:  # the last weights are not the best: keep those that were
-                    load_best(run_dir, model)
-                    checkpoint()
-                    total, count, n_bytes = evaluate()
-                ctx.on_main(lambda: (run_dir / BEST_FILE).unlink())
-                result.best_step = state.best["step"] if state.best["val_loss"] <= total / count else state.step
+                # the last weights are not the best: keep those that were
+                if total / count >= state.best["val_loss"]:
+                    load_best(run_dir, self.model)
+                    self._checkpoint()
+                    total, count, n_bytes = self._validation()
+                self.ctx.on_main(lambda: (run_dir / BEST_FILE).unlink())
+                result.best_step = (
+                    state.best["step"] if state.best["val_loss"] <= total / count else state.step
+                )
         result.val = summarize(total, count, n_bytes)
-        if tc.patience and not quiet:
+        if tc.patience and not self.quiet:
+            flat = state.best.get("evals_since", 0) >= tc.patience
             why = (
                 f"validation loss flat for {state.best['evals_since']} evaluations"
-                if state.best.get("evals_since", 0) >= tc.patience
+                if flat
                 else "limit reached"
             )
-            print(f"gptkit: stopped at step {state.step}: {why}; the run keeps the weights of step {result.best_step}")
-        if ctx.main:
+            print(
+                f"gptkit: stopped at step {state.step}: {why}; the run keeps the weights of step "
+                f"{result.best_step}"
+            )
+        if self.ctx.main:
             _append_final(run_dir, state.step, result.val)
             plot_losses(run_dir)
-        if not quiet:
+        if not self.quiet:
             print(
-                f"gptkit: done at step {state.step} after {result.train_s:.0f} s of training: validation loss "
-                f"{result.val['loss']:.4f} (whole split, {result.val['tokens']:,} tokens), bits/byte "
+                f"gptkit: done at step {state.step} after {result.train_s:.0f} s of training: "
+                "validation loss "
+                f"{result.val['loss']:.4f} (whole split, {result.val['tokens']:,} tokens), "
+                "bits/byte "
                 f"{result.val['bits_per_byte']:.3f}",
                 flush=True,
             )
-    return result
 
 
 def _append_final(run_dir: Path, step: int, val: dict[str, Any]) -> None:
     with open(run_dir / "metrics.jsonl", "a") as f:
-        f.write(json.dumps({"step": step, "final_val_loss": val["loss"], "final_val_bits_per_byte": val["bits_per_byte"]}) + "\n")
+        f.write(
+            json.dumps(
+                {
+                    "step": step,
+                    "final_val_loss": val["loss"],
+                    "final_val_bits_per_byte": val["bits_per_byte"],
+                }
+            )
+            + "\n"
+        )

@@ -18,7 +18,9 @@ from typing import Any
 import yaml
 
 from gptkit.config import Config, load_config, set_key
+from gptkit.data import prepare
 from gptkit.errors import DivergedError, GptkitError
+from gptkit.train import train
 
 
 @dataclass
@@ -33,7 +35,11 @@ class Budget:
             t.eval_every_s, t.eval_interval = self.amount / 6, 10**9
         else:
             per_step = t.batch_size * t.grad_accum * cfg.model.block_size
-            steps = int(self.amount) if self.kind == "steps" else max(1, math.ceil(self.amount / per_step))
+            steps = (
+                int(self.amount)
+                if self.kind == "steps"
+                else max(1, math.ceil(self.amount / per_step))
+            )
             t.max_steps, t.max_time_s = steps, 0.0
             t.eval_interval, t.eval_every_s = max(1, steps // 6), 0.0
             t.warmup_steps = min(t.warmup_steps, steps // 10)  # a short budget still gets to decay
@@ -41,7 +47,9 @@ class Budget:
 
 def parse_budget(text: str) -> Budget:
     """60s | 2m | 2000steps | 5Mtokens (K, M, G suffixes for tokens)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|steps?|([kmg]?)tokens?)\s*", text.lower())
+    m = re.fullmatch(
+        r"\s*([0-9]*\.?[0-9]+)\s*(s|sec|m|min|steps?|([kmg]?)tokens?)\s*", text.lower()
+    )
     if not m:
         raise GptkitError(f"--budget {text!r}: expected e.g. 60s, 2m, 2000steps or 5Mtokens")
     value, unit = float(m.group(1)), m.group(2)
@@ -71,7 +79,10 @@ def load_space(path: str | Path) -> dict[str, dict[str, Any]]:
     probe = Config()
     for key, spec in space.items():
         if not isinstance(spec, dict):
-            raise GptkitError(f"{p}: {key}: expected a mapping like {{type: float, low: 1e-4, high: 1e-2, log: true}}")
+            raise GptkitError(
+                f"{p}: {key}: expected a mapping like {{type: float, low: 1e-4, high: 1e-2, log: "
+                f"true}}"
+            )
         kind = spec.get("type")
         if kind == "categorical":
             choices = spec.get("choices")
@@ -83,7 +94,9 @@ def load_space(path: str | Path) -> dict[str, dict[str, Any]]:
             if "low" not in spec or "high" not in spec:
                 raise GptkitError(f"{p}: {key}: {kind} needs low and high")
             low, high = spec["low"], spec["high"]
-            if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+            if not all(
+                isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)
+            ):
                 raise GptkitError(f"{p}: {key}: low and high must be numbers")
             if low >= high:
                 raise GptkitError(f"{p}: {key}: empty range (low {low} must be below high {high})")
@@ -99,8 +112,12 @@ def _suggest(trial: Any, key: str, spec: dict[str, Any]) -> Any:
     if spec["type"] == "categorical":
         return trial.suggest_categorical(key, spec["choices"])
     if spec["type"] == "int":
-        return trial.suggest_int(key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log")))
-    return trial.suggest_float(key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log")))
+        return trial.suggest_int(
+            key, int(spec["low"]), int(spec["high"]), log=bool(spec.get("log"))
+        )
+    return trial.suggest_float(
+        key, float(spec["low"]), float(spec["high"]), log=bool(spec.get("log"))
+    )
 
 
 def _pruner(name: str) -> Any:
@@ -122,7 +139,8 @@ def _storage(url: str) -> Any:
 
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # heartbeats are stable in practice
+            # heartbeats are stable in practice
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             return optuna.storages.RDBStorage(url, heartbeat_interval=15, grace_period=60)
     except Exception as e:
         raise GptkitError(f"--storage {url!r}: cannot open ({str(e).splitlines()[0]})") from None
@@ -152,14 +170,12 @@ class TuneJob:
     def objective_fn(self, trial: Any) -> float:
         import optuna
 
-        from gptkit.train import train
-
         cfg = self.config_for({key: _suggest(trial, key, spec) for key, spec in self.space.items()})
-        cfg.train.sample_tokens, cfg.train.tensorboard = 0, False
+        quiet: dict[str, Any] = {"train.sample_tokens": 0, "train.tensorboard": False}
         if self.threads:
-            cfg.train.threads = self.threads
+            quiet["train.threads"] = self.threads
         try:
-            cfg.validate()
+            cfg = cfg.updated(quiet)  # validated here
         except GptkitError as e:  # e.g. n_embd not divisible by a sampled n_head: not a valid trial
             raise optuna.TrialPruned(str(e)) from None
 
@@ -173,16 +189,23 @@ class TuneJob:
             result = train(cfg, run, overwrite=True, progress=False, quiet=True, on_eval=report)
         except DivergedError:
             return float("nan")  # Optuna marks the trial failed; the study goes on
-        value = result.val["bits_per_byte"] if self.objective == "bits_per_byte" else result.val["loss"]
+        value = (
+            result.val["bits_per_byte"] if self.objective == "bits_per_byte" else result.val["loss"]
+        )
         print(f"trial {trial.number}: {self.objective} {value:.4f}  {trial.params}", flush=True)
         return value
+
+
+INTERRUPTED = "interrupted_trials"  # study attribute: numbers of trials killed with an earlier run
 
 
 def _worker(job: TuneJob, url: str, trials: int, seed: int) -> None:
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.load_study(study_name="gptkit", storage=_storage(url), pruner=_pruner(job.pruner))
+    study = optuna.load_study(
+        study_name="gptkit", storage=_storage(url), pruner=_pruner(job.pruner)
+    )
     study.sampler = optuna.samplers.TPESampler(seed=seed)
     _optimize(study, job, trials)
 
@@ -193,7 +216,10 @@ def _finished(study: Any) -> int:
     from optuna.trial import TrialState
 
     states = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
-    return sum(not t.user_attrs.get("interrupted") for t in study.get_trials(deepcopy=False, states=states))
+    killed = set(study.user_attrs.get(INTERRUPTED, []))
+    trials = study.get_trials(deepcopy=False, states=states)
+    # Studies from before INTERRUPTED was a study attribute marked the trial itself.
+    return sum(t.number not in killed and not t.user_attrs.get("interrupted") for t in trials)
 
 
 def _optimize(study: Any, job: TuneJob, trials: int) -> None:
@@ -234,8 +260,6 @@ def tune(
         raise GptkitError("gptkit tune needs Optuna: pip install 'gptkit[tune]'") from None
     from optuna.trial import TrialState
 
-    from gptkit.data import prepare
-
     if trials < 1:
         raise GptkitError(f"--trials must be >= 1, got {trials}")
     if workers < 1:
@@ -251,7 +275,14 @@ def tune(
     if text is not None:
         data_dir = out / "data"
         if not (data_dir / "meta.json").exists():
-            prepare([text], data_dir, base.data.tokenizer, base.data.vocab_size, base.data.val_fraction, progress=False)
+            prepare(
+                [text],
+                data_dir,
+                base.data.tokenizer,
+                base.data.vocab_size,
+                base.data.val_fraction,
+                progress=False,
+            )
     elif data is not None:
         data_dir = Path(data).resolve()
     else:
@@ -259,7 +290,11 @@ def tune(
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
-        study_name="gptkit", storage=_storage(url), direction="minimize", load_if_exists=True, pruner=_pruner(pruner)
+        study_name="gptkit",
+        storage=_storage(url),
+        direction="minimize",
+        load_if_exists=True,
+        pruner=_pruner(pruner),
     )
     # A seeded sampler makes a fresh search repeatable; offset by the trials already run, so a
     # resumed study does not propose its first points again.
@@ -267,17 +302,21 @@ def tune(
     if storage is None:
         # Our own SQLite file: nobody else runs trials in it, so a trial left RUNNING was killed
         # with an earlier run of this command. Close it and run its parameters again.
+        killed = list(study.user_attrs.get(INTERRUPTED, []))
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study._storage.set_trial_user_attr(t._trial_id, "interrupted", True)
-            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+            study.tell(t.number, state=TrialState.FAIL)
+            killed.append(t.number)
             study.enqueue_trial(t.params, skip_if_exists=False)
+        study.set_user_attr(INTERRUPTED, killed)
     job = TuneJob(base, space, parsed, out, data_dir, objective, pruner)
     if workers == 1:
         _optimize(study, job, trials)
     else:
         job.threads = max(1, (mp.cpu_count() or 1) // workers)
         ctx = mp.get_context("spawn")
-        seeds = [base.train.seed + 1000 * (k + 1) + len(study.trials) for k in range(workers)]  # one stream each
+        seeds = [
+            base.train.seed + 1000 * (k + 1) + len(study.trials) for k in range(workers)
+        ]  # one stream each
         procs = [ctx.Process(target=_worker, args=(job, url, trials, seed)) for seed in seeds]
         for p in procs:
             p.start()
@@ -294,7 +333,9 @@ def _report(study: Any, job: TuneJob, keep_top: int) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "completed": len(done),
         "pruned": sum(t.state == TrialState.PRUNED for t in all_trials),
-        "failed": sum(t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") for t in all_trials),
+        "failed": sum(
+            t.state == TrialState.FAIL and not t.user_attrs.get("interrupted") for t in all_trials
+        ),
         "interrupted": sum(bool(t.user_attrs.get("interrupted")) for t in all_trials),
         "best_value": None,
         "best_params": None,

@@ -11,15 +11,8 @@ import torch
 
 from gptkit.checkpoint import load_model, load_run_config
 from gptkit.errors import GptkitError
-from gptkit.finetune import (
-    InstructionData,
-    encode_example,
-    finetune,
-    finetune_config,
-    load_conversations,
-    pad_batch,
-    read_records,
-)
+from gptkit.finetune import finetune, finetune_config, resume_finetune
+from gptkit.instructions import InstructionData, encode_example, load_conversations, pad_batch, read_records
 from gptkit.model import GPT
 from gptkit.tasks import make_tasks, write_tasks
 from gptkit.template import ChatTemplate, Message
@@ -191,7 +184,7 @@ def test_full_finetune_grows_vocab_and_learns(full_run: Path, trained_run: Path)
     model, tok, cfg = load_model(full_run)
     base, base_tok, _ = load_model(trained_run)
     assert tok.chat_template and tok.vocab_size == model.config.vocab_size > base_tok.vocab_size
-    assert cfg.finetune.base_vocab_size == base_tok.vocab_size
+    assert cfg.lineage.base_vocab_size == base_tok.vocab_size
     rows = [json.loads(line) for line in (full_run / "metrics.jsonl").read_text().splitlines()]
     vals = [r["val_loss"] for r in rows if "val_loss" in r] + [r["final_val_loss"] for r in rows if "final_val_loss" in r]
     assert len(vals) == 2 and vals[-1] < vals[0]
@@ -248,7 +241,7 @@ def test_lora_resume_equals_straight_run(trained_run: Path, tasks_file: Path, tm
     r = finetune(trained_run, [str(tasks_file)], paused, finetune_config(None, sets), lora=True, progress=False, quiet=True,
                  stop_at=6)  # fmt: skip
     assert r.interrupted and r.step == 6
-    finetune(None, None, paused, resume=True, progress=False, quiet=True)
+    resume_finetune(paused, progress=False, quiet=True)
     a, b = adapter_state(load_model(straight)[0]), adapter_state(load_model(paused)[0])
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
@@ -367,7 +360,7 @@ def test_default_finetune_command_learns_held_out_tasks(tmp_path: Path, small_da
     prompts are right at least 90% of the time (from at most 5% before)."""
     from gptkit.checkpoint import finetune_start
     from gptkit.config import load_config
-    from gptkit.finetune import evaluate_answers
+    from gptkit.evaluate import evaluate_answers
     from gptkit.train import train
     from tests.conftest import tiny_overrides
 

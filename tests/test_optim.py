@@ -68,6 +68,32 @@ def test_adamw_decays_matrices_only() -> None:
     assert all(p.dim() >= 2 for p in decay["params"]) and all(p.dim() == 1 for p in no_decay["params"])
 
 
+def test_lora_new_rows_take_no_weight_decay() -> None:
+    """apply_lora returns what it adapted; build_optimizers takes it and keeps the embedding, of
+    which only the new rows train, out of weight decay (decay would move the frozen rows)."""
+    from gptkit.config import LoraConfig
+    from gptkit.lora import apply_lora
+
+    model = GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16))
+    frozen = model.wte.weight[:36].detach().clone()
+    adapters = apply_lora(model, LoraConfig(enabled=True), base_vocab_size=36)
+    assert adapters.new_rows_from == 36 and adapters.row_params == [model.wte.weight]
+    assert model.adapters is adapters
+    (opt,) = build_optimizers(model, TrainConfig(weight_decay=0.5, lr=0.1), torch.device("cpu"), adapters)
+    decay, no_decay = opt.param_groups
+    assert any(p is model.wte.weight for p in no_decay["params"])
+    assert all(p is not model.wte.weight for p in decay["params"])
+    for _ in range(3):
+        _, loss = model(torch.randint(0, 40, (4, 8)), torch.randint(0, 40, (4, 8)))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert torch.equal(model.wte.weight[:36], frozen)  # old rows untouched
+    # Without the adapters the same embedding would be decayed, frozen rows and all.
+    (plain,) = build_optimizers(model, TrainConfig(weight_decay=0.5), torch.device("cpu"))
+    assert any(p is model.wte.weight for p in plain.param_groups[0]["params"])
+
+
 def test_muon_trains_a_model() -> None:
     torch.manual_seed(0)
     model = GPT(ModelConfig(vocab_size=16, block_size=8, n_layer=1, n_head=2, n_embd=32))

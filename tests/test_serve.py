@@ -384,8 +384,8 @@ def test_engine_failure_in_one_row_fails_that_row_alone(chat_run: Path) -> None:
     HTTP layer refuses but the engine's Python callers could send) fails alone: its neighbours,
     retried one by one, finish with their text, and the culprit gets an error, not text."""
     from gptkit.checkpoint import load_model
+    from gptkit.engine import Engine, Job
     from gptkit.generate import SamplingParams
-    from gptkit.serve import Engine, Job
 
     model, tok, _ = load_model(chat_run)
     engine = Engine(model, tok, max_batch=8, queue_limit=8)
@@ -476,8 +476,14 @@ def test_lone_surrogates_are_400_naming_the_place(server: Server) -> None:
         assert "surrogate" in reply["error"]["message"] and reply["error"]["param"] in ("prompt", "messages", "stop")
 
 
-def test_non_streaming_request_stops_when_its_client_goes(server: Server) -> None:
-    assert abandon(server, {"n": 4, "max_tokens": 200}) < 4 * 200  # freed before its 800 tokens
+def test_non_streaming_request_stops_when_its_client_goes(chat_run: Path) -> None:
+    # 1,000 decoding steps take seconds even for the tiny model: far longer than the client stays
+    # (0.3 s) plus the server's disconnect check (every 0.25 s), on an idle machine too.
+    s = Server(chat_run, "--api-key", KEY, "--max-tokens-cap", "1000")
+    try:
+        assert abandon(s, {"n": 4, "max_tokens": 1000}) < 4 * 1000  # freed before its 4,000 tokens
+    finally:
+        s.stop()
 
 
 def test_requests_too_large_to_be_fair_are_400(chat_run: Path) -> None:

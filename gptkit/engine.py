@@ -1,0 +1,152 @@
+"""The inference engine: samples decoded in batches on one thread, apart from any HTTP.
+
+Requests waiting together are decoded together in one batch when their sampling settings
+match (prompts of different lengths are left-padded, see GPT.forward); others wait their turn
+in a bounded queue, and a submission that would overflow it raises QueueFull. Each sample
+keeps its own seed. A cancelled sample stops at the next token. A failure in a batch is retried
+row by row, so that only the sample that caused it fails.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+
+import torch
+
+from gptkit.generate import Detokenizer, SamplingParams, generate_ids, seeded_generator
+from gptkit.model import GPT
+from gptkit.tokenizer import Tokenizer
+
+
+@dataclass(eq=False)  # identity, not field-by-field comparison: two choices may be alike
+class Job:
+    """One sample (one choice) of one request."""
+
+    index: int  # the choice's index in its request
+    prompt: list[int]
+    params: SamplingParams
+    stop_ids: set[int]
+    stops: list[str]
+    emit: Callable[
+        [Job, str, bool], None
+    ]  # (job, text delta, finished); called on the engine thread
+    skip_ids: frozenset[int] = frozenset()  # tokens not written as text (special tokens)
+    cancelled: bool = False
+    detok: Detokenizer | None = None
+    # set when generation failed for this sample; it finishes with no text of the failure
+    error: str = ""
+    # retried alone after its batch failed, so that a failure stays with its own row
+    solo: bool = False
+    emitted: bool = False
+
+    def key(self) -> tuple:
+        return ("solo", id(self)) if self.solo else self.params.batch_key()
+
+    def send(self, delta: str, done: bool) -> None:
+        self.emitted = self.emitted or bool(delta)
+        self.emit(self, delta, done)
+
+
+class QueueFull(Exception):
+    pass
+
+
+class Engine:
+    def __init__(
+        self, model: GPT, tok: Tokenizer, max_batch: int = 16, queue_limit: int = 64
+    ) -> None:
+        self.model, self.tok = model, tok
+        self.max_batch, self.queue_limit = max_batch, queue_limit
+        self.queue: deque[Job] = deque()
+        self.active = 0  # jobs queued or running
+        self.cv = threading.Condition()
+        # decoded batches, their total rows and tokens (for /health and the load test)
+        self.batches = 0
+        self.rows = 0
+        self.tokens = 0
+        self.failures = 0  # samples that ended with an error
+        self.thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
+        self.thread.start()
+
+    def submit(self, jobs: list[Job]) -> None:
+        with self.cv:
+            if self.active + len(jobs) > self.queue_limit:
+                raise QueueFull
+            self.active += len(jobs)
+            self.queue.extend(jobs)
+            self.cv.notify()
+
+    def _take_batch(self) -> list[Job]:
+        with self.cv:
+            while not self.queue:
+                self.cv.wait()
+            first = self.queue.popleft()
+            batch = [first]
+            for job in list(self.queue):
+                if len(batch) >= self.max_batch:
+                    break
+                if job.key() == first.key():
+                    self.queue.remove(job)
+                    batch.append(job)
+            return batch
+
+    def _loop(self) -> None:
+        while True:
+            batch = self._take_batch()
+            retry: list[Job] = []
+            try:
+                self._run(batch)
+            except Exception as e:  # noqa: BLE001 -- no bad row may end the server, or its batch
+                unfinished = [j for j in batch if j.detok is None or not j.detok.done]
+                for job in unfinished:
+                    if len(batch) > 1 and not job.emitted:
+                        # Run it again alone: only the culprit fails.
+                        job.solo, job.detok = True, None
+                        retry.append(job)
+                    else:
+                        job.error = f"generation failed: {type(e).__name__}: {e}"
+                        self.failures += 1
+                        job.send("", True)
+            finally:
+                with self.cv:
+                    self.active -= len(batch) - len(retry)
+                    self.queue.extendleft(reversed(retry))
+
+    @torch.no_grad()
+    def _run(self, jobs: list[Job]) -> None:
+        self.batches += 1
+        self.rows += len(jobs)
+        for job in jobs:
+            job.detok = Detokenizer(self.tok, job.params, job.stop_ids, job.stops, job.skip_ids)
+        live = [j for j in jobs if not j.cancelled and j.params.max_new_tokens > 0]
+        for job in jobs:
+            if job not in live:
+                job.detok.finish_reason = "length"
+                job.send("", True)
+        if not live:
+            return
+        width = max(len(j.prompt) for j in live)
+        pad = torch.tensor([width - len(j.prompt) for j in live])
+        ids = torch.tensor([[self.tok.eot_id] * (width - len(j.prompt)) + j.prompt for j in live])
+        gens = [seeded_generator(j.params.seed) for j in live]
+        params = replace(live[0].params, max_new_tokens=max(j.params.max_new_tokens for j in live))
+        pending = set(range(len(live)))
+        for nxt in generate_ids(
+            self.model, ids, params, gens if any(gens) else None, pad if pad.any() else None
+        ):
+            for i in list(pending):
+                job = live[i]
+                if job.cancelled:
+                    pending.discard(i)
+                    continue
+                delta = job.detok.feed(int(nxt[i]))
+                self.tokens += 1
+                if delta or job.detok.done:
+                    job.send(delta, job.detok.done)
+                if job.detok.done:
+                    pending.discard(i)
+            if not pending:
+                break
