@@ -292,6 +292,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--text", help="a text file, prepared into STUDY_DIR/data")
     src.add_argument("--data", help="a data folder from `gptkit prepare`")
+    src.add_argument(
+        "--finetune",
+        metavar="BASE_RUN",
+        help="search a fine-tune of this run (with --instructions)",
+    )
+    p.add_argument(
+        "--instructions", nargs="+", metavar="FILE", help="with --finetune: instruction files"
+    )
     p.add_argument("--space", required=True, help="search space YAML")
     p.add_argument(
         "--trials", type=int, required=True, help="how many trials to run (in all, across resumes)"
@@ -608,6 +616,11 @@ def cmd_tune(a: argparse.Namespace) -> None:
     from gptkit.data import default_preset
     from gptkit.tune import tune
 
+    if a.instructions and not a.finetune:
+        raise GptkitError("--instructions goes with --finetune BASE_RUN (a search over fine-tunes)")
+    # The base config: the file, else the CPU preset for pretraining (tune itself takes the
+    # fine-tuning preset for --finetune).
+    config = a.config or (None if a.finetune else str(default_preset()))
     summary = tune(
         a.space,
         a.trials,
@@ -615,13 +628,15 @@ def cmd_tune(a: argparse.Namespace) -> None:
         a.out,
         a.text,
         a.data,
-        a.config or str(default_preset()),
+        config,
         a.set,
         a.storage,
         a.workers,
         a.pruner,
         a.objective,
         a.keep_top,
+        finetune_base=a.finetune,
+        instructions=a.instructions,
     )
     print(json.dumps(summary))
 

@@ -41,11 +41,22 @@ class ModelConfig:
     zero_init_head: bool = False  # only for an untied head
     logit_softcap: float = 0.0  # 0: off; else logits = c * tanh(logits / c)
     n_kv_head: int = 0  # 0: same as n_head; fewer gives grouped-query attention
+    # What the Llama / Qwen families need besides (all neutral by default):
+    head_size: int = 0  # 0: n_embd / n_head; else each head's width (Qwen3: 128 at any n_embd)
+    mlp_size: int = 0  # 0: from mlp_ratio; else the MLP's hidden width (HF's intermediate_size)
+    norm_eps: float = 1e-5  # epsilon of every LayerNorm / RMSNorm (HF's rms_norm_eps)
+    qkv_bias: bool = False  # biases on the query, key and value projections only (Qwen2)
+    qk_norm_weight: bool = False  # qk_norm with learned per-dimension gains for q and k (Qwen3)
+    rope_scaling: Literal["none", "llama3"] = "none"  # Llama 3's long-context frequency scaling
+    rope_factor: float = 8.0  # llama3 scaling: factor, low/high frequency factors, the context
+    rope_low_freq_factor: float = 1.0  # the frequencies were trained for
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
 
     # Derived sizes, computed in one place.
     @property
     def head_dim(self) -> int:
-        return self.n_embd // self.n_head
+        return self.head_size or self.n_embd // self.n_head
 
     @property
     def kv_heads(self) -> int:
@@ -56,6 +67,8 @@ class ModelConfig:
     def mlp_hidden(self) -> int:
         """Units of the MLP's hidden layer. SwiGLU has two input matrices instead of one, so it
         takes 2/3 of the plain MLP's width and keeps its parameter count."""
+        if self.mlp_size:
+            return self.mlp_size
         hidden = int(self.mlp_ratio * self.n_embd)
         return int(2 * hidden / 3) if self.mlp == "swiglu" else hidden
 
@@ -373,7 +386,7 @@ def validate(cfg: Config) -> None:
         f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {m.vocab_size}",
     )
     _check(
-        m.n_embd % m.n_head == 0,
+        m.head_size > 0 or m.n_embd % m.n_head == 0,
         f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
         f"e.g. n_embd={m.n_head * max(1, round(m.n_embd / m.n_head))}",
     )
@@ -394,6 +407,17 @@ def validate(cfg: Config) -> None:
     )
     if m.pos_embedding == "rope":
         _check(m.head_dim % 2 == 0, "RoPE needs an even head size (n_embd / n_head)")
+    for key in ("head_size", "mlp_size", "rope_original_context"):
+        _check(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
+    _check(m.norm_eps > 0, f"model.norm_eps must be positive (1e-5 is usual), got {m.norm_eps}")
+    _check(not m.qk_norm_weight or m.qk_norm, "model.qk_norm_weight needs model.qk_norm=true")
+    if m.rope_scaling != "none":
+        _check(m.pos_embedding == "rope", "model.rope_scaling needs model.pos_embedding=rope")
+        _check(m.rope_factor >= 1, f"model.rope_factor must be >= 1, got {m.rope_factor}")
+        _check(
+            m.rope_high_freq_factor > m.rope_low_freq_factor > 0,
+            "model.rope_high_freq_factor must exceed model.rope_low_freq_factor, both positive",
+        )
     _check(
         t.eval_batches >= 0,
         f"train.eval_batches must be >= 0 (0 = the whole split), got {t.eval_batches}",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -105,9 +106,11 @@ def finetune(
     progress: bool = True,
     quiet: bool = False,
     stop_at: int | None = None,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Fine-tune the run `base` on instruction files `data` (default: cfg.finetune.data) into the
-    run folder `out`, fully or with LoRA (lora=None: as cfg.lora.enabled says)."""
+    run folder `out`, fully or with LoRA (lora=None: as cfg.lora.enabled says). on_eval(step,
+    val_loss) follows each periodic evaluation (hyperparameter search prunes with it)."""
     if base is None:
         raise GptkitError(
             "name the base run to fine-tune: gptkit finetune BASE_RUN --data FILE --out RUN"
@@ -118,7 +121,7 @@ def finetune(
     )
     tok = finetune_tokenizer(load_tokenizer(Path(base) / "tokenizer"), convs)
     cfg = config_from_base(cfg, Path(base), [str(d) for d in data or []], lora, tok)
-    return _run(cfg, Path(out), tok, convs, False, overwrite, progress, quiet, stop_at)
+    return _run(cfg, Path(out), tok, convs, False, overwrite, progress, quiet, stop_at, on_eval)
 
 
 def resume_finetune(
@@ -152,6 +155,7 @@ def _run(
     progress: bool,
     quiet: bool,
     stop_at: int | None,
+    on_eval: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     # adapters' initialisation: the same run twice is the same run
     torch.manual_seed(cfg.train.seed)
@@ -174,6 +178,7 @@ def _run(
         quiet=quiet,
         stop_at=stop_at,
         data=data,
+        on_eval=on_eval,
     )
 
 

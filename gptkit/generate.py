@@ -262,10 +262,10 @@ class TextStream:
         self.model, self.tok, self.params = model, tok, params.validate()
         ids = set(stop_ids or [])
         if params.stop_at_eot:
-            ids.add(tok.eot_id)
-        self.prompt_ids = tok.encode(prompt) if isinstance(prompt, str) else list(prompt)
-        if not self.prompt_ids:
-            self.prompt_ids = [tok.eot_id]  # an empty prompt starts a fresh document
+            ids.update(tok.eos_ids)
+        self.prompt_ids = tok.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
+        if not self.prompt_ids:  # an empty prompt starts a fresh document
+            self.prompt_ids = [tok.bos_id if tok.bos_id is not None else tok.eot_id]
         self.detok = Detokenizer(tok, self.params, ids, list(params.stop) + list(extra_stop or []))
 
     @property

@@ -45,14 +45,28 @@ class RMSNorm(nn.Module):
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
     if cfg.norm == "rmsnorm":
-        return RMSNorm(cfg.n_embd)
-    return nn.LayerNorm(cfg.n_embd, bias=cfg.bias)
+        return RMSNorm(cfg.n_embd, cfg.norm_eps)
+    return nn.LayerNorm(cfg.n_embd, eps=cfg.norm_eps, bias=cfg.bias)
 
 
-def rope_tables(head_dim: int, length: int, base: float) -> tuple[torch.Tensor, torch.Tensor]:
+def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
+    """The rotation frequency of each pair of a head's dimensions: base^(-2i/d). With Llama 3's
+    scaling, wavelengths longer than the trained context / low_freq_factor turn rope_factor times
+    slower, those shorter than context / high_freq_factor stay, and those between blend."""
+    d = cfg.head_dim
+    freqs = 1.0 / (cfg.rope_base ** (torch.arange(0, d, 2, dtype=torch.int64).float() / d))
+    if cfg.rope_scaling == "llama3":
+        context, factor = cfg.rope_original_context, cfg.rope_factor
+        low, high = cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+        periods_in_context = context * freqs / (2 * math.pi)  # context / wavelength
+        blend = ((periods_in_context - low) / (high - low)).clamp(0.0, 1.0)
+        freqs = (1 - blend) * freqs / factor + blend * freqs
+    return freqs
+
+
+def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """cos and sin of position * frequency, shape (length, head_dim / 2)."""
-    freqs = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-    angles = torch.outer(torch.arange(length, dtype=torch.float32), freqs)
+    angles = torch.outer(torch.arange(length, dtype=torch.float32), rope_frequencies(cfg))
     return angles.cos(), angles.sin()
 
 
@@ -116,21 +130,26 @@ class CausalSelfAttention(nn.Module):
         self.n_kv_head = cfg.kv_heads
         self.head_dim = cfg.head_dim
         # Q, K and V projections fused into one matmul (GPT-2's c_attn).
-        self.c_attn = nn.Linear(
-            cfg.n_embd, (self.n_head + 2 * self.n_kv_head) * self.head_dim, bias=cfg.bias
-        )
-        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd, bias=cfg.bias)
+        qkv_width = (self.n_head + 2 * self.n_kv_head) * self.head_dim
+        self.c_attn = nn.Linear(cfg.n_embd, qkv_width, bias=cfg.bias or cfg.qkv_bias)
+        self.c_proj = nn.Linear(self.n_head * self.head_dim, cfg.n_embd, bias=cfg.bias)
         self.qk_norm = cfg.qk_norm
+        # Learned QK-norm (Qwen3): queries and keys each have their own gains.
+        self.q_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm_weight else None
+        self.k_norm = RMSNorm(self.head_dim, cfg.norm_eps) if cfg.qk_norm_weight else None
         self.dropout = cfg.dropout
 
     def forward(
         self, x: Tensor, rope: Rope | None, cache: KVCache | None, mask: Tensor | None
     ) -> Tensor:
-        B, T, C = x.shape
+        B, T, _ = x.shape
         qkv = self.c_attn(x).view(B, T, self.n_head + 2 * self.n_kv_head, self.head_dim)
         # Queries and keys are normalised and rotated together: half the small kernels.
         qk, v = qkv.split([self.n_head + self.n_kv_head, self.n_kv_head], dim=2)
-        if self.qk_norm:
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = qk.split([self.n_head, self.n_kv_head], dim=2)
+            qk = torch.cat([self.q_norm(q), self.k_norm(k)], dim=2)
+        elif self.qk_norm:
             qk = F.rms_norm(qk, (self.head_dim,))
         if rope is not None:
             qk = apply_rope(qk, *rope)
@@ -155,7 +174,7 @@ class CausalSelfAttention(nn.Module):
         )
         with attention_kernels(x.device, T):
             y = F.scaled_dot_product_attention(q, k, v, **kwargs)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return F.dropout(self.c_proj(y), self.dropout, self.training)
 
 
@@ -217,7 +236,7 @@ class GPT(nn.Module):
         self.ln_f = make_norm(cfg)
         self.lm_head = nn.Linear(cfg.n_embd, cfg.vocab_size, bias=False)
         if cfg.pos_embedding == "rope":
-            cos, sin = rope_tables(cfg.head_dim, cfg.block_size, cfg.rope_base)
+            cos, sin = rope_tables(cfg, cfg.block_size)
             self.register_buffer("rope_cos", cos, persistent=False)
             self.register_buffer("rope_sin", sin, persistent=False)
         self.apply(self._init_weights)
@@ -334,7 +353,7 @@ class GPT(nn.Module):
         T = seq_len or cfg.block_size
         linear = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
         # QK^T and AV, full (not halved by the mask)
-        attention = 2 * 2 * cfg.n_layer * T * cfg.n_embd
+        attention = 2 * 2 * cfg.n_layer * T * cfg.n_head * cfg.head_dim
         forward = 2 * linear + attention
         return 3 * forward if training else forward
 

@@ -432,7 +432,7 @@ class Served:
                 )
             return prompt
         try:
-            return self.tok.encode(self.check_text(prompt, "prompt"))
+            return self.tok.encode_prompt(self.check_text(prompt, "prompt"))
         except GptkitError as e:
             raise ApiError(400, f"prompt: {e}", "invalid_value", "prompt") from None
 
@@ -679,7 +679,7 @@ async def completions(r: CompletionRequest, request: Request) -> Any:
     params = s.sampling(r, 16, len(texts))
     prompts = [s.fit(s.encode(t), r) for t in texts]
     # The end-of-turn token ends a completion as end-of-text does; special tokens are not text.
-    stop_ids = {tok.eot_id, *s.template.stop_ids}
+    stop_ids = {*tok.eos_ids, *s.template.stop_ids}
     jobs, events = await s.submit(
         prompts, params, stop_ids, params.stop, r.n, r.skip_special_tokens
     )
@@ -707,7 +707,7 @@ async def chat(r: ChatRequest, request: Request) -> Any:
     except GptkitError as e:
         raise ApiError(400, f"messages: {e}", "invalid_value", "messages") from None
     prompts = [s.fit(ids, r)]
-    stop_ids = set(s.template.stop_ids) | {s.tok.eot_id}
+    stop_ids = set(s.template.stop_ids) | set(s.tok.eos_ids)
     jobs, events = await s.submit(
         prompts, params, stop_ids, params.stop + s.template.stop_strings, r.n, r.skip_special_tokens
     )

@@ -16,7 +16,14 @@ A tokenizer without a template (a run that was only pretrained) gets a plain-tex
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from datetime import datetime
+
+import jinja2
+from jinja2.ext import loopcontrols
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gptkit.errors import GptkitError
 from gptkit.generate import SamplingParams, TextStream
@@ -61,9 +68,40 @@ def check_messages(messages: list[Message], need_assistant: bool) -> None:
         )
 
 
+def _raise(message: str) -> None:
+    raise GptkitError(f"the chat template refused the conversation: {message}")
+
+
+@functools.cache
+def _compile_jinja(source: str) -> jinja2.Template:
+    """A model's Jinja chat template, in a sandbox: it cannot read files, import, or reach Python
+    objects beyond the messages and token strings it is given."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.globals["raise_exception"] = _raise
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.filters["tojson"] = lambda value, indent=None: json.dumps(
+        value, ensure_ascii=False, indent=indent
+    )
+    try:
+        return env.from_string(source)
+    except jinja2.TemplateError as e:
+        raise GptkitError(f"the model's chat template is not valid Jinja: {e}") from None
+
+
 class ChatTemplate:
+    """gptkit's own template (special marker tokens, or the plain-text fallback), or an imported
+    model's Jinja template (tok.jinja_template), behind one interface."""
+
     def __init__(self, tok: Tokenizer) -> None:
         self.tok = tok
+        self.jinja = _compile_jinja(tok.jinja_template) if tok.jinja_template else None
+        if self.jinja is not None:
+            self.special, self.spec = True, {}
+            # The prompt overhead of one message, for the server's schema (an estimate).
+            self.marker = {"end": [], "assistant": [0] * 8, "user": [0] * 8, "system": [0] * 8}
+            return
         self.special = bool(tok.chat_template)
         spec = tok.chat_template or PLAIN_TEMPLATE
         if self.special:
@@ -80,7 +118,10 @@ class ChatTemplate:
     @staticmethod
     def add_to(tok: Tokenizer, extra_chars: str = "") -> Tokenizer:
         """A copy of tok with the template's special tokens (and, for a character tokenizer, any
-        new characters) appended to the vocabulary; existing ids do not move."""
+        new characters) appended to the vocabulary; existing ids do not move. An imported model
+        keeps its own (Jinja) template and vocabulary."""
+        if tok.jinja_template:
+            return tok
         out = tok.add_tokens(extra_chars, SPECIAL_TEMPLATE.values())
         out.chat_template = dict(SPECIAL_TEMPLATE)
         return out
@@ -88,6 +129,8 @@ class ChatTemplate:
     @property
     def stop_ids(self) -> list[int]:
         """Token ids that end an assistant turn."""
+        if self.jinja is not None:
+            return self.tok.eos_ids
         return self.marker["end"] if self.special else [self.tok.eot_id]
 
     @property
@@ -100,6 +143,8 @@ class ChatTemplate:
     ) -> tuple[list[int], list[bool]]:
         """Token ids of the conversation and, per token, whether it is assistant output (carries
         loss). With generation_prompt, the ids end with the assistant marker, ready to sample."""
+        if self.jinja is not None:
+            return self._encode_jinja(messages, generation_prompt)
         ids: list[int] = []
         mask: list[bool] = []
         for m in messages:
@@ -119,5 +164,56 @@ class ChatTemplate:
 
     def render(self, messages: list[Message], generation_prompt: bool = False) -> str:
         """The conversation as text, markers spelled out (for display and debugging)."""
+        if self.jinja is not None:
+            return self._render_jinja(messages, generation_prompt)
         parts = [self.spec[m.role] + m.content + self.spec["end"] for m in messages]
         return "".join(parts) + (self.spec["assistant"] if generation_prompt else "")
+
+    # --- an imported model's Jinja template ---
+
+    def _render_jinja(self, messages: list[Message], generation_prompt: bool) -> str:
+        tok = self.tok
+        names = {"bos_token": tok.bos_token or "", "eos_token": tok.eot_token}
+        try:
+            return self.jinja.render(  # type: ignore[union-attr]
+                messages=[{"role": m.role, "content": m.content} for m in messages],
+                add_generation_prompt=generation_prompt,
+                **names,
+            )
+        except GptkitError:
+            raise
+        except Exception as e:  # noqa: BLE001 -- a template's own error, said in one line
+            raise GptkitError(
+                f"the chat template failed to render: {type(e).__name__}: {e}"
+            ) from None
+
+    def _encode_jinja(
+        self, messages: list[Message], generation_prompt: bool
+    ) -> tuple[list[int], list[bool]]:
+        """Render, then tokenize (special-token strings in the text become their tokens, as in
+        transformers). The loss mask covers each assistant turn's text up to and including its
+        first end-of-sequence token: the span between the conversation rendered up to the turn
+        (with the generation prompt) and rendered through it."""
+        text = self._render_jinja(messages, generation_prompt)
+        enc = self.tok.tok.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
+        spans = []
+        for i, m in enumerate(messages):
+            if m.role != "assistant":
+                continue
+            before = self._render_jinja(messages[:i], True)
+            through = self._render_jinja(messages[: i + 1], False)
+            if not (through.startswith(before) and text.startswith(through)):
+                raise GptkitError(
+                    "the chat template does not render a conversation as its turns one after "
+                    "another, so the assistant's tokens cannot be told apart for training"
+                )
+            spans.append((len(before), len(through)))
+        eos = set(self.tok.eos_ids)
+        mask = [False] * len(enc.ids)
+        for start, end in spans:
+            for j, (tid, (a, _)) in enumerate(zip(enc.ids, enc.offsets)):
+                if start <= a < end:
+                    mask[j] = True
+                    if tid in eos:
+                        break
+        return list(enc.ids), mask

@@ -15,11 +15,14 @@ from gptkit.errors import GptkitError
 EOT = "<|endoftext|>"
 META_FILE = "gptkit_tokenizer.json"
 TEMPLATE_FILE = "chat_template.json"
+JINJA_FILE = "chat_template.jinja"  # an imported model's own chat template
 
 
 def _save_template(tok: Tokenizer, folder: Path) -> None:
     if tok.chat_template:
         (folder / TEMPLATE_FILE).write_text(json.dumps(tok.chat_template, indent=1))
+    if tok.jinja_template:
+        (folder / JINJA_FILE).write_text(tok.jinja_template, encoding="utf-8")
 
 
 class Tokenizer:
@@ -29,6 +32,11 @@ class Tokenizer:
     special_tokens: dict[str, int]
     # role -> marker token, "end" -> end of turn; see template.py
     chat_template: dict[str, str] | None = None
+    jinja_template: str | None = None  # an imported model's Jinja chat template (template.py)
+    eot_token: str = EOT  # ends a document, pads batches; an imported model's end-of-sequence
+    bos_token: str | None = None  # an imported model's beginning-of-sequence token
+    add_bos: bool = False  # prompts start with bos_token (Llama-family tokenizers)
+    extra_eos_ids: tuple[int, ...] = ()  # more ids that end generation (generation_config.json)
 
     @property
     def vocab_size(self) -> int:
@@ -36,7 +44,21 @@ class Tokenizer:
 
     @property
     def eot_id(self) -> int:
-        return self.special_tokens[EOT]
+        return self.special_tokens[self.eot_token]
+
+    @property
+    def bos_id(self) -> int | None:
+        return self.special_tokens.get(self.bos_token) if self.bos_token else None
+
+    @property
+    def eos_ids(self) -> list[int]:
+        """Every id that ends generation: the end-of-text token and any others the model names."""
+        return [self.eot_id, *(i for i in self.extra_eos_ids if i != self.eot_id)]
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """A prompt to continue: the text's ids, after the BOS token where the model wants one."""
+        ids = self.encode(text)
+        return [self.bos_id, *ids] if self.add_bos and self.bos_id is not None else ids
 
     def encode(self, text: str) -> list[int]:
         raise NotImplementedError
@@ -172,12 +194,60 @@ class CharTokenizer(Tokenizer):
 class HFTokenizer(Tokenizer):
     """A byte-level BPE from Hugging Face `tokenizers`: trained here ("bpe") or GPT-2's ("gpt2")."""
 
-    def __init__(self, tok: object, kind: str) -> None:
+    def __init__(self, tok: object, kind: str, eot_token: str = EOT) -> None:
         self.tok = tok
         self.kind = kind
-        self.special_tokens = {EOT: tok.token_to_id(EOT)}  # type: ignore[attr-defined]
-        if self.special_tokens[EOT] is None:
-            raise GptkitError(f"tokenizer has no {EOT} token")
+        self.eot_token = eot_token
+        self.special_tokens = {eot_token: tok.token_to_id(eot_token)}  # type: ignore[attr-defined]
+        if self.special_tokens[eot_token] is None:
+            raise GptkitError(f"tokenizer has no {eot_token} token")
+
+    @classmethod
+    def from_model_folder(cls, folder: Path) -> HFTokenizer:
+        """An imported model's own tokenizer: tokenizer.json with its special tokens, BOS and EOS
+        from tokenizer_config.json and generation_config.json, and its Jinja chat template
+        (tokenizer_config.json's chat_template, or chat_template.jinja)."""
+        from tokenizers import Tokenizer as HFTok
+
+        try:
+            hf = HFTok.from_file(str(folder / "tokenizer.json"))
+        except Exception as e:
+            raise GptkitError(
+                f"{folder / 'tokenizer.json'}: not a readable tokenizer ({e})"
+            ) from None
+        conf = _read_json(folder / "tokenizer_config.json")
+        gen = _read_json(folder / "generation_config.json")
+        specials = {t.content: i for i, t in hf.get_added_tokens_decoder().items() if t.special}
+        eos_ids = gen.get("eos_token_id", [])
+        eos_ids = [eos_ids] if isinstance(eos_ids, int) else list(eos_ids or [])
+        eos = _token_text(conf.get("eos_token"))
+        if eos is None and eos_ids:
+            eos = hf.id_to_token(eos_ids[0])
+        if eos is None or hf.token_to_id(eos) is None:
+            raise GptkitError(
+                f"{folder}: the tokenizer names no end-of-sequence token (eos_token in "
+                "tokenizer_config.json or eos_token_id in generation_config.json)"
+            )
+        out = cls(hf, "hf", eos)
+        out.special_tokens.update(specials)
+        out.extra_eos_ids = tuple(eos_ids)
+        bos = _token_text(conf.get("bos_token"))
+        if bos is None and isinstance(gen.get("bos_token_id"), int):
+            bos = hf.id_to_token(gen["bos_token_id"])
+        if bos is not None and hf.token_to_id(bos) is not None:
+            out.bos_token = bos
+            out.special_tokens.setdefault(bos, hf.token_to_id(bos))
+            # The tokenizer's own post-processor says whether a prompt starts with BOS.
+            probe = hf.encode("a", add_special_tokens=True).ids
+            out.add_bos = bool(conf.get("add_bos_token", probe[:1] == [hf.token_to_id(bos)]))
+        template = conf.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        if template is None and (folder / JINJA_FILE).is_file():
+            template = (folder / JINJA_FILE).read_text(encoding="utf-8")
+        out.jinja_template = template if isinstance(template, str) and template.strip() else None
+        return out
 
     @staticmethod
     def _byte_level(model: object) -> object:
@@ -228,11 +298,11 @@ class HFTokenizer(Tokenizer):
         )
 
     @classmethod
-    def _load_hf_json(cls, file: Path, kind: str) -> HFTokenizer:
+    def _load_hf_json(cls, file: Path, kind: str, eot_token: str = EOT) -> HFTokenizer:
         from tokenizers import Tokenizer as HFTok
 
         try:
-            return cls(HFTok.from_file(str(file)), kind)
+            return cls(HFTok.from_file(str(file)), kind, eot_token)
         except GptkitError:
             raise
         except Exception as e:
@@ -269,8 +339,14 @@ class HFTokenizer(Tokenizer):
         tok = HFTok.from_str(self.tok.to_str())  # type: ignore[attr-defined]
         new = [t for t in specials if t not in self.special_tokens]
         tok.add_special_tokens([AddedToken(t, special=True) for t in new])
-        out = HFTokenizer(tok, self.kind)
+        out = HFTokenizer(tok, self.kind, self.eot_token)
         out.special_tokens.update({t: tok.token_to_id(t) for t in list(self.special_tokens) + new})
+        out.bos_token, out.add_bos, out.extra_eos_ids = (
+            self.bos_token,
+            self.add_bos,
+            self.extra_eos_ids,
+        )
+        out.jinja_template = self.jinja_template
         return out
 
     def token_byte_lengths(self) -> np.ndarray:
@@ -278,17 +354,45 @@ class HFTokenizer(Tokenizer):
         # length is its byte count.
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         special = set(self.special_tokens.values())
+        decoder = (json.loads(self.tok.to_str()).get("decoder") or {}).get("type")  # type: ignore[attr-defined]
         for token, i in self.tok.get_vocab(with_added_tokens=True).items():  # type: ignore[attr-defined]
-            lengths[i] = 0 if i in special else len(token)
+            if i in special:
+                continue
+            # Other schemes (SentencePiece's "▁" and <0x0A> byte tokens): what the token decodes to.
+            piece = token if decoder == "ByteLevel" else self.decode([i])
+            lengths[i] = len(piece) if decoder == "ByteLevel" else len(piece.encode("utf-8"))
         return lengths
 
     def save(self, folder: Path) -> None:
         folder.mkdir(parents=True, exist_ok=True)
         self.tok.save(str(folder / "tokenizer.json"))  # type: ignore[attr-defined]
-        (folder / META_FILE).write_text(
-            json.dumps({"kind": self.kind, "special_tokens": list(self.special_tokens)})
-        )
+        meta = {"kind": self.kind, "special_tokens": list(self.special_tokens)}
+        if self.kind == "hf":
+            meta.update(
+                eot_token=self.eot_token,
+                bos_token=self.bos_token,
+                add_bos=self.add_bos,
+                extra_eos_ids=list(self.extra_eos_ids),
+            )
+        (folder / META_FILE).write_text(json.dumps(meta))
         _save_template(self, folder)
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise GptkitError(f"{path}: not valid JSON ({e})") from None
+    return data if isinstance(data, dict) else {}
+
+
+def _token_text(value: object) -> str | None:
+    """tokenizer_config.json names a token as a string or as {"content": ...}."""
+    if isinstance(value, dict):
+        value = value.get("content")
+    return value if isinstance(value, str) else None
 
 
 def load_tokenizer(folder: str | Path) -> Tokenizer:
@@ -304,8 +408,10 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     if kind == "char":
         added = [(str(t), bool(special)) for t, special in meta.get("added", [])]
         tok: Tokenizer = CharTokenizer(meta["chars"], meta.get("special_tokens", [EOT]), added)
-    elif kind in ("bpe", "gpt2"):
-        tok = HFTokenizer._load_hf_json(folder / "tokenizer.json", kind)
+    elif kind in ("bpe", "gpt2", "hf"):
+        tok = HFTokenizer._load_hf_json(folder / "tokenizer.json", kind, meta.get("eot_token", EOT))
+        tok.bos_token, tok.add_bos = meta.get("bos_token"), bool(meta.get("add_bos", False))
+        tok.extra_eos_ids = tuple(meta.get("extra_eos_ids", []))
         for t in meta.get("special_tokens", []):
             tid = tok.tok.token_to_id(t)  # type: ignore[attr-defined]
             if tid is not None:
@@ -315,6 +421,8 @@ def load_tokenizer(folder: str | Path) -> Tokenizer:
     template_file = folder / TEMPLATE_FILE
     if template_file.is_file():
         tok.chat_template = json.loads(template_file.read_text(encoding="utf-8"))
+    if (folder / JINJA_FILE).is_file():
+        tok.jinja_template = (folder / JINJA_FILE).read_text(encoding="utf-8")
     return tok
 
 

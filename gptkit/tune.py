@@ -17,9 +17,12 @@ from typing import Any
 
 import yaml
 
+from gptkit.checkpoint import load_run_config
 from gptkit.config import Config, load_config, set_key
-from gptkit.data import prepare
+from gptkit.data import prepare, preset
 from gptkit.errors import DivergedError, GptkitError
+from gptkit.finetune import finetune
+from gptkit.instructions import load_conversations
 from gptkit.train import train
 
 
@@ -152,10 +155,12 @@ class TuneJob:
     space: dict[str, dict[str, Any]]
     budget: Budget
     out: Path
-    data_dir: Path
+    data_dir: Path | None  # pretraining data; None when each trial fine-tunes finetune_base
     objective: str = "loss"  # loss | bits_per_byte
     pruner: str = "median"
     threads: int = 0
+    finetune_base: str | None = None  # each trial fine-tunes this run on instructions
+    instructions: tuple[str, ...] = ()
 
     def config_for(self, params: dict[str, Any]) -> Config:
         """The base config with a trial's parameters and the budget: what a trial trains, and
@@ -164,7 +169,11 @@ class TuneJob:
         for key, value in params.items():
             set_key(cfg, key, value, source="search space")
         self.budget.apply(cfg)
-        cfg.data.dir = str(self.data_dir)
+        if self.data_dir is not None:
+            cfg.data.dir = str(self.data_dir)
+        if self.finetune_base is not None:  # best.yaml says what was fine-tuned, on what
+            cfg.finetune.base = str(Path(self.finetune_base).resolve())
+            cfg.finetune.data = list(self.instructions)
         return cfg
 
     def objective_fn(self, trial: Any) -> float:
@@ -186,7 +195,21 @@ class TuneJob:
 
         run = self.out / "trials" / f"trial-{trial.number:04d}"
         try:
-            result = train(cfg, run, overwrite=True, progress=False, quiet=True, on_eval=report)
+            if (
+                self.finetune_base is not None
+            ):  # the same loop, on the base run and the instructions
+                result = finetune(
+                    self.finetune_base,
+                    list(self.instructions),
+                    run,
+                    cfg,
+                    overwrite=True,
+                    progress=False,
+                    quiet=True,
+                    on_eval=report,
+                )
+            else:
+                result = train(cfg, run, overwrite=True, progress=False, quiet=True, on_eval=report)
         except DivergedError:
             return float("nan")  # Optuna marks the trial failed; the study goes on
         value = (
@@ -252,8 +275,12 @@ def tune(
     pruner: str = "median",
     objective: str = "loss",
     keep_top: int = 0,
+    finetune_base: str | None = None,
+    instructions: list[str] | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) a study; returns the summary that the CLI prints as JSON."""
+    """Run (or continue) a study; returns the summary that the CLI prints as JSON. With
+    finetune_base, each trial fine-tunes that run on the instruction files (the fine-tuning
+    preset is the base config) and the objective is the held-out response loss."""
     try:
         import optuna
     except ImportError:
@@ -268,7 +295,21 @@ def tune(
         raise GptkitError(f"--objective must be loss or bits_per_byte, got {objective!r}")
     space = load_space(space_file)
     parsed = parse_budget(budget)
-    base = load_config(config, overrides or [])
+    if finetune_base is not None:
+        if not instructions:
+            raise GptkitError(
+                "--finetune BASE needs --instructions FILE (JSON or JSONL, Alpaca or chat)"
+            )
+        if objective == "bits_per_byte":
+            raise GptkitError(
+                "--objective bits_per_byte is for pretraining; a fine-tune minimises its response "
+                "loss"
+            )
+        load_run_config(
+            Path(finetune_base)
+        )  # a clear error for a wrong folder before the study starts
+        load_conversations([str(f) for f in instructions])
+    base = load_config(config or (preset("finetune") if finetune_base else None), overrides or [])
     _pruner(pruner)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -285,8 +326,12 @@ def tune(
             )
     elif data is not None:
         data_dir = Path(data).resolve()
+    elif finetune_base is not None:
+        data_dir = None
     else:
-        raise GptkitError("no data: pass --text FILE or --data DATA_DIR")
+        raise GptkitError(
+            "no data: pass --text FILE, --data DATA_DIR or --finetune BASE --instructions FILE"
+        )
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     study = optuna.create_study(
@@ -308,7 +353,17 @@ def tune(
             killed.append(t.number)
             study.enqueue_trial(t.params, skip_if_exists=False)
         study.set_user_attr(INTERRUPTED, killed)
-    job = TuneJob(base, space, parsed, out, data_dir, objective, pruner)
+    job = TuneJob(
+        base,
+        space,
+        parsed,
+        out,
+        data_dir,
+        objective,
+        pruner,
+        finetune_base=finetune_base,
+        instructions=tuple(str(Path(f).resolve()) for f in instructions or []),
+    )
     if workers == 1:
         _optimize(study, job, trials)
     else:

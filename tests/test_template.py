@@ -112,3 +112,83 @@ def test_mask_marks_exactly_the_assistant_text(turns: list[tuple[str, str]]) -> 
     assert len(ids) == len(mask)
     learned = tok.decode([i for i, m in zip(ids, mask) if m])
     assert learned == "".join(m.content + "<|end|>" for m in msgs if m.role == "assistant")
+
+
+# --- an imported model's Jinja template ---
+
+
+@pytest.fixture(scope="module")
+def jinja_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """For each template style (Llama 3, ChatML, SmolLM2), our tokenizer and transformers' own."""
+    pytest.importorskip("transformers")
+    from transformers import AutoTokenizer
+
+    from gptkit.tokenizer import HFTokenizer
+
+    from .hf_models import hf_tokenizer
+
+    out = {}
+    for family in ("llama", "qwen2", "qwen3"):
+        folder = tmp_path_factory.mktemp(family)
+        hf_tokenizer(folder, family)
+        out[family] = (HFTokenizer.from_model_folder(folder), AutoTokenizer.from_pretrained(folder))
+    return out
+
+
+CONVERSATIONS = [
+    [Message("user", "Hi")],
+    [Message("system", "Be terse."), Message("user", "Who is Romeo?"), Message("assistant", "A Montague.")],
+    [Message("user", "One"), Message("assistant", "Two"), Message("user", "Three"), Message("assistant", "Four")],
+]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_jinja_rendering_equals_transformers(jinja_runs: dict, family: str) -> None:
+    ours, theirs = jinja_runs[family]
+    template = ChatTemplate(ours)
+    for conv in CONVERSATIONS:
+        msgs = [{"role": m.role, "content": m.content} for m in conv]
+        for prompt in (False, True):
+            text = theirs.apply_chat_template(msgs, tokenize=False, add_generation_prompt=prompt)
+            assert template.render(conv, prompt) == text
+            ids = theirs.apply_chat_template(msgs, tokenize=True, add_generation_prompt=prompt, return_dict=False)
+            assert template.encode(conv, prompt)[0] == list(ids)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen3"])
+def test_jinja_loss_mask_is_each_answer_and_its_end_of_turn(jinja_runs: dict, family: str) -> None:
+    ours, _ = jinja_runs[family]
+    conv = CONVERSATIONS[2]
+    ids, mask = ChatTemplate(ours).encode(conv)
+    # Token by token: the masked runs are exactly the answers followed by the end-of-turn token.
+    runs, current = [], []
+    for i, m in zip(ids, mask):
+        if m:
+            current.append(i)
+        elif current:
+            runs.append(current)
+            current = []
+    runs += [current] if current else []
+    eot = ours.eot_id
+    assert [ours.decode(r[:-1]).strip() for r in runs] == ["Two", "Four"]
+    assert all(r[-1] == eot for r in runs)
+    masked = ours.decode([i for i, m in zip(ids, mask) if m])
+    assert "One" not in masked and "Three" not in masked and "user" not in masked
+
+
+def test_jinja_template_errors_are_one_line_and_sandboxed(jinja_runs: dict) -> None:
+    from gptkit.errors import GptkitError
+
+    ours, _ = jinja_runs["qwen3"]  # the SmolLM2-style template refuses two user turns in a row
+    with pytest.raises(GptkitError, match="refused the conversation: two user messages in a row"):
+        ChatTemplate(ours).encode([Message("user", "a"), Message("user", "b")], generation_prompt=True)
+    import copy
+
+    evil = copy.copy(ours)
+    evil.jinja_template = "{{ ''.__class__.__mro__[1].__subclasses__() }}"
+    with pytest.raises(GptkitError, match="failed to render: SecurityError") as e:
+        ChatTemplate(evil).render([Message("user", "hi")])
+    assert "\n" not in str(e.value)
+    evil.jinja_template = "{{ cycler.__init__.__globals__.os.popen('id').read() }}"
+    with pytest.raises(GptkitError, match="failed to render"):
+        ChatTemplate(evil).render([Message("user", "hi")])

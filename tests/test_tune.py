@@ -166,3 +166,33 @@ def test_parallel_workers_share_the_study(tmp_path: Path, small_data: Path) -> N
     assert 4 <= summary["completed"] <= 5
     trials = list((tmp_path / "s" / "trials").iterdir())
     assert len(trials) == summary["completed"]
+
+
+def test_search_over_a_fine_tune_of_an_imported_model(tmp_path: Path) -> None:
+    """`gptkit tune --finetune BASE --instructions FILE`: every trial is a fine-tune of an
+    imported Llama through its own chat template (the fine-tuning preset, LoRA switched by the
+    space), scored on its held-out response loss."""
+    pytest.importorskip("transformers")
+    from gptkit.convert import import_hf
+    from gptkit.tasks import write_tasks
+
+    from .hf_models import hf_model
+
+    base = import_hf(hf_model(tmp_path / "hf", "llama"), tmp_path / "base")
+    tasks = write_tasks(tmp_path / "tasks.jsonl", 60)
+    space = {"train.lr": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True},
+             "lora.enabled": {"type": "categorical", "choices": [True, False]}}  # fmt: skip
+    cmd = [sys.executable, "-m", "gptkit", "tune", "--finetune", str(base), "--instructions", str(tasks),
+           "--space", str(write_space(tmp_path, space)), "--trials", "3", "--budget", "6steps", "--out", str(tmp_path / "s"),
+           "--pruner", "none", "--set", "train.batch_size=4", "--set", "train.dtype=float32"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    summary = json.loads(p.stdout.strip().splitlines()[-1])
+    assert summary["completed"] == 3 and summary["best_value"] is not None
+    best = load_config(summary["best_config"])
+    assert best.finetune.base == str(base.resolve()) and best.train.max_steps == 6
+    trial = next((tmp_path / "s" / "trials").iterdir())
+    assert (trial / "tokenizer" / "chat_template.jinja").is_file()  # the model's own template
+    p = subprocess.run([*cmd[:4], "--finetune", str(base), "--space", cmd[9], "--trials", "1", "--budget", "2steps",
+                        "--out", str(tmp_path / "t")], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 2 and "--instructions" in p.stderr

@@ -1,0 +1,115 @@
+"""Fine-tuning throughput at SmolLM2-135M's shape: gptkit (full and LoRA) against transformers
+(full) and transformers + PEFT (LoRA), the same batch and sequence length, fp32, fused AdamW on
+both sides, random weights (one LlamaForCausalLM, imported into gptkit through `gptkit convert`).
+
+LoRA is rank 8 on every projection: PEFT's on q, k, v, o, gate, up and down; gptkit's on c_attn
+(q, k and v fused), c_proj (o and down) and c_fc (gate and up fused). Rounds are interleaved;
+medians and ratios are reported.
+
+    python benchmarks/finetune_speed.py [--rounds 3] [--batch 4] [--seq 256]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from gptkit.checkpoint import load_model
+from gptkit.config import LoraConfig, TrainConfig
+from gptkit.convert import import_hf
+from gptkit.lora import apply_lora
+from gptkit.optim import build_optimizers
+
+SHAPE = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+             num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=2048, tie_word_embeddings=True)  # fmt: skip
+
+
+def hf_folder(tmp: Path) -> Path:
+    from tokenizers import Tokenizer, models
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**SHAPE)).save_pretrained(tmp / "hf")
+    tok = Tokenizer(models.BPE())
+    tok.add_special_tokens(["<|endoftext|>"])
+    tok.save(str(tmp / "hf" / "tokenizer.json"))
+    (tmp / "hf" / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    return tmp / "hf"
+
+
+def gptkit_step(run: Path, lora: bool, x: torch.Tensor) -> Callable[[], None]:
+    model = load_model(run)[0].train()
+    adapters = apply_lora(model, LoraConfig(enabled=True, rank=8, targets=["c_attn", "c_proj", "c_fc"])) if lora else None
+    (opt,) = build_optimizers(model, TrainConfig(lr=1e-4, weight_decay=0.0), torch.device("cpu"), adapters)
+
+    def step() -> None:
+        model(x, x)[1].backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def transformers_step(folder: Path, lora: bool, x: torch.Tensor) -> Callable[[], None]:
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").train()
+    if lora:
+        from peft import LoraConfig as PeftLora
+        from peft import get_peft_model
+
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+        model = get_peft_model(model, PeftLora(r=8, lora_alpha=16, target_modules=targets, lora_dropout=0.0))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0, fused=True)
+
+    def step() -> None:
+        model(input_ids=x, labels=x).loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--seq", type=int, default=256)
+    a = ap.parse_args()
+    x = torch.randint(0, SHAPE["vocab_size"], (a.batch, a.seq), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = hf_folder(Path(tmp))
+        run = import_hf(folder, Path(tmp) / "run")
+        steps = {
+            "gptkit_full": gptkit_step(run, False, x),
+            "transformers_full": transformers_step(folder, False, x),
+            "gptkit_lora": gptkit_step(run, True, x),
+            "transformers_peft_lora": transformers_step(folder, True, x),
+        }
+        for step in steps.values():  # warm-up
+            step()
+        times: dict[str, list[float]] = {k: [] for k in steps}
+        for _ in range(a.rounds):
+            for name, step in steps.items():
+                t = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - t)
+    tps = {k: a.batch * a.seq / statistics.median(v) for k, v in times.items()}
+    for name, value in tps.items():
+        print(f"{name:24s} {value:8.0f} tokens/s")
+    print(json.dumps({
+        "shape": "smollm2-135M", "batch": a.batch, "seq": a.seq, "tokens_per_s": {k: round(v) for k, v in tps.items()},
+        "ratio_full": round(tps["gptkit_full"] / tps["transformers_full"], 2),
+        "ratio_lora": round(tps["gptkit_lora"] / tps["transformers_peft_lora"], 2),
+    }))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
