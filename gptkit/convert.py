@@ -237,23 +237,18 @@ def export_family(cfg: Config) -> str:
     m = cfg.model
     if m.pos_embedding == "rope":
         return llama_family(cfg)
-    problems = []
-    if m.norm != "layernorm":
-        problems.append("model.norm=layernorm")
-    if m.mlp != "gelu":
-        problems.append("model.mlp=gelu")
-    if m.qk_norm:
-        problems.append("model.qk_norm=false")
-    if m.logit_softcap:
-        problems.append("model.logit_softcap=0")
-    if m.kv_heads != m.n_head:
-        problems.append("model.n_kv_head=0")
-    if m.head_size and m.head_size * m.n_head != m.n_embd:
-        problems.append("model.head_size=0")
-    if m.qkv_bias and not m.bias:
-        problems.append("model.qkv_bias=false")
-    if abs(m.norm_eps - 1e-5) > 1e-12:
-        problems.append("model.norm_eps=1e-5")
+    # (what breaks GPT-2's architecture, the setting that restores it)
+    rules = [
+        (m.norm != "layernorm", "model.norm=layernorm"),
+        (m.mlp != "gelu", "model.mlp=gelu"),
+        (m.qk_norm, "model.qk_norm=false"),
+        (m.logit_softcap, "model.logit_softcap=0"),
+        (m.kv_heads != m.n_head, "model.n_kv_head=0"),
+        (m.head_size and m.head_size * m.n_head != m.n_embd, "model.head_size=0"),
+        (m.qkv_bias and not m.bias, "model.qkv_bias=false"),
+        (abs(m.norm_eps - 1e-5) > 1e-12, "model.norm_eps=1e-5"),
+    ]
+    problems = [fix for broken, fix in rules if broken]
     if problems:
         raise GptkitError(
             f"this run is not a GPT-2 architecture; export needs {', '.join(problems)} (or, for "
@@ -592,23 +587,20 @@ def split_llama_weights(
 def llama_family(cfg: Config) -> str:
     """Which Llama-family class a run exports as, or one line naming the keys to change."""
     m = cfg.model
-    wrong = []
-    if m.pos_embedding != "rope":
-        wrong.append("model.pos_embedding=rope")
-    if m.norm != "rmsnorm":
-        wrong.append("model.norm=rmsnorm")
-    if m.mlp != "swiglu":
-        wrong.append("model.mlp=swiglu")
-    if m.bias:
-        wrong.append("model.bias=false")
-    if m.logit_softcap:
-        wrong.append("model.logit_softcap=0")
-    if m.qk_norm and not m.qk_norm_weight:
-        wrong.append("model.qk_norm_weight=true (Qwen3's learned QK-norm) or model.qk_norm=false")
-    if m.qk_norm and m.qkv_bias:
-        wrong.append("model.qkv_bias=false (Qwen3 has no q/k/v biases)")
-    if m.qkv_bias and m.head_size:
-        wrong.append("model.head_size=0 (Qwen2 has no head_dim of its own)")
+    rules = [
+        (m.pos_embedding != "rope", "model.pos_embedding=rope"),
+        (m.norm != "rmsnorm", "model.norm=rmsnorm"),
+        (m.mlp != "swiglu", "model.mlp=swiglu"),
+        (m.bias, "model.bias=false"),
+        (m.logit_softcap, "model.logit_softcap=0"),
+        (
+            m.qk_norm and not m.qk_norm_weight,
+            "model.qk_norm_weight=true (Qwen3's) or model.qk_norm=false",
+        ),
+        (m.qk_norm and m.qkv_bias, "model.qkv_bias=false (Qwen3 has no q/k/v biases)"),
+        (m.qkv_bias and m.head_size, "model.head_size=0 (Qwen2 has no head_dim of its own)"),
+    ]
+    wrong = [fix for broken, fix in rules if broken]
     if wrong:
         raise GptkitError(
             "this run is neither a GPT-2 nor a Llama/Qwen architecture; to export it, train with "

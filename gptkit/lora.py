@@ -40,10 +40,10 @@ class LoRALinear(nn.Module):
         return self.base.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return (
-            self.base(x)
-            + F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B) * self.scale
-        )
+        # The scale goes on B (out x rank), not on the (tokens x out) product, and dropout only
+        # when it drops: on a CPU each whole-activation pass costs about as much as the adapter.
+        low = F.linear(self.dropout(x) if self.dropout.p > 0 else x, self.lora_A)
+        return torch.add(self.base(x), F.linear(low, self.lora_B * self.scale))
 
     @torch.no_grad()
     def merged(self) -> nn.Linear:

@@ -40,7 +40,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        # The gain in the input's dtype: under bf16 autocast a float32 gain sends rms_norm down
+        # its slow, unfused path.
+        return F.rms_norm(x, (x.size(-1),), self.weight.to(x.dtype), self.eps)
 
 
 def make_norm(cfg: ModelConfig) -> nn.Module:
