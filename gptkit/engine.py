@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -30,10 +30,13 @@ class Job:
     params: SamplingParams
     stop_ids: set[int]
     stops: list[str]
-    emit: Callable[
-        [Job, str, bool], None
-    ]  # (job, text delta, finished); called on the engine thread
+    # (job, text delta, finished); called on the engine thread
+    emit: Callable[[Job, str, bool], None]
     skip_ids: frozenset[int] = frozenset()  # tokens not written as text (special tokens)
+    logprobs: int | None = None  # record each generated token's log-probability and the top N
+    echo_logprobs: bool = False  # score the prompt's tokens too (the first has none)
+    token_logprobs: list[TokenLogprob] = field(default_factory=list)  # as generated
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
     cancelled: bool = False
     detok: Detokenizer | None = None
     # set when generation failed for this sample; it finishes with no text of the failure
@@ -48,6 +51,25 @@ class Job:
     def send(self, delta: str, done: bool) -> None:
         self.emitted = self.emitted or bool(delta)
         self.emit(self, delta, done)
+
+
+@dataclass
+class TokenLogprob:
+    """One token's log-probability (None for a prompt's first token, which nothing predicts) and
+    the most likely alternatives at its position, as (token id, log-probability)."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]]
+
+
+def top_alternatives(logprobs: torch.Tensor, n: int) -> list[tuple[int, float]]:
+    """The n most likely tokens of a (V,) distribution; tokens it excludes (-inf: top-k/top-p)
+    are left out, so every value is a finite number."""
+    if n <= 0:
+        return []
+    values, ids = logprobs.topk(min(n, logprobs.numel()))
+    return [(int(i), float(v)) for i, v in zip(ids, values) if torch.isfinite(v)]
 
 
 class QueueFull(Exception):
@@ -121,6 +143,9 @@ class Engine:
         self.rows += len(jobs)
         for job in jobs:
             job.detok = Detokenizer(self.tok, job.params, job.stop_ids, job.stops, job.skip_ids)
+            job.token_logprobs = []
+            if job.echo_logprobs and not job.cancelled:
+                job.prompt_logprobs = self._score(job.prompt, job.logprobs or 0)
         live = [j for j in jobs if not j.cancelled and j.params.max_new_tokens > 0]
         for job in jobs:
             if job not in live:
@@ -134,14 +159,31 @@ class Engine:
         gens = [seeded_generator(j.params.seed) for j in live]
         params = replace(live[0].params, max_new_tokens=max(j.params.max_new_tokens for j in live))
         pending = set(range(len(live)))
-        for nxt in generate_ids(
-            self.model, ids, params, gens if any(gens) else None, pad if pad.any() else None
-        ):
+        dist: list[torch.Tensor] = []  # the distribution the latest tokens were drawn from
+
+        def keep(logprobs: torch.Tensor) -> None:
+            dist[:] = [logprobs]
+
+        wants = any(j.logprobs is not None for j in live)
+        steps = generate_ids(
+            self.model,
+            ids,
+            params,
+            gens if any(gens) else None,
+            pad if pad.any() else None,
+            keep if wants else None,
+        )
+        for nxt in steps:
             for i in list(pending):
                 job = live[i]
                 if job.cancelled:
                     pending.discard(i)
                     continue
+                if job.logprobs is not None:
+                    row, token = dist[0][i], int(nxt[i])
+                    job.token_logprobs.append(
+                        TokenLogprob(token, float(row[token]), top_alternatives(row, job.logprobs))
+                    )
                 delta = job.detok.feed(int(nxt[i]))
                 self.tokens += 1
                 if delta or job.detok.done:
@@ -150,3 +192,15 @@ class Engine:
                     pending.discard(i)
             if not pending:
                 break
+
+    def _score(self, prompt: list[int], n: int) -> list[TokenLogprob]:
+        """Each prompt token's log-probability under the model given the tokens before it (the
+        model's own distribution, no sampling settings), with the top n alternatives."""
+        logits, _ = self.model(torch.tensor([prompt], device=next(self.model.parameters()).device))
+        lp = logits[0].float().log_softmax(-1)
+        out = [TokenLogprob(prompt[0], None, [])]
+        for t in range(1, len(prompt)):
+            out.append(
+                TokenLogprob(prompt[t], float(lp[t - 1, prompt[t]]), top_alternatives(lp[t - 1], n))
+            )
+        return out

@@ -7,7 +7,7 @@ during generation it is rebuilt from the last 3/4 of the context and decoding go
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -132,7 +132,15 @@ def sample_next(
 ) -> torch.Tensor:
     """The next token of each row; gen may be one generator for the batch or one per row (each
     request of a batched server keeps its own seed)."""
-    logits = process_logits(logits, context, p, generated)
+    return choose_next(process_logits(logits, context, p, generated), p, gen)
+
+
+def choose_next(
+    logits: torch.Tensor,
+    p: SamplingParams,
+    gen: torch.Generator | list[torch.Generator | None] | None,
+) -> torch.Tensor:
+    """A token from each row of processed logits (process_logits): the best, or a sample."""
     if p.temperature == 0:
         return logits.argmax(-1)
     probs = logits.softmax(-1)
@@ -150,9 +158,12 @@ def generate_ids(
     params: SamplingParams,
     gen: torch.Generator | list[torch.Generator | None] | None = None,
     pad: torch.Tensor | None = None,
+    on_distribution: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) for a batch of prompts (B, T), one step at a time. Prompts
-    of unequal length come left-padded, pad[b] tokens in row b (see GPT.forward)."""
+    of unequal length come left-padded, pad[b] tokens in row b (see GPT.forward).
+    on_distribution receives, before each token is drawn, the (B, V) log-probabilities it is
+    drawn from: after penalties, temperature, top-k and top-p (greedy: the model's, penalised)."""
     block = model.config.block_size
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -167,7 +178,10 @@ def generate_ids(
     logits, _ = model(ids[:, -block:], cache=cache, last_only=True, pad=pad)
     start = context.size(1)
     for _ in range(params.max_new_tokens):
-        nxt = sample_next(logits[:, -1], context, params, gen, context[:, start:])
+        processed = process_logits(logits[:, -1], context, params, context[:, start:])
+        if on_distribution is not None:
+            on_distribution(processed.log_softmax(-1))
+        nxt = choose_next(processed, params, gen)
         yield nxt
         context = torch.cat([context, nxt[:, None]], dim=1)
         if cache.pos >= block:

@@ -32,7 +32,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from gptkit.checkpoint import load_model
-from gptkit.engine import Engine, Job, QueueFull
+from gptkit.engine import Engine, Job, QueueFull, TokenLogprob
 from gptkit.errors import GptkitError
 from gptkit.generate import SamplingParams
 from gptkit.model import GPT
@@ -88,13 +88,12 @@ class _Base(BaseModel):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    logprobs: Any = None
-    top_logprobs: Any = None
 
 
 class CompletionRequest(_Base):
     prompt: str | list[str] | list[Int] | list[list[Int]]
     echo: bool = False
+    logprobs: Int | None = Field(default=None, ge=0, le=20)  # per token: its own and the top N
     suffix: str | None = None
     best_of: Int | None = None
 
@@ -113,6 +112,8 @@ class ChatMessage(BaseModel):
 
 class ChatRequest(_Base):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool | None = None
+    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: Int | None = Field(default=None, ge=0)
 
 
@@ -123,8 +124,6 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "tool_choice": (None, "none"),
     "functions": (None, []),
     "function_call": (None, "none"),
-    "logprobs": (None, False),
-    "top_logprobs": (None, 0),
     "suffix": (None, ""),
     "best_of": (None, 1),
 }
@@ -309,6 +308,10 @@ class Served:
         self.special_ids = frozenset(tok.special_tokens.values()) - {tok.eot_id}
         self.chat_page = CHAT_PAGE.read_text(encoding="utf-8")
 
+    def token_text(self, token: int) -> str:
+        """A token as the text it stands for (special tokens by name), for log-probabilities."""
+        return self.tok.decode([token])
+
     def check_text(self, text: str, param: str) -> str:
         """JSON can carry lone surrogates (\\ud800), which no tokenizer can encode: say where."""
         try:
@@ -444,6 +447,8 @@ class Served:
         stops: list[str],
         n: int,
         skip_special: bool,
+        logprobs: int | None = None,
+        echo: bool = False,
     ) -> tuple[list[Job], AsyncIterator[tuple[int, str, bool]]]:
         """Submit n samples per prompt; returns (jobs, an async iterator of (index, delta,
         finished))."""
@@ -463,6 +468,8 @@ class Served:
                 stops,
                 emit,
                 skip,
+                logprobs=logprobs,
+                echo_logprobs=echo,
             )
             for i, p in enumerate(prompts)
             for k in range(n)
@@ -516,6 +523,51 @@ class Reply:
         self.created = int(time.time())
         self.object = "chat.completion" if self.chat else "text_completion"
         self.chunk_object = "chat.completion.chunk" if self.chat else "text_completion"
+        self.with_logprobs = bool(r.logprobs) if self.chat else r.logprobs is not None
+        self.sent = [0] * len(jobs)  # per choice: log-probability entries already streamed
+        self.offset = [0] * len(jobs)  # per choice: text_offset of its next token (completions)
+
+    def _entries(self, i: int, until: int | None = None) -> list[TokenLogprob]:
+        """Choice i's log-probability entries from the last sent on (the echoed prompt's first)."""
+        job = self.jobs[i]
+        entries = job.prompt_logprobs + job.token_logprobs
+        end = len(entries) if until is None else min(until, len(entries))
+        new, self.sent[i] = entries[self.sent[i] : end], max(self.sent[i], end)
+        return new
+
+    def _logprobs(self, i: int) -> dict[str, Any] | None:
+        """OpenAI's log-probability object for choice i's new tokens: the legacy completions
+        shape (tokens, token_logprobs, top_logprobs, text_offset) or chat's content list."""
+        if not self.with_logprobs:
+            return None
+        text = self.s.token_text
+        entries = self._entries(i)
+        if self.chat:
+
+            def item(t: int, lp: float) -> dict[str, Any]:
+                return {"token": text(t), "logprob": lp, "bytes": list(text(t).encode("utf-8"))}
+
+            return {
+                "content": [
+                    {
+                        **item(e.token, e.logprob or 0.0),
+                        "top_logprobs": [item(t, v) for t, v in e.top],
+                    }
+                    for e in entries
+                ]
+            }
+        offsets = []
+        for e in entries:
+            offsets.append(self.offset[i])
+            self.offset[i] += len(text(e.token))
+        return {
+            "tokens": [text(e.token) for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [
+                None if e.logprob is None else {text(t): v for t, v in e.top} for e in entries
+            ],
+            "text_offset": offsets,
+        }
 
     def _envelope(self, obj: str, choices: list[dict[str, Any]]) -> dict[str, Any]:
         return {
@@ -530,17 +582,13 @@ class Reply:
         self, i: int, text: str | None, finish: str | None = None, opening: bool = False
     ) -> str:
         choice: dict[str, Any] = {"index": i}
-        if self.chat:
-            choice["delta"] = (
-                {"role": "assistant", "content": ""}
-                if opening
-                else {"content": text}
-                if text
-                else {}
-            )
-        else:
+        if not self.chat:
             choice["text"] = text or ""
-        choice.update(logprobs=None, finish_reason=finish)
+        elif opening:
+            choice["delta"] = {"role": "assistant", "content": ""}
+        else:
+            choice["delta"] = {"content": text} if text else {}
+        choice.update(logprobs=None if opening else self._logprobs(i), finish_reason=finish)
         return sse(self._envelope(self.chunk_object, [choice]))
 
     def usage(self) -> dict[str, int]:
@@ -589,7 +637,7 @@ class Reply:
                 choice["message"] = {"role": "assistant", "content": job.detok.text.strip()}
             else:
                 choice["text"] = self.echo[i // self.r.n] + job.detok.text
-            choice.update(logprobs=None, finish_reason=job.detok.finish_reason)
+            choice.update(logprobs=self._logprobs(i), finish_reason=job.detok.finish_reason)
             choices.append(choice)
         return {**self._envelope(self.object, choices), "usage": self.usage()}
 
@@ -677,11 +725,25 @@ async def completions(r: CompletionRequest, request: Request) -> Any:
             "prompt",
         )
     params = s.sampling(r, 16, len(texts))
+    if r.echo and params.max_new_tokens == 0 and r.n > 1:
+        raise ApiError(
+            400,
+            "echo with max_tokens 0 scores the prompt, which is the same every time; send n: 1",
+            "invalid_value",
+            "n",
+        )
     prompts = [s.fit(s.encode(t), r) for t in texts]
     # The end-of-turn token ends a completion as end-of-text does; special tokens are not text.
     stop_ids = {*tok.eos_ids, *s.template.stop_ids}
     jobs, events = await s.submit(
-        prompts, params, stop_ids, params.stop, r.n, r.skip_special_tokens
+        prompts,
+        params,
+        stop_ids,
+        params.stop,
+        r.n,
+        r.skip_special_tokens,
+        r.logprobs,
+        r.echo and r.logprobs is not None,
     )
     echo = [tok.decode(p) if r.echo else "" for p in prompts]
     return await Reply(s, r, jobs, prompts, echo).send(request, events)
@@ -691,6 +753,8 @@ async def completions(r: CompletionRequest, request: Request) -> Any:
 async def chat(r: ChatRequest, request: Request) -> Any:
     s = _served(request)
     params = s.sampling(r, min(s.sc.default_max_tokens, s.sc.max_tokens_cap))
+    if r.top_logprobs is not None and not r.logprobs:
+        raise ApiError(400, "top_logprobs needs logprobs: true", "invalid_value", "top_logprobs")
     msgs = [
         Message(
             "system" if m.role == "developer" else m.role,
@@ -709,7 +773,13 @@ async def chat(r: ChatRequest, request: Request) -> Any:
     prompts = [s.fit(ids, r)]
     stop_ids = set(s.template.stop_ids) | set(s.tok.eos_ids)
     jobs, events = await s.submit(
-        prompts, params, stop_ids, params.stop + s.template.stop_strings, r.n, r.skip_special_tokens
+        prompts,
+        params,
+        stop_ids,
+        params.stop + s.template.stop_strings,
+        r.n,
+        r.skip_special_tokens,
+        (r.top_logprobs or 0) if r.logprobs else None,
     )
     return await Reply(s, r, jobs, prompts).send(request, events)
 
@@ -887,6 +957,21 @@ def _openapi(
         ]
     }
     schemas["TextPart"]["properties"]["text"] = chat_text
+    # Combinations refused with 400: scoring a prompt (echo, max_tokens 0) once per request, and
+    # top_logprobs only with logprobs: true.
+    top = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 20}, {"type": "null"}]}
+    schemas["CompletionRequest"]["properties"]["logprobs"] = top
+    schemas["ChatRequest"]["properties"]["top_logprobs"] = top
+    schemas["CompletionRequest"]["if"] = {
+        "properties": {"echo": {"const": True}, "max_tokens": {"const": 0}},
+        "required": ["echo", "max_tokens"],
+    }
+    schemas["CompletionRequest"]["then"] = {"properties": {"n": {"const": 1}}}
+    schemas["ChatRequest"]["if"] = {
+        "properties": {"logprobs": {"const": True}},
+        "required": ["logprobs"],
+    }
+    schemas["ChatRequest"]["else"] = {"properties": {"top_logprobs": {"type": "null"}}}
     app.openapi_schema = schema
     return schema
 

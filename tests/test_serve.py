@@ -604,7 +604,7 @@ def test_unsupported_fields_are_refused_and_penalties_work(server: Server, chat_
 
     base = {"model": server.name, "prompt": "The ", "max_tokens": 24, "temperature": 0}
     for field, value in [("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]), ("best_of", 2),
-                         ("suffix", "x"), ("logprobs", 2)]:  # fmt: skip
+                         ("suffix", "x")]:  # fmt: skip
         status, reply = server.request("POST", "/v1/completions", {**base, field: value})
         assert status == 400 and reply["error"]["param"] == field and "not supported" in reply["error"]["message"]
     for field, value in [("response_format", {"type": "text"}), ("tools", []), ("best_of", 1), ("logit_bias", {})]:
@@ -683,3 +683,95 @@ def test_schema_fuzzer_default_checks(case: Any, server: Server) -> None:
         if case.body.get("max_tokens") is None and case.body.get("max_completion_tokens") is None:
             case.body["max_tokens"] = 4
     case.call_and_validate(headers={"Authorization": f"Bearer {KEY}", "Host": "localhost"})
+
+
+# --- log-probabilities (lm-eval's local-completions scores prompts through these) ---
+
+
+def _model_logprobs(run: Path, ids: list[int]) -> Any:
+    import torch
+
+    from gptkit.checkpoint import load_model
+
+    model, _, _ = load_model(run)
+    with torch.no_grad():
+        return model(torch.tensor([ids]))[0][0].float().log_softmax(-1)
+
+
+def test_completion_logprobs_score_a_prompt_with_echo(server: Server, chat_run: Path) -> None:
+    """echo + max_tokens 0 + logprobs: each prompt token's log-probability under the model given
+    the tokens before it (the first has none), as the official client reads it."""
+    from gptkit.checkpoint import load_model
+
+    tok = load_model(chat_run)[1]
+    client = server.client()
+    prompt = "ROMEO: What light"
+    reply = client.completions.create(model=server.name, prompt=prompt, max_tokens=0, echo=True, logprobs=3)
+    lp = reply.choices[0].logprobs
+    assert reply.choices[0].text == prompt and "".join(lp.tokens) == prompt
+    ids = tok.encode(prompt)
+    expected = _model_logprobs(chat_run, ids)
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    for t in range(1, len(ids)):
+        assert abs(lp.token_logprobs[t] - float(expected[t - 1, ids[t]])) < 1e-4
+        top = lp.top_logprobs[t]
+        assert len(top) == 3 and max(top.values()) == pytest.approx(float(expected[t - 1].max()), abs=1e-4)
+    assert lp.text_offset == [len(prompt[:i]) for i in range(len(prompt))]
+    # Batched scoring of token-id prompts, as lm-eval sends them.
+    batch = client.completions.create(model=server.name, prompt=[ids[:5], ids[3:9]], max_tokens=0, echo=True, logprobs=0)
+    assert [len(c.logprobs.token_logprobs) for c in batch.choices] == [5, 6]
+    assert batch.choices[0].logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:5], abs=1e-5)
+
+
+def test_generated_tokens_carry_the_logprobs_they_were_drawn_with(server: Server, chat_run: Path) -> None:
+    """Greedy: each generated token is the most likely one and its log-probability is the
+    model's for it given everything before; the same streamed, chunk by chunk."""
+    from gptkit.checkpoint import load_model
+
+    tok = load_model(chat_run)[1]
+    client = server.client()
+    body = dict(model=server.name, prompt="JULIET:", max_tokens=8, temperature=0, logprobs=2, stop=["\x00"])
+    reply = client.completions.create(**body)
+    choice = reply.choices[0]
+    lp = choice.logprobs
+    assert "".join(lp.tokens) == choice.text and len(lp.tokens) == reply.usage.completion_tokens
+    ids = tok.encode("JULIET:") + [tok.encode(t)[0] for t in lp.tokens]
+    expected = _model_logprobs(chat_run, ids)
+    start = len(tok.encode("JULIET:"))
+    for k, value in enumerate(lp.token_logprobs):
+        assert abs(value - float(expected[start + k - 1].max())) < 1e-4  # greedy: the best token
+        assert value == pytest.approx(max(lp.top_logprobs[k].values()), abs=1e-6)
+    streamed = list(client.completions.create(**body, stream=True))
+    tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
+    assert tokens == pytest.approx(lp.token_logprobs, abs=1e-6)
+
+
+def test_chat_logprobs_content_and_stream(server: Server) -> None:
+    client = server.client()
+    body = dict(model=server.name, messages=[{"role": "user", "content": "Hi"}], max_tokens=6, temperature=0,
+                logprobs=True, top_logprobs=2)  # fmt: skip
+    reply = client.chat.completions.create(**body)
+    content = reply.choices[0].logprobs.content
+    assert len(content) == reply.usage.completion_tokens
+    for entry in content:
+        assert entry.bytes == list(entry.token.encode("utf-8")) and len(entry.top_logprobs) == 2
+        assert entry.logprob == pytest.approx(entry.top_logprobs[0].logprob, abs=1e-6)  # greedy
+    chunks = list(client.chat.completions.create(**body, stream=True))
+    streamed = [e.logprob for c in chunks if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    assert streamed == pytest.approx([e.logprob for e in content], abs=1e-6)
+    plain = client.chat.completions.create(**{**body, "logprobs": None, "top_logprobs": None})
+    assert plain.choices[0].logprobs is None
+
+
+def test_bad_logprob_requests_are_400(server: Server) -> None:
+    cases = [
+        ("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
+        ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
+        ("/v1/completions", {"prompt": "a", "echo": True, "max_tokens": 0, "n": 2, "logprobs": 1}, "n"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "top_logprobs": 2}, "top_logprobs"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "a"}], "logprobs": True, "top_logprobs": 21},
+         "top_logprobs"),
+    ]  # fmt: skip
+    for path, body, param in cases:
+        status, reply = server.request("POST", path, {"model": server.name, **body})
+        assert status == 400 and reply["error"]["param"] == param, (body, reply)
