@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -7,10 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from gptkit.checkpoint import load_model
+from gptkit.checkpoint import load_model, load_run_config
 from gptkit.data import DataSet
 from gptkit.errors import GptkitError
 from gptkit.evaluate import evaluate, token_losses
+
+from .conftest import SHAKESPEARE
 
 
 def test_whole_split_every_token_once(trained_run: Path, small_data: Path) -> None:
@@ -48,3 +51,65 @@ def test_text_file_and_errors(trained_run: Path, tmp_path: Path) -> None:
     (tmp_path / "u.txt").write_text("naïve ☃")
     with pytest.raises(GptkitError, match="not in this character tokenizer"):
         evaluate(trained_run, text=tmp_path / "u.txt")
+
+
+# --- lm-evaluation-harness: one number two ways (over the API, and on the exported folder) ---
+
+TASKS = {
+    "gptkit_mc": """task: gptkit_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/mc.jsonl
+test_split: test
+output_type: multiple_choice
+doc_to_text: "{{{{question}}}}"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: "{{{{answer}}}}"
+metric_list:
+  - metric: acc
+""",
+}
+
+
+def test_lm_eval_over_the_api_equals_its_hf_backend_on_the_export(tmp_path: Path, trained_run: Path) -> None:
+    """lm-eval's own `local-completions` client against `gptkit serve` (prompt scoring through
+    echo + logprobs, token-id requests) and lm-eval's own `hf` backend on `gptkit export`'s
+    folder give the same per-example log-likelihoods and accuracy, on a multiple-choice task
+    written here (local JSON, nothing downloaded)."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    from lm_eval.tasks import TaskManager
+
+    from gptkit.convert import export_hf
+
+    from .test_serve import Server
+
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    rows = [{"question": text[i : i + 12], "choices": [text[i + 12 : i + 20], "zqxjzqxj", text[i + 40 : i + 48]], "answer": 0}
+            for i in range(0, 4000, 500)]  # fmt: skip
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    for name, yaml in TASKS.items():
+        (tmp_path / f"{name}.yaml").write_text(yaml.format(data=tmp_path))
+    hf = export_hf(trained_run, tmp_path / "hf")
+    context = load_run_config(trained_run).model.block_size
+    tasks = TaskManager(include_path=str(tmp_path))
+    server = Server(trained_run)
+    try:
+        args = (f"model={server.name},base_url={server.url}/v1/completions,tokenizer={hf},tokenized_requests=True,"
+                f"max_length={context},num_concurrent=1,max_retries=1")  # fmt: skip
+        api = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=list(TASKS),
+                                      task_manager=tasks, log_samples=True)  # fmt: skip
+    finally:
+        server.stop()
+    local = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32", tasks=list(TASKS),
+                                    task_manager=tasks, log_samples=True, device="cpu")  # fmt: skip
+    for name in TASKS:
+        ours = sorted(api["samples"][name], key=lambda s: s["doc_id"])
+        theirs = sorted(local["samples"][name], key=lambda s: s["doc_id"])
+        assert len(ours) == len(theirs) > 0
+        for a, b in zip(ours, theirs):
+            for x, y in zip(a["filtered_resps"], b["filtered_resps"]):
+                x, y = (x[0], y[0]) if isinstance(x, (list, tuple)) else (x, y)
+                assert abs(float(x) - float(y)) < 1e-4, (name, a["doc_id"], x, y)
+    assert api["results"]["gptkit_mc"]["acc,none"] == local["results"]["gptkit_mc"]["acc,none"]
