@@ -272,6 +272,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _opt(p, "--max-new-tokens", 128, "for --instructions: answer length cap")
     p.add_argument(
+        "--tasks",
+        help="lm-eval tasks, comma-separated (hellaswag,arc_easy,...): standard benchmarks",
+    )
+    p.add_argument(
+        "--include-path", metavar="DIR", help="for --tasks: a folder of your own task YAMLs"
+    )
+    p.add_argument(
+        "--num-fewshot", type=int, default=None, help="for --tasks: examples in each prompt"
+    )
+    p.add_argument("--output", metavar="FILE", help="for --tasks: write lm-eval's results as JSON")
+    p.add_argument(
         "--limit", type=int, default=None, help="for --instructions: only the first N conversations"
     )
 
@@ -567,6 +578,31 @@ def cmd_generate(a: argparse.Namespace) -> None:
 def cmd_eval(a: argparse.Namespace) -> None:
     from gptkit.evaluate import evaluate
 
+    if a.tasks:
+        from gptkit.evaluate import evaluate_tasks
+
+        if a.data or a.text or a.instructions:
+            raise GptkitError(
+                "--tasks runs lm-eval's tasks; it cannot be combined with --data, --text or "
+                "--instructions"
+            )
+        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+        batch_size = 16 if a.batch_size is None else a.batch_size
+        summary = evaluate_tasks(
+            a.run, tasks, a.include_path, a.num_fewshot, a.limit, batch_size, a.device, a.output
+        )
+        from lm_eval.utils import make_table
+
+        print(make_table(summary))
+        print(
+            json.dumps(
+                {
+                    task: {k: v for k, v in values.items() if isinstance(v, (int, float))}
+                    for task, values in summary["results"].items()
+                }
+            )
+        )
+        return
     if a.instructions:
         from gptkit.evaluate import evaluate_instructions
 

@@ -8,6 +8,7 @@ the UTF-8 bytes of the predicted tokens, so char and BPE models compare."""
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 from collections.abc import Iterable
 from pathlib import Path
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 from gptkit.checkpoint import load_model
 from gptkit.data import DataSet, read_text_chunks, windows
 from gptkit.errors import GptkitError, check_number
-from gptkit.generate import SamplingParams
+from gptkit.generate import SamplingParams, TextStream
 from gptkit.instructions import encode_example, example_batches, load_conversations
 from gptkit.model import GPT
 from gptkit.runtime import autocast_context, resolve_device, resolve_dtype
@@ -213,3 +214,130 @@ def evaluate_answers(
         "examples": n,
         "samples": samples,
     }
+
+
+# --- standard benchmarks: lm-evaluation-harness in process ---
+
+
+def harness_model(model: GPT, tok: Tokenizer, batch_size: int = 16) -> Any:
+    """The model as an lm-eval `TemplateLM`: lm-eval encodes context and continuation with the
+    run's tokenizer; gptkit scores continuations in length-sorted, left-padded batches (each row
+    computes what it would alone), rolls windows over whole documents as lm-eval's hf backend
+    does, and generates greedily through the one sampling core."""
+    from lm_eval.api.model import TemplateLM
+    from lm_eval.utils import get_rolling_token_windows
+
+    device = next(model.parameters()).device
+    block = model.config.block_size
+    prefix = tok.bos_id if tok.bos_id is not None else tok.eot_id
+
+    def score(pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+        """(log-likelihood of each continuation given its context, whether greedy picks it)."""
+        out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        for k in range(0, len(order), batch_size):
+            rows = order[k : k + batch_size]
+            seqs = [(pairs[i][0] + pairs[i][1])[-(block + 1) :][:-1] for i in rows]
+            width = max(len(s) for s in seqs)
+            pad = torch.tensor([width - len(s) for s in seqs], device=device)
+            x = torch.tensor([[prefix] * (width - len(s)) + s for s in seqs], device=device)
+            with torch.no_grad():
+                logits, _ = model(x, pad=pad if bool(pad.any()) else None)
+            logprobs = logits.float().log_softmax(-1)
+            for row, i in enumerate(rows):
+                cont = pairs[i][1]
+                lp = logprobs[row, width - len(cont) :]
+                target = torch.tensor(cont, device=device)
+                total = float(lp.gather(1, target[:, None]).sum())
+                out[i] = (total, bool((lp.argmax(-1) == target).all()))
+        return out
+
+    class GptkitLM(TemplateLM):
+        @property
+        def eot_token_id(self) -> int:
+            return tok.eot_id
+
+        @property
+        def prefix_token_id(self) -> int:
+            return prefix
+
+        @property
+        def max_length(self) -> int:
+            return block
+
+        def tok_encode(self, string: str, **kwargs: Any) -> list[int]:
+            return tok.encode(string)
+
+        def _loglikelihood_tokens(self, requests: list, **kwargs: Any) -> list[tuple[float, bool]]:
+            return score([(context, continuation) for _, context, continuation in requests])
+
+        def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+            totals = []
+            for request in requests:
+                ids = tok.encode(request.args[0])
+                windows = list(get_rolling_token_windows(ids, prefix, block, 1))
+                totals.append(sum(value for value, _ in score(windows)))
+            return totals
+
+        def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+            answers = []
+            for request in requests:
+                context, kwargs = request.args
+                until = kwargs.get("until") or []
+                until = [until] if isinstance(until, str) else list(until)
+                params = SamplingParams(
+                    max_new_tokens=int(kwargs.get("max_gen_toks", 256)), temperature=0.0, stop=until
+                )
+                ids = tok.encode_prompt(context)[-(block - 1) :]
+                answers.append("".join(TextStream(model, tok, ids, params)))
+            return answers
+
+    return GptkitLM()
+
+
+def evaluate_tasks(
+    run: str | Path,
+    tasks: list[str],
+    include_path: str | None = None,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 16,
+    device: str = "auto",
+    output: str | Path | None = None,
+) -> dict[str, Any]:
+    """Standard benchmarks (HellaSwag, ARC, ... or the user's own task YAMLs) through
+    lm-evaluation-harness's Python API, in this process; returns lm-eval's results (and
+    writes them as JSON to output)."""
+    try:
+        import lm_eval
+        from lm_eval.tasks import TaskManager
+    except ImportError:
+        raise GptkitError(
+            "--tasks needs lm-evaluation-harness: pip install 'gptkit[eval]'"
+        ) from None
+    if num_fewshot is not None:
+        check_number("num_fewshot", num_fewshot, 0, integer=True)
+    check_number("batch_size", batch_size, 1, integer=True)
+    model, tok, _ = load_model(run, resolve_device(device), merge_adapters=True)
+    manager = TaskManager(include_path=include_path)
+    unknown = [t for t in tasks if t not in manager.all_tasks]
+    if unknown:
+        raise GptkitError(
+            f"unknown task {unknown[0]!r}; see `lm_eval --tasks list`, or pass --include-path DIR"
+        )
+    results = lm_eval.simple_evaluate(
+        model=harness_model(model, tok, batch_size),
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=False,
+    )
+    summary = {
+        "results": results["results"],
+        "n-shot": results.get("n-shot", {}),
+        "versions": results.get("versions", {}),
+    }
+    if output is not None:
+        Path(output).write_text(json.dumps(summary, indent=1, default=str))
+    return summary

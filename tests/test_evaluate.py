@@ -72,6 +72,14 @@ metric_list:
 }
 
 
+def _per_sample(results: dict, task: str) -> list[float]:
+    values = []
+    for sample in sorted(results["samples"][task], key=lambda s: s["doc_id"]):
+        for resp in sample["filtered_resps"]:
+            values.append(float(resp[0] if isinstance(resp, (list, tuple)) else resp))
+    return values
+
+
 def test_lm_eval_over_the_api_equals_its_hf_backend_on_the_export(tmp_path: Path, trained_run: Path) -> None:
     """lm-eval's own `local-completions` client against `gptkit serve` (prompt scoring through
     echo + logprobs, token-id requests) and lm-eval's own `hf` backend on `gptkit export`'s
@@ -113,3 +121,39 @@ def test_lm_eval_over_the_api_equals_its_hf_backend_on_the_export(tmp_path: Path
                 x, y = (x[0], y[0]) if isinstance(x, (list, tuple)) else (x, y)
                 assert abs(float(x) - float(y)) < 1e-4, (name, a["doc_id"], x, y)
     assert api["results"]["gptkit_mc"]["acc,none"] == local["results"]["gptkit_mc"]["acc,none"]
+    # In process (`gptkit eval --tasks`): the same per-example numbers.
+    from gptkit.evaluate import harness_model
+
+    model, tok, _ = load_model(trained_run)
+    both = ["gptkit_mc"]
+    ours = lm_eval.simple_evaluate(model=harness_model(model, tok, 4), tasks=both, task_manager=tasks, log_samples=True)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32", tasks=both,
+                                     task_manager=tasks, log_samples=True, device="cpu")  # fmt: skip
+    for name in both:
+        assert _per_sample(ours, name) == pytest.approx(_per_sample(theirs, name), abs=1e-4)
+    assert ours["results"]["gptkit_mc"]["acc,none"] == local["results"]["gptkit_mc"]["acc,none"]
+
+
+def test_eval_tasks_command_and_its_errors(tmp_path: Path, trained_run: Path) -> None:
+    """`gptkit eval RUN --tasks T --include-path DIR --output FILE`: lm-eval's table, a JSON line and
+    lm-eval's results file; an unknown task or a negative --num-fewshot is one line, exit 2."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
+    rows = [{"question": "ROMEO", "choices": [":", "zq"], "answer": 0}, {"question": "JULIE", "choices": ["T", "q"], "answer": 0}]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "gptkit_mc.yaml").write_text(TASKS["gptkit_mc"].format(data=tmp_path))
+
+    def cli(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "gptkit", "eval", str(trained_run), *args], capture_output=True, text=True,
+                              timeout=300)  # fmt: skip
+
+    r = cli("--tasks", "gptkit_mc", "--include-path", str(tmp_path), "--output", str(tmp_path / "out.json"))
+    assert r.returncode == 0, r.stderr
+    assert "gptkit_mc" in r.stdout and json.loads(r.stdout.strip().splitlines()[-1])["gptkit_mc"]["acc,none"] >= 0
+    assert "gptkit_mc" in json.loads((tmp_path / "out.json").read_text())["results"]
+    negative = ["--tasks", "gptkit_mc", "--include-path", str(tmp_path), "--num-fewshot", "-1"]
+    for args, message in ((["--tasks", "no_such_task"], "unknown task 'no_such_task'"), (negative, "num_fewshot")):
+        r = cli(*args)
+        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
