@@ -225,7 +225,7 @@ def harness_model(model: GPT, tok: Tokenizer, batch_size: int = 16) -> Any:
     computes what it would alone), rolls windows over whole documents as lm-eval's hf backend
     does, and generates greedily through the one sampling core."""
     from lm_eval.api.model import TemplateLM
-    from lm_eval.utils import get_rolling_token_windows
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     device = next(model.parameters()).device
     block = model.config.block_size
@@ -275,7 +275,11 @@ def harness_model(model: GPT, tok: Tokenizer, batch_size: int = 16) -> Any:
             totals = []
             for request in requests:
                 ids = tok.encode(request.args[0])
-                windows = list(get_rolling_token_windows(ids, prefix, block, 1))
+                # lm-eval's windows are (inputs, targets); disjoint: (context, continuation).
+                windows = [
+                    make_disjoint_window(w)
+                    for w in get_rolling_token_windows(ids, prefix, block, 1)
+                ]
                 totals.append(sum(value for value, _ in score(windows)))
             return totals
 

@@ -70,6 +70,18 @@ metric_list:
   - metric: acc
 """,
 }
+ROLLING = """task: gptkit_rolling
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/text.jsonl
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: "{{{{text}}}}"
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+"""
 
 
 def _per_sample(results: dict, task: str) -> list[float]:
@@ -97,7 +109,9 @@ def test_lm_eval_over_the_api_equals_its_hf_backend_on_the_export(tmp_path: Path
     rows = [{"question": text[i : i + 12], "choices": [text[i + 12 : i + 20], "zqxjzqxj", text[i + 40 : i + 48]], "answer": 0}
             for i in range(0, 4000, 500)]  # fmt: skip
     (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    for name, yaml in TASKS.items():
+    docs = [{"text": text[i : i + 90]} for i in range(10_000, 10_400, 100)]  # 90 tokens: 3 windows of 32
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    for name, yaml in {**TASKS, "gptkit_rolling": ROLLING}.items():
         (tmp_path / f"{name}.yaml").write_text(yaml.format(data=tmp_path))
     hf = export_hf(trained_run, tmp_path / "hf")
     context = load_run_config(trained_run).model.block_size
@@ -121,11 +135,12 @@ def test_lm_eval_over_the_api_equals_its_hf_backend_on_the_export(tmp_path: Path
                 x, y = (x[0], y[0]) if isinstance(x, (list, tuple)) else (x, y)
                 assert abs(float(x) - float(y)) < 1e-4, (name, a["doc_id"], x, y)
     assert api["results"]["gptkit_mc"]["acc,none"] == local["results"]["gptkit_mc"]["acc,none"]
-    # In process (`gptkit eval --tasks`): the same per-example numbers.
+    # In process (`gptkit eval --tasks`): the same per-example numbers, and on a rolling
+    # (perplexity) task the same windows and totals as the hf backend.
     from gptkit.evaluate import harness_model
 
     model, tok, _ = load_model(trained_run)
-    both = ["gptkit_mc"]
+    both = ["gptkit_mc", "gptkit_rolling"]
     ours = lm_eval.simple_evaluate(model=harness_model(model, tok, 4), tasks=both, task_manager=tasks, log_samples=True)
     theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32", tasks=both,
                                      task_manager=tasks, log_samples=True, device="cpu")  # fmt: skip
