@@ -56,3 +56,16 @@ def training_step(cfg, vocab: int = 65) -> Callable[[], None]:  # noqa: ANN001
             opt.zero_grad(set_to_none=True)
 
     return step
+
+
+def answer_timings(conn, step: Callable[[], None], cold_step: bool = True) -> None:  # noqa: ANN001
+    """A benchmark worker's loop: warm `step` up, say "ready", then each time the parent sends n,
+    time n steps and send back their median (0 ends it). cold_step: one untimed step first each
+    round, since the other settings ran in between and the caches are cold."""
+    step()
+    step()
+    conn.send("ready")
+    while (n := conn.recv()) > 0:
+        if cold_step:
+            step()
+        conn.send(median_time(step, n, warmup=0))

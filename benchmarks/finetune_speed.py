@@ -17,11 +17,11 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from common import answer_timings
 
 from gptkit.checkpoint import load_model
 from gptkit.config import LoraConfig, TrainConfig
@@ -98,16 +98,7 @@ def worker(conn, who: str, folder: str, run: str, batch: int, seq: int) -> None:
     x = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     lora = "lora" in who
     step = gptkit_step(Path(run), lora, x) if who.startswith("gptkit") else transformers_step(Path(folder), lora, x)
-    step()
-    step()
-    conn.send("ready")
-    while (n := conn.recv()) > 0:
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        conn.send(statistics.median(times))
+    answer_timings(conn, step, cold_step=False)
 
 
 def main() -> None:

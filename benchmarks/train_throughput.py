@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import matmul_peak, training_step
+from common import answer_timings, matmul_peak, training_step
 
 from gptkit.config import Config, ModelConfig, load_config
 from gptkit.model import GPT
@@ -94,18 +94,7 @@ def build(who: str, shape: tuple[int, ...], dtype_name: str, compile_: bool):  #
 
 def worker(conn, who: str, shape: tuple[int, ...], dtype_name: str, compile_: bool) -> None:  # noqa: ANN001
     """Builds one setting, warms it up, then times `n` steps each time it is asked."""
-    step = build(who, shape, dtype_name, compile_)
-    step()
-    step()
-    conn.send("ready")
-    while (n := conn.recv()) > 0:
-        step()  # first step after the others ran: caches are cold
-        times = []
-        for _ in range(n):
-            t = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t)
-        conn.send(statistics.median(times))
+    answer_timings(conn, build(who, shape, dtype_name, compile_))
 
 
 def loop_tokens_per_s(shape: tuple[int, ...], steps: int) -> float:
