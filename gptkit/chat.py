@@ -41,9 +41,7 @@ class ChatSession:
         budget = block - max(1, min(self.params.max_new_tokens, block // 2))
         system = [Message("system", self.system)] if self.system else []
         while True:
-            ids, _ = self.template.encode(
-                system + self.history + [Message("user", user)], generation_prompt=True
-            )
+            ids = self.template.prompt_ids(system + self.history + [Message("user", user)])
             if len(ids) <= budget or not self.history:
                 return ids[-budget:]
             # Drop the oldest exchange: a user turn and the assistant turn after it.

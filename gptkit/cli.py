@@ -47,15 +47,25 @@ def _opt(p: argparse.ArgumentParser, flag: str, default: float, help: str) -> No
     p.add_argument(flag, type=type(default), default=default, help=help)
 
 
+def _choice(p: argparse.ArgumentParser, flag: str, choices: list[str], help: str) -> None:
+    """An option with a fixed set of values; the first is the default."""
+    p.add_argument(flag, default=choices[0], choices=choices, help=help)
+
+
+def _add_training_flags(p: argparse.ArgumentParser) -> None:
+    """How a training run (train, finetune) is carried out, beyond its config."""
+    p.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard the model with FSDP instead of DDP",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+
+
 def _add_device(p: argparse.ArgumentParser) -> None:
     """Where and in what precision a trained model runs (generate, chat, serve)."""
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
-    p.add_argument(
-        "--dtype",
-        default="float32",
-        choices=["float32", "bfloat16"],
-        help="weights' dtype for decoding",
-    )
+    _choice(p, "--dtype", ["float32", "bfloat16"], "weights' dtype for decoding")
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -94,9 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
         DATA_DEFAULTS.val_fraction,
         "share of the corpus held out for validation",
     )
-    p.add_argument(
-        "--errors", default="strict", choices=["strict", "replace"], help="on invalid UTF-8"
-    )
+    _choice(p, "--errors", ["strict", "replace"], "on invalid UTF-8")
     p.add_argument("--overwrite", action="store_true", help="replace data already in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
 
@@ -116,12 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="start from this run's weights (fine-tuning); its model and tokenizer",
     )
-    p.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="under torchrun: shard the model with FSDP instead of DDP",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    _add_training_flags(p)
 
     p = sub.add_parser("generate", help="sample text from a trained run")
     p.add_argument("run", help="run folder")
@@ -160,12 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace what is already in the output folder"
     )
-    p.add_argument(
-        "--fsdp",
-        action="store_true",
-        help="under torchrun: shard the model with FSDP instead of DDP",
-    )
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    _add_training_flags(p)
 
     p = sub.add_parser("merge", help="fold a LoRA run's adapter into its base weights")
     p.add_argument("run", help="a LoRA run folder")
@@ -232,12 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--out", required=True, help="JSONL file to write")
     _opt(p, "--n", 4000, "how many examples to write")
-    p.add_argument(
-        "--split",
-        default="train",
-        choices=["train", "test"],
-        help="which split of the task generator",
-    )
+    _choice(p, "--split", ["train", "test"], "which split of the task generator")
     _opt(p, "--seed", 0, "random seed of the generator")
 
     p = sub.add_parser("eval", help="loss, perplexity and bits-per-byte of a run (JSON)")
@@ -245,9 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--data", help="data folder (default: the run's own)")
     src.add_argument("--text", help="a text file")
-    p.add_argument(
-        "--split", default="val", choices=["val", "train"], help="which split of the data folder"
-    )
+    _choice(p, "--split", ["val", "train"], "which split of the data folder")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument(
         "--batch-size",
@@ -258,12 +249,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-batches", type=int, default=None, help="evaluate only the first N batches"
     )
-    p.add_argument(
-        "--errors",
-        default="strict",
-        choices=["strict", "replace"],
-        help="for --text: on invalid UTF-8",
-    )
+    _choice(p, "--errors", ["strict", "replace"], "for --text: on invalid UTF-8")
     p.add_argument(
         "--instructions",
         nargs="+",
@@ -325,18 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in STUDY_DIR)")
     _opt(p, "--workers", 1, "trials run in parallel (processes)")
-    p.add_argument(
-        "--pruner",
-        default="median",
-        choices=["median", "hyperband", "none"],
-        help="stop poor trials early",
-    )
-    p.add_argument(
-        "--objective",
-        default="loss",
-        choices=["loss", "bits_per_byte"],
-        help="what the search minimises",
-    )
+    _choice(p, "--pruner", ["median", "hyperband", "none"], "stop poor trials early")
+    _choice(p, "--objective", ["loss", "bits_per_byte"], "what the search minimises")
     _opt(p, "--keep-top", 0, "keep only the best K trial folders (0: all)")
 
     p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder")
@@ -564,7 +540,7 @@ def cmd_generate(a: argparse.Namespace) -> None:
         if a.num_samples > 1:
             print(f"--- sample {i + 1} ---")
         if a.chat:
-            ids, _ = template.encode([Message("user", a.prompt)], generation_prompt=True)
+            ids = template.prompt_ids([Message("user", a.prompt)])
             stream = template.reply(model, ids, params)
         else:
             sys.stdout.write(a.prompt)

@@ -205,6 +205,13 @@ class Config:
                 set_key(cfg, section_key, value, source=source, internal=True)
         return cfg
 
+    def with_model(self, model: ModelConfig) -> Config:
+        """A validated copy whose architecture is `model` (a base run's, for a run that starts
+        from its weights)."""
+        return self.updated(
+            {f"model.{f.name}": getattr(model, f.name) for f in dataclasses.fields(model)}
+        )
+
     def updated(self, changes: dict[str, Any]) -> Config:
         """A validated copy with `changes` ({"section.key": value}) applied, typed as --set is; the
         original is left as it was. Resolving a run's config builds it with this, once."""

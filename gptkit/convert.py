@@ -300,17 +300,15 @@ def _export_llama(tmp: Path, ckpt: Path, cfg: Config, tok: Tokenizer | None, fam
 def _export_gpt2(tmp: Path, ckpt: Path, cfg: Config, tok: Tokenizer | None) -> None:
     m = cfg.model
     sd: dict[str, torch.Tensor] = {}
-    with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
-        for name in f.keys():
-            t = f.get_tensor(name)
-            if name.endswith(CONV1D):
-                t = t.t().contiguous()
-            hf_name = (
-                "lm_head.weight"
-                if name == "lm_head.weight"
-                else "transformer." + name.replace("blocks.", "h.", 1)
-            )
-            sd[hf_name] = t
+    for name, t in _read_safetensors(ckpt / MODEL_FILE):
+        if name.endswith(CONV1D):
+            t = t.t().contiguous()
+        hf_name = (
+            "lm_head.weight"
+            if name == "lm_head.weight"
+            else "transformer." + name.replace("blocks.", "h.", 1)
+        )
+        sd[hf_name] = t
     if not m.bias:  # HF's GPT-2 always has biases: zeros are the same function
         for i in range(m.n_layer):
             for part, size in (
@@ -425,6 +423,10 @@ TOP_LEVEL = {
     "model.norm.weight": "ln_f.weight",
     "lm_head.weight": "lm_head.weight",
 }
+# The way out: gptkit's names back to the family's, and how many pieces each fused matrix has.
+TOP_LEVEL_OUT = {ours: theirs for theirs, ours in TOP_LEVEL.items()}
+RENAMED_OUT = {ours: theirs for theirs, ours in RENAMED.items()}
+PIECES = {fused: sum(1 for f, _ in FUSED.values() if f == fused) for fused, _ in FUSED.values()}
 
 
 def rope_settings(hf: dict, source: Path) -> dict:
@@ -540,7 +542,6 @@ def fuse_llama_weights(
     """(gptkit name, source name, tensor) for each weight, q/k/v and gate/up fused as they are
     complete: at most one layer's pieces wait, so memory stays near one copy of the weights."""
     m = cfg.model
-    pieces = {"attn.c_attn": 3, "mlp.c_fc": 2}
     pending: dict[str, dict[int, torch.Tensor]] = {}
     for hf_name, t in tensors:
         mapped = llama_name(hf_name)
@@ -553,7 +554,7 @@ def fuse_llama_weights(
             yield name, hf_name, t
             continue
         pending.setdefault(name, {})[part] = t
-        if len(pending[name]) == pieces[name.split(".", 2)[2].rsplit(".", 1)[0]]:
+        if len(pending[name]) == PIECES[name.split(".", 2)[2].rsplit(".", 1)[0]]:
             parts = pending.pop(name)
             yield name, hf_name, torch.cat([parts[k] for k in sorted(parts)])
     if pending:
@@ -568,7 +569,7 @@ def split_llama_weights(
     """gptkit's tensor -> the Llama family's name(s) and tensor(s): fused matrices split."""
     m = cfg.model
     if not name.startswith("blocks."):
-        yield {v: k for k, v in TOP_LEVEL.items()}[name], t
+        yield TOP_LEVEL_OUT[name], t
         return
     _, layer, rest = name.split(".", 2)
     prefix = f"model.layers.{layer}."
@@ -581,7 +582,7 @@ def split_llama_weights(
         for proj, piece in zip(("gate_proj", "up_proj"), t.chunk(2)):
             yield f"{prefix}mlp.{proj}.{kind}", piece.contiguous()
     else:
-        yield prefix + {v: k for k, v in RENAMED.items()}[rest], t
+        yield prefix + RENAMED_OUT[rest], t
 
 
 def llama_family(cfg: Config) -> str:

@@ -63,13 +63,26 @@ class TokenLogprob:
     top: list[tuple[int, float]]
 
 
-def top_alternatives(logprobs: torch.Tensor, n: int) -> list[tuple[int, float]]:
-    """The n most likely tokens of a (V,) distribution; tokens it excludes (-inf: top-k/top-p)
-    are left out, so every value is a finite number."""
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, n: int) -> list[TokenLogprob]:
+    """Each row's token from (R, V) log-probabilities, with its log-probability and the row's n
+    most likely tokens, in one top-k for all rows; tokens a distribution excludes (-inf: top-k,
+    top-p) are left out, so every value is a finite number."""
+    chosen = logprobs.gather(1, tokens[:, None])[:, 0].tolist()
     if n <= 0:
-        return []
-    values, ids = logprobs.topk(min(n, logprobs.numel()))
-    return [(int(i), float(v)) for i, v in zip(ids, values) if torch.isfinite(v)]
+        return [TokenLogprob(t, c, []) for t, c in zip(tokens.tolist(), chosen)]
+    values, ids = logprobs.topk(min(n, logprobs.size(-1)), dim=-1)
+    return [
+        TokenLogprob(t, c, [(i, v) for i, v in zip(row_ids, row_values) if v != float("-inf")])
+        for t, c, row_ids, row_values in zip(tokens.tolist(), chosen, ids.tolist(), values.tolist())
+    ]
+
+
+def prompt_logprobs(prompt: list[int], logits: torch.Tensor, n: int) -> list[TokenLogprob]:
+    """A prompt's tokens scored by the model's (T, V) logits over it: each token given the ones
+    before (the model's own distribution, no sampling settings); the first has none."""
+    lp = logits[: len(prompt) - 1].float().log_softmax(-1)
+    target = torch.tensor(prompt[1:], device=logits.device)
+    return [TokenLogprob(prompt[0], None, []), *token_logprobs(lp, target, n)]
 
 
 class QueueFull(Exception):
@@ -144,9 +157,12 @@ class Engine:
         for job in jobs:
             job.detok = Detokenizer(self.tok, job.params, job.stop_ids, job.stops, job.skip_ids)
             job.token_logprobs = []
-            if job.echo_logprobs and not job.cancelled:
-                job.prompt_logprobs = self._score(job.prompt, job.logprobs or 0)
         live = [j for j in jobs if not j.cancelled and j.params.max_new_tokens > 0]
+        for job in jobs:  # a prompt scored without generating: its forward pass is all it needs
+            if job.echo_logprobs and not job.cancelled and job not in live:
+                device = next(self.model.parameters()).device
+                logits, _ = self.model(torch.tensor([job.prompt], device=device))
+                job.prompt_logprobs = prompt_logprobs(job.prompt, logits[0], job.logprobs or 0)
         for job in jobs:
             if job not in live:
                 job.detok.finish_reason = "length"
@@ -164,25 +180,37 @@ class Engine:
         def keep(logprobs: torch.Tensor) -> None:
             dist[:] = [logprobs]
 
-        wants = any(j.logprobs is not None for j in live)
+        def score_prompts(logits: torch.Tensor) -> None:  # the prefill's logits, rows left-padded
+            for row, job in enumerate(live):
+                if job.echo_logprobs:
+                    start = width - len(job.prompt)
+                    job.prompt_logprobs = prompt_logprobs(
+                        job.prompt, logits[row, start:], job.logprobs or 0
+                    )
+
+        top_n = max((j.logprobs for j in live if j.logprobs is not None), default=None)
+        echo = any(j.echo_logprobs for j in live)
         steps = generate_ids(
             self.model,
             ids,
             params,
             gens if any(gens) else None,
             pad if pad.any() else None,
-            keep if wants else None,
+            keep if top_n is not None else None,
+            score_prompts if echo else None,
         )
         for nxt in steps:
+            # One top-k for the batch, at the widest N any row asked for.
+            entries = token_logprobs(dist[0], nxt, top_n) if top_n is not None else []
             for i in list(pending):
                 job = live[i]
                 if job.cancelled:
                     pending.discard(i)
                     continue
                 if job.logprobs is not None:
-                    row, token = dist[0][i], int(nxt[i])
+                    entry = entries[i]
                     job.token_logprobs.append(
-                        TokenLogprob(token, float(row[token]), top_alternatives(row, job.logprobs))
+                        TokenLogprob(entry.token, entry.logprob, entry.top[: job.logprobs])
                     )
                 delta = job.detok.feed(int(nxt[i]))
                 self.tokens += 1
@@ -192,15 +220,3 @@ class Engine:
                     pending.discard(i)
             if not pending:
                 break
-
-    def _score(self, prompt: list[int], n: int) -> list[TokenLogprob]:
-        """Each prompt token's log-probability under the model given the tokens before it (the
-        model's own distribution, no sampling settings), with the top n alternatives."""
-        logits, _ = self.model(torch.tensor([prompt], device=next(self.model.parameters()).device))
-        lp = logits[0].float().log_softmax(-1)
-        out = [TokenLogprob(prompt[0], None, [])]
-        for t in range(1, len(prompt)):
-            out.append(
-                TokenLogprob(prompt[t], float(lp[t - 1, prompt[t]]), top_alternatives(lp[t - 1], n))
-            )
-        return out

@@ -196,9 +196,7 @@ def evaluate_answers(
     samples = []
     for c in convs:
         last = max(i for i, m in enumerate(c) if m.role == "assistant")
-        answer = "".join(
-            template.reply(model, template.encode(c[:last], generation_prompt=True)[0], params)
-        )
+        answer = "".join(template.reply(model, template.prompt_ids(c[:last]), params))
         want = c[last].content.strip()
         exact += answer.strip() == want
         contains += bool(want) and want.lower() in answer.lower()

@@ -12,6 +12,7 @@ import math
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -34,7 +35,7 @@ from gptkit.lora import parameter_counts
 from gptkit.model import GPT
 from gptkit.template import ChatTemplate
 from gptkit.tokenizer import Tokenizer, load_tokenizer
-from gptkit.train import TrainResult, train
+from gptkit.train import TrainOptions, TrainResult, train
 
 ASCII = "".join(map(chr, range(32, 127))) + "\n\t"
 
@@ -67,23 +68,20 @@ def config_from_base(
     model = model_config_from_base(
         base_cfg.model, cfg.finetune.block_size, cfg.model.dropout, tok.vocab_size
     )
-    changes = {f"model.{k}": v for k, v in model.__dict__.items()}
-    changes.update(
-        {
-            "finetune.base": str(base.resolve()),
-            "lineage.base_vocab_size": base_cfg.model.vocab_size,
-            "lineage.base_sha256": ""
-            if base_cfg.lora.enabled
-            else weights_sha256(base),  # a LoRA base: checked via its own
-            "data.dir": "",
-            "data.tokenizer": f"run:{base.resolve()}",
-        }
-    )
+    # A LoRA base has no checksum of its own to record; its own lineage guards its base.
+    checksum = "" if base_cfg.lora.enabled else weights_sha256(base)
+    changes: dict[str, Any] = {
+        "finetune.base": str(base.resolve()),
+        "lineage.base_vocab_size": base_cfg.model.vocab_size,
+        "lineage.base_sha256": checksum,
+        "data.dir": "",
+        "data.tokenizer": f"run:{base.resolve()}",
+    }
     if data:
         changes["finetune.data"] = [str(Path(d).resolve()) for d in data]
     if lora is not None:
         changes["lora.enabled"] = lora
-    return cfg.updated(changes)
+    return cfg.with_model(model).updated(changes)
 
 
 def with_epochs(cfg: Config, n_train: int) -> Config:
@@ -121,7 +119,10 @@ def finetune(
     )
     tok = finetune_tokenizer(load_tokenizer(Path(base) / "tokenizer"), convs)
     cfg = config_from_base(cfg, Path(base), [str(d) for d in data or []], lora, tok)
-    return _run(cfg, Path(out), tok, convs, False, overwrite, progress, quiet, stop_at, on_eval)
+    opts = TrainOptions(
+        overwrite=overwrite, progress=progress, quiet=quiet, stop_at=stop_at, on_eval=on_eval
+    )
+    return _run(cfg, Path(out), tok, convs, opts)
 
 
 def resume_finetune(
@@ -140,22 +141,12 @@ def resume_finetune(
             f"{out} is not a fine-tuning run; continue it with gptkit train --resume {out}"
         )
     convs = load_conversations(cfg.finetune.data, cfg.finetune.skip_invalid)
-    return _run(
-        cfg, out, load_tokenizer(out / "tokenizer"), convs, True, False, progress, quiet, stop_at
-    )
+    opts = TrainOptions(resume=True, progress=progress, quiet=quiet, stop_at=stop_at)
+    return _run(cfg, out, load_tokenizer(out / "tokenizer"), convs, opts)
 
 
 def _run(
-    cfg: Config,
-    out: Path,
-    tok: Tokenizer,
-    convs: Conversations,
-    resume: bool,
-    overwrite: bool,
-    progress: bool,
-    quiet: bool,
-    stop_at: int | None,
-    on_eval: Callable[[int, float], None] | None = None,
+    cfg: Config, out: Path, tok: Tokenizer, convs: Conversations, opts: TrainOptions
 ) -> TrainResult:
     # adapters' initialisation: the same run twice is the same run
     torch.manual_seed(cfg.train.seed)
@@ -165,21 +156,10 @@ def _run(
         convs.items, tok, cfg.model.block_size, t.batch_size, t.seed, cfg.finetune.val_fraction
     )
     cfg = with_epochs(cfg, len(data.train))
-    quiet = quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks
+    quiet = opts.quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks
     if not quiet:
         print(_start_line(cfg, model, convs, len(data.train)), flush=True)
-    return train(
-        cfg,
-        out,
-        resume=resume,
-        overwrite=overwrite,
-        progress=progress,
-        init_from=model,
-        quiet=quiet,
-        stop_at=stop_at,
-        data=data,
-        on_eval=on_eval,
-    )
+    return train(cfg, out, opts, init_from=model, data=data, quiet=quiet)
 
 
 def _start_line(cfg: Config, model: GPT, convs: Conversations, n_train: int) -> str:

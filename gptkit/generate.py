@@ -159,11 +159,14 @@ def generate_ids(
     gen: torch.Generator | list[torch.Generator | None] | None = None,
     pad: torch.Tensor | None = None,
     on_distribution: Callable[[torch.Tensor], None] | None = None,
+    on_prompt: Callable[[torch.Tensor], None] | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) for a batch of prompts (B, T), one step at a time. Prompts
     of unequal length come left-padded, pad[b] tokens in row b (see GPT.forward).
     on_distribution receives, before each token is drawn, the (B, V) log-probabilities it is
-    drawn from: after penalties, temperature, top-k and top-p (greedy: the model's, penalised)."""
+    drawn from: after penalties, temperature, top-k and top-p (greedy: the model's, penalised).
+    on_prompt receives the prefill's (B, T, V) logits at every prompt position, so that scoring
+    a prompt (echo) costs no forward pass of its own."""
     block = model.config.block_size
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -175,7 +178,10 @@ def generate_ids(
     cache = KVCache.empty(model.config, ids.size(0), block, device, dtype)
     if ids.size(1) > block and pad is not None:
         pad = (pad - (ids.size(1) - block)).clamp(min=0)
-    logits, _ = model(ids[:, -block:], cache=cache, last_only=True, pad=pad)
+    logits, _ = model(ids[:, -block:], cache=cache, last_only=on_prompt is None, pad=pad)
+    if on_prompt is not None:
+        on_prompt(logits)
+        logits = logits[:, -1:]
     start = context.size(1)
     for _ in range(params.max_new_tokens):
         processed = process_logits(logits[:, -1], context, params, context[:, start:])

@@ -527,12 +527,12 @@ class Reply:
         self.sent = [0] * len(jobs)  # per choice: log-probability entries already streamed
         self.offset = [0] * len(jobs)  # per choice: text_offset of its next token (completions)
 
-    def _entries(self, i: int, until: int | None = None) -> list[TokenLogprob]:
-        """Choice i's log-probability entries from the last sent on (the echoed prompt's first)."""
-        job = self.jobs[i]
-        entries = job.prompt_logprobs + job.token_logprobs
-        end = len(entries) if until is None else min(until, len(entries))
-        new, self.sent[i] = entries[self.sent[i] : end], max(self.sent[i], end)
+    def _new_entries(self, i: int) -> list[TokenLogprob]:
+        """Choice i's log-probability entries not yet sent (the echoed prompt's come first)."""
+        job, sent = self.jobs[i], self.sent[i]
+        prompt = job.prompt_logprobs[sent:]
+        new = prompt + job.token_logprobs[max(0, sent - len(job.prompt_logprobs)) :]
+        self.sent[i] = sent + len(new)
         return new
 
     def _logprobs(self, i: int) -> dict[str, Any] | None:
@@ -541,27 +541,25 @@ class Reply:
         if not self.with_logprobs:
             return None
         text = self.s.token_text
-        entries = self._entries(i)
+        entries = self._new_entries(i)
         if self.chat:
 
             def item(t: int, lp: float) -> dict[str, Any]:
-                return {"token": text(t), "logprob": lp, "bytes": list(text(t).encode("utf-8"))}
+                piece = text(t)
+                return {"token": piece, "logprob": lp, "bytes": list(piece.encode("utf-8"))}
 
-            return {
-                "content": [
-                    {
-                        **item(e.token, e.logprob or 0.0),
-                        "top_logprobs": [item(t, v) for t, v in e.top],
-                    }
-                    for e in entries
-                ]
-            }
+            content = [
+                {**item(e.token, e.logprob or 0.0), "top_logprobs": [item(t, v) for t, v in e.top]}
+                for e in entries
+            ]
+            return {"content": content}
+        tokens = [text(e.token) for e in entries]
         offsets = []
-        for e in entries:
+        for piece in tokens:
             offsets.append(self.offset[i])
-            self.offset[i] += len(text(e.token))
+            self.offset[i] += len(piece)
         return {
-            "tokens": [text(e.token) for e in entries],
+            "tokens": tokens,
             "token_logprobs": [e.logprob for e in entries],
             "top_logprobs": [
                 None if e.logprob is None else {text(t): v for t, v in e.top} for e in entries
@@ -767,7 +765,7 @@ async def chat(r: ChatRequest, request: Request) -> Any:
     ]
     # roles are checked by the request model; a system message may come anywhere, as OpenAI allows
     try:
-        ids, _ = s.template.encode(msgs, generation_prompt=True)
+        ids = s.template.prompt_ids(msgs)
     except GptkitError as e:
         raise ApiError(400, f"messages: {e}", "invalid_value", "messages") from None
     prompts = [s.fit(ids, r)]

@@ -20,6 +20,7 @@ import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 import jinja2
 from jinja2.ext import loopcontrols
@@ -157,6 +158,13 @@ class ChatTemplate:
             mask += [False] * len(self.marker["assistant"])
         return ids, mask
 
+    def prompt_ids(self, messages: list[Message]) -> list[int]:
+        """The conversation ready for the assistant's turn (generation prompt), without the loss
+        mask that only training needs (for a Jinja template the mask costs a render per turn)."""
+        if self.jinja is not None:
+            return self._tokenize(self._render_jinja(messages, True)).ids
+        return self.encode(messages, generation_prompt=True)[0]
+
     def reply(self, model: GPT, ids: list[int], params: SamplingParams) -> TextStream:
         """The assistant's turn after `ids` (a conversation encoded with generation_prompt), through
         the one sampling core, ending at the template's end of turn."""
@@ -195,7 +203,7 @@ class ChatTemplate:
         first end-of-sequence token: the span between the conversation rendered up to the turn
         (with the generation prompt) and rendered through it."""
         text = self._render_jinja(messages, generation_prompt)
-        enc = self.tok.tok.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]
+        enc = self._tokenize(text)
         spans = []
         for i, m in enumerate(messages):
             if m.role != "assistant":
@@ -208,12 +216,17 @@ class ChatTemplate:
                     "another, so the assistant's tokens cannot be told apart for training"
                 )
             spans.append((len(before), len(through)))
+        # One pass over the tokens (their offsets rise): inside a span until its first EOS.
         eos = set(self.tok.eos_ids)
-        mask = [False] * len(enc.ids)
-        for start, end in spans:
-            for j, (tid, (a, _)) in enumerate(zip(enc.ids, enc.offsets)):
-                if start <= a < end:
-                    mask[j] = True
-                    if tid in eos:
-                        break
+        mask, k, closed = [], 0, False
+        for tid, (at, _) in zip(enc.ids, enc.offsets):
+            while k < len(spans) and at >= spans[k][1]:
+                k, closed = k + 1, False
+            inside = k < len(spans) and at >= spans[k][0] and not closed
+            mask.append(inside)
+            closed = closed or (inside and tid in eos)
         return list(enc.ids), mask
+
+    def _tokenize(self, text: str) -> Any:
+        """Rendered text to tokens; special-token strings in it become their tokens."""
+        return self.tok.tok.encode(text, add_special_tokens=False)  # type: ignore[attr-defined]

@@ -354,13 +354,14 @@ class HFTokenizer(Tokenizer):
         # length is its byte count.
         lengths = np.zeros(self.vocab_size, dtype=np.int64)
         special = set(self.special_tokens.values())
-        decoder = (json.loads(self.tok.to_str()).get("decoder") or {}).get("type")  # type: ignore[attr-defined]
+        from tokenizers import decoders
+
+        byte_level = isinstance(self.tok.decoder, decoders.ByteLevel)  # type: ignore[attr-defined]
         for token, i in self.tok.get_vocab(with_added_tokens=True).items():  # type: ignore[attr-defined]
             if i in special:
                 continue
             # Other schemes (SentencePiece's "▁" and <0x0A> byte tokens): what the token decodes to.
-            piece = token if decoder == "ByteLevel" else self.decode([i])
-            lengths[i] = len(piece) if decoder == "ByteLevel" else len(piece.encode("utf-8"))
+            lengths[i] = len(token) if byte_level else len(self.decode([i]).encode("utf-8"))
         return lengths
 
     def save(self, folder: Path) -> None:

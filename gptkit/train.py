@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import json
 import math
 import shutil
@@ -190,10 +191,10 @@ def new_run_config(
     if not init_from:
         return NewRun(cfg, name, text)
     model = load_for_finetune(init_from, cfg.model.block_size, cfg.model.dropout)
-    changes: dict[str, Any] = {f"model.{k}": v for k, v in model.config.__dict__.items()}
+    cfg = cfg.with_model(model.config)
     if not data:
-        changes["data.tokenizer"] = f"run:{init_from}"
-    return NewRun(cfg.updated(changes), name, text, model)
+        cfg = cfg.updated({"data.tokenizer": f"run:{init_from}"})
+    return NewRun(cfg, name, text, model)
 
 
 def _get(cfg: Config, key: str) -> Any:
@@ -577,10 +578,12 @@ class TrainOptions:
     data: TrainData | None = None
 
 
-def train(cfg: Config, run_dir: str | Path, **options: Any) -> TrainResult:
+def train(
+    cfg: Config, run_dir: str | Path, opts: TrainOptions | None = None, **options: Any
+) -> TrainResult:
     """Train (or resume) the run in `run_dir` as `cfg` says; returns the final evaluation.
-    Keyword options are TrainOptions' fields; `cfg` itself is not changed."""
-    opts = TrainOptions(**options)
+    Options are a TrainOptions, or its fields as keywords; `cfg` itself is not changed."""
+    opts = dataclasses.replace(opts or TrainOptions(), **options)
     tc = cfg.train
     ctx, device = distributed.setup(tc.device, tc.fsdp, tc.batch_size)
     threads = torch.get_num_threads()

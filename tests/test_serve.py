@@ -717,6 +717,9 @@ def test_completion_logprobs_score_a_prompt_with_echo(server: Server, chat_run: 
         top = lp.top_logprobs[t]
         assert len(top) == 3 and max(top.values()) == pytest.approx(float(expected[t - 1].max()), abs=1e-4)
     assert lp.text_offset == [len(prompt[:i]) for i in range(len(prompt))]
+    # Scored from the generation's own prefill (what lm-eval sends: max_tokens 1): the same numbers.
+    one = client.completions.create(model=server.name, prompt=prompt, max_tokens=1, echo=True, logprobs=3, temperature=0)
+    assert one.choices[0].logprobs.token_logprobs[1 : len(ids)] == pytest.approx(lp.token_logprobs[1:], abs=1e-5)
     # Batched scoring of token-id prompts, as lm-eval sends them.
     batch = client.completions.create(model=server.name, prompt=[ids[:5], ids[3:9]], max_tokens=0, echo=True, logprobs=0)
     assert [len(c.logprobs.token_logprobs) for c in batch.choices] == [5, 6]
