@@ -241,10 +241,9 @@ def harness_model(model: GPT, tok: Tokenizer, batch_size: int = 16) -> Any:
             x = torch.tensor([[prefix] * (width - len(s)) + s for s in seqs], device=device)
             with torch.no_grad():
                 logits, _ = model(x, pad=pad if bool(pad.any()) else None)
-            logprobs = logits.float().log_softmax(-1)
-            for row, i in enumerate(rows):
+            for row, i in enumerate(rows):  # softmax over the continuation's positions only
                 cont = pairs[i][1]
-                lp = logprobs[row, width - len(cont) :]
+                lp = logits[row, width - len(cont) :].float().log_softmax(-1)
                 target = torch.tensor(cont, device=device)
                 total = float(lp.gather(1, target[:, None]).sum())
                 out[i] = (total, bool((lp.argmax(-1) == target).all()))
