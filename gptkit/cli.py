@@ -315,13 +315,18 @@ def build_parser() -> argparse.ArgumentParser:
     _choice(p, "--objective", ["loss", "bits_per_byte"], "what the search minimises")
     _opt(p, "--keep-top", 0, "keep only the best K trial folders (0: all)")
 
-    p = sub.add_parser("export", help="write a run as a Hugging Face transformers folder")
-    p.add_argument("run", help="run folder")
-    p.add_argument(
-        "--to-hf", required=True, metavar="HF_DIR", help="folder to write (transformers format)"
+    p = sub.add_parser(
+        "export", help="write a run as a transformers folder or a GGUF file (llama.cpp, Ollama)"
     )
+    p.add_argument("run", help="run folder")
+    to = p.add_mutually_exclusive_group(required=True)
+    to.add_argument("--to-hf", metavar="HF_DIR", help="folder to write (transformers format)")
+    to.add_argument(
+        "--to-gguf", metavar="FILE", help="GGUF file to write (llama.cpp, Ollama, LM Studio)"
+    )
+    _choice(p, "--outtype", ["f16", "f32", "bf16", "q8_0"], "GGUF weight type (1-D stay f32)")
     p.add_argument(
-        "--overwrite", action="store_true", help="replace what is already in the output folder"
+        "--overwrite", action="store_true", help="replace what is already at the output path"
     )
     return parser
 
@@ -617,6 +622,16 @@ def cmd_convert(a: argparse.Namespace) -> None:
 def cmd_export(a: argparse.Namespace) -> None:
     from gptkit.convert import export_hf
 
+    if a.to_gguf:
+        from gptkit.gguf_export import export_gguf
+
+        out = export_gguf(a.run, a.to_gguf, a.outtype, a.overwrite)
+        size = out.stat().st_size / 2**20
+        print(
+            f"gptkit: exported {a.run} -> {out} ({a.outtype}, {size:,.1f} MiB); try: "
+            f"llama-cli -m {quote(str(out))}"
+        )
+        return
     out = export_hf(a.run, a.to_hf, a.overwrite)
     print(
         f"gptkit: exported {a.run} -> {out} "

@@ -27,7 +27,7 @@ from gptkit.checkpoint import (
 from gptkit.config import Config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
-from gptkit.template import ChatTemplate
+from gptkit.template import ChatTemplate, jinja_source
 from gptkit.tokenizer import EOT, HFTokenizer, Tokenizer, load_tokenizer
 
 CONV1D = ("attn.c_attn.weight", "attn.c_proj.weight", "mlp.c_fc.weight", "mlp.c_proj.weight")
@@ -356,14 +356,6 @@ def _export_gpt2(tmp: Path, ckpt: Path, cfg: Config, tok: Tokenizer | None) -> N
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
 
-# gptkit's own chat template (template.py) as Jinja, so transformers and vLLM chat with a run
-# fine-tuned here as gptkit does.
-GPTKIT_JINJA = (
-    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
-)
-
-
 def _export_tokenizer(tok: Tokenizer, folder: Path, max_len: int) -> None:
     from tokenizers import Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTok
@@ -388,9 +380,8 @@ def _export_tokenizer(tok: Tokenizer, folder: Path, max_len: int) -> None:
     }
     if tok.kind != "hf":
         conf["add_prefix_space"] = False
-    template = tok.jinja_template or (GPTKIT_JINJA if tok.chat_template else None)
-    if template:
-        conf["chat_template"] = template
+    if tok.jinja_template or tok.chat_template:  # a base model's plain fallback stays gptkit's
+        conf["chat_template"] = jinja_source(tok)
     (folder / "tokenizer_config.json").write_text(json.dumps(conf, indent=2))
     (folder / "special_tokens_map.json").write_text(json.dumps(names))
 

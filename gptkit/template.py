@@ -41,6 +41,27 @@ SPECIAL_TEMPLATE = {
 PLAIN_TEMPLATE = {"system": "System: ", "user": "User: ", "assistant": "Assistant: ", "end": "\n"}
 
 
+# gptkit's two templates written as Jinja, for the runtimes that render a model's template
+# themselves (transformers, vLLM, llama.cpp, Ollama): the same text as ChatTemplate.render.
+SPECIAL_JINJA = (
+    "{% for m in messages %}{{ '<|' + m['role'] + '|>' + m['content'] + '<|end|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}"
+)
+PLAIN_JINJA = (
+    "{% for m in messages %}{% if m['role'] == 'system' %}{{ 'System: ' }}"
+    "{% elif m['role'] == 'user' %}{{ 'User: ' }}{% else %}{{ 'Assistant: ' }}{% endif %}"
+    "{{ m['content'] + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ 'Assistant: ' }}"
+    "{% endif %}"
+)
+
+
+def jinja_source(tok: Tokenizer) -> str:
+    """The chat template of tok as Jinja source: an imported model's own, or gptkit's."""
+    if tok.jinja_template:
+        return tok.jinja_template
+    return SPECIAL_JINJA if tok.chat_template else PLAIN_JINJA
+
+
 @dataclass
 class Message:
     role: str

@@ -39,13 +39,33 @@ TINY = dict(vocab_size=320, hidden_size=64, intermediate_size=160, num_hidden_la
             num_key_value_heads=2, max_position_embeddings=128)  # fmt: skip
 
 
-def hf_tokenizer(folder: Path, family: str, vocab_size: int = 300) -> object:
+# How published tokenizers split text before BPE (tokenizer.json's pre_tokenizer): GPT-2's
+# byte-level regex (the default here), Llama 3's and Qwen2's Split regexes, SmolLM2's digits.
+LLAMA3_REGEX = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
+                r"|\s+(?!\S)|\s+")  # fmt: skip
+PRE_TOKENIZERS = ("gpt2", "llama3", "qwen2", "smollm")
+
+
+def pre_tokenizer(kind: str) -> object:
+    from tokenizers import Regex, pre_tokenizers
+
+    if kind == "gpt2":
+        return pre_tokenizers.ByteLevel(add_prefix_space=False)
+    if kind == "smollm":
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                        pre_tokenizers.ByteLevel(add_prefix_space=False)])  # fmt: skip
+    regex = LLAMA3_REGEX if kind == "llama3" else LLAMA3_REGEX.replace(r"\p{N}{1,3}", r"\p{N}")
+    return pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(regex), behavior="isolated"),
+                                    pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])  # fmt: skip
+
+
+def hf_tokenizer(folder: Path, family: str, vocab_size: int = 300, pre: str = "gpt2") -> object:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
     specials, bos, eos, template = FAMILIES[family]
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.pre_tokenizer = pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
@@ -57,7 +77,9 @@ def hf_tokenizer(folder: Path, family: str, vocab_size: int = 300) -> object:
     return fast
 
 
-def hf_model(folder: Path, family: str, dtype: torch.dtype = torch.float32, seed: int = 0, **shape: object) -> Path:
+def hf_model(
+    folder: Path, family: str, dtype: torch.dtype = torch.float32, seed: int = 0, pre: str = "gpt2", **shape: object
+) -> Path:
     """A random-weight model of `family` saved in `folder`, with its tokenizer (shape: config
     fields over TINY). Weights are drawn wider than the default init so that logits differ."""
     import transformers
@@ -74,7 +96,22 @@ def hf_model(folder: Path, family: str, dtype: torch.dtype = torch.float32, seed
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 0.2) if p.dim() > 1 else p.uniform_(0.5, 1.5)
-    tok = hf_tokenizer(folder, family, min(300, int(shape["vocab_size"])))
+    tok = hf_tokenizer(folder, family, min(300, int(shape["vocab_size"])), pre)
     model.generation_config.eos_token_id = [tok.eos_token_id]
     model.to(dtype).save_pretrained(folder)
     return folder
+
+
+def gpt2_model(folder: Path, **shape: int) -> tuple[object, Path]:
+    """A random GPT2LMHeadModel saved in `folder`, every tensor (biases, gains) perturbed so that
+    every tensor's mapping is checked."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.02)
+    model.save_pretrained(folder)
+    return model, folder

@@ -61,15 +61,9 @@ def test_gpt2_tokenizer_matches_transformers(s: str) -> None:
 
 
 def hf_model(tmp_path: Path, name: str, **shape: int) -> tuple[object, Path]:
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, **shape)
-    model = transformers.GPT2LMHeadModel(cfg).eval()
-    with torch.no_grad():  # random biases and gains too, so that every tensor's mapping is checked
-        for p in model.parameters():
-            p.add_(torch.randn_like(p) * 0.02)
-    folder = tmp_path / name
-    model.save_pretrained(folder)
-    return model, folder
+    from .hf_models import gpt2_model
+
+    return gpt2_model(tmp_path / name, **shape)
 
 
 SHAPES = {
