@@ -1,4 +1,5 @@
-"""Shared helpers for the benchmarks: medians over repeats and the machine's matmul peaks."""
+"""Shared helpers for the benchmarks: medians over repeats, the machine's matmul peaks, and the
+random-weight runs at published shapes that the CPU decoding benchmarks compare."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import dataclasses
 import statistics
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
@@ -69,3 +71,55 @@ def answer_timings(conn, step: Callable[[], None], cold_step: bool = True) -> No
         if cold_step:
             step()
         conn.send(median_time(step, n, warmup=0))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_folder(shape: str, tmp: Path) -> Path:
+    """A gptkit run at `shape` with random weights, made through `gptkit convert` from a
+    transformers model (GPT-2's tokenizer for GPT-2; a small byte-level BPE for SmolLM2's shape,
+    its other rows unused)."""
+    from gptkit.convert import import_hf
+
+    torch.manual_seed(0)
+    if shape == "gpt2-124M":
+        from transformers import GPT2Config, GPT2LMHeadModel
+
+        GPT2LMHeadModel(GPT2Config()).save_pretrained(tmp / "hf")
+        return import_hf(tmp / "hf", tmp / "run", tokenizer=str(ROOT / "tests" / "data" / "gpt2"))
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=2048,
+                         tie_word_embeddings=True, rms_norm_eps=1e-5)  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(tmp / "hf")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    tok.train_from_iterator([(ROOT / "gptkit" / "data" / "tinyshakespeare.txt").read_text()[:200_000]], trainer=trainer)
+    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(tmp / "hf")
+    return import_hf(tmp / "hf", tmp / "run")
+
+
+def llama(path: Path, n_ctx: int, threads: int = 2) -> object:
+    """llama.cpp (llama-cpp-python) on a GGUF file, f32 KV cache, without its repacked weight
+    buffers (their AMX kernels crash on q8_0 files on this machine's CPU)."""
+    import llama_cpp
+
+    defaults = llama_cpp.llama_model_default_params
+
+    def no_repacking() -> object:
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_cpp.llama_model_default_params = no_repacking
+    try:
+        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                               verbose=False, type_k=0, type_v=0, logits_all=True)  # fmt: skip
+    finally:
+        llama_cpp.llama_cpp.llama_model_default_params = defaults

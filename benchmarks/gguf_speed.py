@@ -25,60 +25,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import llama, run_folder
 
 from gptkit.checkpoint import load_model
-from gptkit.convert import import_hf
 from gptkit.generate import SamplingParams, generate_ids
 from gptkit.gguf_export import export_gguf
 
-ROOT = Path(__file__).resolve().parents[1]
 PROMPT = 16
 THREADS = 2
-
-
-def run_folder(shape: str, tmp: Path) -> Path:
-    """A gptkit run at `shape` with random weights, made through `gptkit convert` from a
-    transformers model (GPT-2's tokenizer for GPT-2; a small byte-level BPE for SmolLM2's shape,
-    its other rows unused)."""
-    torch.manual_seed(0)
-    if shape == "gpt2-124M":
-        from transformers import GPT2Config, GPT2LMHeadModel
-
-        GPT2LMHeadModel(GPT2Config()).save_pretrained(tmp / "hf")
-        return import_hf(tmp / "hf", tmp / "run", tokenizer=str(ROOT / "tests" / "data" / "gpt2"))
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                         num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=2048,
-                         tie_word_embeddings=True, rms_norm_eps=1e-5)  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(tmp / "hf")
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
-    tok.train_from_iterator([(ROOT / "gptkit" / "data" / "tinyshakespeare.txt").read_text()[:200_000]], trainer=trainer)
-    PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>").save_pretrained(tmp / "hf")
-    return import_hf(tmp / "hf", tmp / "run")
-
-
-def llama(path: Path, n_ctx: int) -> object:
-    import llama_cpp
-
-    defaults = llama_cpp.llama_model_default_params
-
-    def no_repacking() -> object:
-        params = defaults()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_cpp.llama_model_default_params = no_repacking
-    try:
-        return llama_cpp.Llama(model_path=str(path), n_ctx=n_ctx, n_threads=THREADS, n_threads_batch=THREADS,
-                               verbose=False, type_k=0, type_v=0, logits_all=True)  # fmt: skip
-    finally:
-        llama_cpp.llama_cpp.llama_model_default_params = defaults
 
 
 def measure(shape: str, rounds: int, n: int) -> dict:
@@ -90,7 +44,7 @@ def measure(shape: str, rounds: int, n: int) -> dict:
         model_bf16 = copy.deepcopy(model).to(torch.bfloat16)
         files = {t: export_gguf(run, tmp / f"model-{t}.gguf", t) for t in ("f32", "f16", "q8_0")}
         sizes = {t: round(f.stat().st_size / 2**20, 1) for t, f in files.items()}
-        llms = {t: llama(f, PROMPT + n + 16) for t, f in files.items()}
+        llms = {t: llama(f, PROMPT + n + 16, THREADS) for t, f in files.items()}
         vocab = cfg.model.vocab_size
         prompt = torch.randint(0, min(vocab, 1000), (1, PROMPT), generator=torch.Generator().manual_seed(1))
 

@@ -32,6 +32,7 @@ from gptkit.config import Config, load_config, model_config_from_base
 from gptkit.errors import GptkitError
 from gptkit.lora import adapter_state, apply_lora, has_lora, load_adapter_state, merge_lora
 from gptkit.model import GPT
+from gptkit.quantize import check_device, refuse_quantized, swap_linears
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 
 CKPT = "checkpoint"
@@ -260,6 +261,14 @@ def write_state_json(ckpt: Path, info: dict[str, Any], names: list[str]) -> None
     _fsync(ckpt)
 
 
+def write_weights_only(run_dir: Path, sd: dict[str, torch.Tensor]) -> None:
+    """A checkpoint of weights alone (an import, a quantization): no optimizer state to resume."""
+    (run_dir / CKPT).mkdir()
+    save_file(sd, str(run_dir / CKPT / MODEL_FILE))
+    info = {"step": 0, "tokens_seen": 0, "elapsed_s": 0.0, "optimizers": [], "weights_only": True}
+    write_state_json(run_dir / CKPT, info, [MODEL_FILE])
+
+
 def checkpoint_dir(run_dir: Path) -> Path:
     """The latest whole checkpoint; falls back to the previous one if a crash hit mid-swap."""
     run_dir = Path(run_dir)
@@ -379,7 +388,11 @@ def load_model(
     ckpt = checkpoint_dir(run_dir)
     _read_info(ckpt, verify)
     tok = load_tokenizer(run_dir / "tokenizer")
-    model = finetune_start(cfg) if cfg.lora.enabled else GPT(cfg.model)
+    if cfg.model.quantization != "none":  # int8 weights and their scales (quantize.py)
+        check_device(device)
+        model = swap_linears(GPT(cfg.model), quantize=False)
+    else:
+        model = finetune_start(cfg) if cfg.lora.enabled else GPT(cfg.model)
     _load_weights(model, ckpt)
     if merge_adapters:
         merge_lora(model)
@@ -391,6 +404,7 @@ def load_for_finetune(
 ) -> GPT:
     """A run's weights in a fresh model for further training, optionally with a shorter context
     (the first block_size position embeddings are kept) and a different dropout."""
+    refuse_quantized(load_run_config(Path(run_dir)), Path(run_dir))
     # a LoRA run as a base: its adapter folded in
     base, _, cfg = load_model(run_dir, "cpu", merge_adapters=True)
     mcfg = model_config_from_base(cfg.model, block_size or 0, dropout)

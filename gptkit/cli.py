@@ -172,6 +172,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace what is already in the output folder"
     )
 
+    p = sub.add_parser("quantize", help="int8 weights for fast CPU inference (a new run folder)")
+    p.add_argument("run", help="run folder")
+    p.add_argument("--out", required=True, help="quantized run folder to write")
+    _choice(p, "--scheme", ["int8"], "per-output-channel symmetric int8 weights")
+    p.add_argument(
+        "--overwrite", action="store_true", help="replace what is already in the output folder"
+    )
+
     p = sub.add_parser(
         "chat", help="chat with a run in the terminal (or one user turn per line of piped stdin)"
     )
@@ -472,6 +480,13 @@ def cmd_merge(a: argparse.Namespace) -> None:
     print(f"gptkit: merged {a.run} -> {out}")
 
 
+def cmd_quantize(a: argparse.Namespace) -> None:
+    from gptkit.quantize import quantize_run
+
+    out = quantize_run(a.run, a.out, a.scheme, a.overwrite)
+    print(f"gptkit: quantized {a.run} -> {out} ({a.scheme}); try: gptkit generate {quote(out)}")
+
+
 def cmd_chat(a: argparse.Namespace) -> None:
     from gptkit.chat import ChatSession, run_chat
 
@@ -678,6 +693,7 @@ COMMANDS = {
     "export": cmd_export,
     "finetune": cmd_finetune,
     "merge": cmd_merge,
+    "quantize": cmd_quantize,
     "chat": cmd_chat,
     "make-tasks": cmd_make_tasks,
     "serve": cmd_serve,

@@ -52,6 +52,8 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0  # the frequencies were trained for
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
+    # Weight-only quantization of every Linear, for inference (gptkit quantize; quantize.py).
+    quantization: Literal["none", "int8"] = "none"
 
     # Derived sizes, computed in one place.
     @property

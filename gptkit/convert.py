@@ -16,13 +16,12 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from gptkit.checkpoint import (
-    CKPT,
     MODEL_FILE,
     checkpoint_dir,
     load_run_config,
     refuse_nonempty,
     staged_folder,
-    write_state_json,
+    write_weights_only,
 )
 from gptkit.config import Config
 from gptkit.errors import GptkitError
@@ -192,18 +191,8 @@ def import_hf(
         cfg.save(tmp / "config.yaml")
         if tok is not None:
             tok.save(tmp / "tokenizer")
-        (tmp / CKPT).mkdir()
-        save_file(sd, str(tmp / CKPT / MODEL_FILE))
+        write_weights_only(tmp, sd)
         del sd
-        # A weights-only checkpoint: no optimizer state.
-        info = {
-            "step": 0,
-            "tokens_seen": 0,
-            "elapsed_s": 0.0,
-            "optimizers": [],
-            "weights_only": True,
-        }
-        write_state_json(tmp / CKPT, info, [MODEL_FILE])
     return out
 
 
@@ -233,6 +222,11 @@ def export_family(cfg: Config) -> str:
         raise GptkitError(
             "this run holds a LoRA adapter, not full weights; merge it first: gptkit merge RUN "
             "--out MERGED"
+        )
+    if cfg.model.quantization != "none":
+        raise GptkitError(
+            f"this run is quantized ({cfg.model.quantization}) for gptkit's own inference; export "
+            "the run it was quantized from (for llama.cpp's int8, --to-gguf FILE --outtype q8_0)"
         )
     m = cfg.model
     if m.pos_embedding == "rope":

@@ -362,15 +362,20 @@ class GPT(nn.Module):
     def state_dict_for_save(self) -> dict[str, torch.Tensor]:
         """State dict without the tied head's duplicate (safetensors stores no shared tensors)."""
         sd = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
-        if self.config.tie_embeddings:
+        if self.tied:
             sd.pop("lm_head.weight", None)
         return sd
 
+    @property
+    def tied(self) -> bool:
+        """The head shares the embedding's tensor (not so once quantized: it has its own)."""
+        return self.lm_head.weight is self.wte.weight
+
     def load_saved_state(self, sd: dict[str, torch.Tensor]) -> None:
-        if self.config.tie_embeddings:
+        if self.tied:
             sd = {k: v for k, v in sd.items() if k != "lm_head.weight"}
         missing, unexpected = self.load_state_dict(sd, strict=False)
-        missing = [k for k in missing if not (k == "lm_head.weight" and self.config.tie_embeddings)]
+        missing = [k for k in missing if not (k == "lm_head.weight" and self.tied)]
         if missing or unexpected:
             raise KeyError(
                 f"weights do not match the model: missing {missing[:5]}, unexpected "

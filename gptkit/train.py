@@ -46,6 +46,7 @@ from gptkit.errors import DivergedError, GptkitError, quote
 from gptkit.evaluate import predicted_bytes, sum_losses, summarize
 from gptkit.model import GPT
 from gptkit.optim import build_optimizers, lr_factor
+from gptkit.quantize import refuse_quantized
 from gptkit.runtime import autocast_context, keep_freed_memory, resolve_dtype
 from gptkit.tokenizer import Tokenizer
 
@@ -129,6 +130,7 @@ def resume_config(run_dir: str | Path, overrides: list[str] | None = None) -> Co
     shape cannot change (the weights would not fit), and an explicit train.max_steps replaces the
     time budget unless train.max_time_s is set too (the user asked for steps)."""
     saved = load_run_config(Path(run_dir))
+    refuse_quantized(saved, Path(run_dir), "resume training")
     cfg = apply_overrides(copy.deepcopy(saved), overrides or []).validate()
     changed = [
         k
@@ -584,6 +586,11 @@ def train(
     """Train (or resume) the run in `run_dir` as `cfg` says; returns the final evaluation.
     Options are a TrainOptions, or its fields as keywords; `cfg` itself is not changed."""
     opts = dataclasses.replace(opts or TrainOptions(), **options)
+    if cfg.model.quantization != "none":
+        raise GptkitError(
+            f"model.quantization={cfg.model.quantization} is for inference; train in full "
+            "precision, then: gptkit quantize RUN --out RUN_Q"
+        )
     tc = cfg.train
     ctx, device = distributed.setup(tc.device, tc.fsdp, tc.batch_size)
     threads = torch.get_num_threads()

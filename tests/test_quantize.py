@@ -1,0 +1,142 @@
+"""Int8 weight-only runs: close to fp32 (logits, perplexity, greedy text), loadable without the
+fp32 weights, used by generate, chat, serve and eval, and refused for training."""
+
+from __future__ import annotations
+
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from gptkit.checkpoint import load_model
+from gptkit.config import load_config
+from gptkit.data import prepare
+from gptkit.errors import GptkitError
+from gptkit.generate import SamplingParams, generate_ids
+from gptkit.quantize import Int8Linear, quantize_run
+from gptkit.train import train
+
+from .conftest import DATA, SHAKESPEARE, tiny_overrides
+from .test_serve import Server
+
+LLAMA_OPTIONS = {"model.pos_embedding": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.bias": "false",
+                 "model.n_kv_head": 1, "model.n_head": 2}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> dict[str, tuple[Path, Path]]:
+    """(fp32 run, its int8 quantization) for a BPE model trained here, GPT-2's architecture and
+    the Llama one."""
+    tmp = tmp_path_factory.mktemp("quantize")
+    data = tmp / "data"
+    prepare([str(small_text)], data, "bpe", vocab_size=512, progress=False)
+    out = {}
+    for name, options in (("gpt2", {}), ("llama", LLAMA_OPTIONS)):
+        sets = {"model.n_embd": 64, "model.block_size": 64, "train.max_steps": 200, "train.lr": 3e-3,
+                "train.eval_interval": 200, **options}  # fmt: skip
+        cfg = load_config(None, tiny_overrides(**sets))
+        cfg.data.dir = str(data)
+        train(cfg, tmp / name, progress=False, quiet=True)
+        out[name] = (tmp / name, quantize_run(tmp / name, tmp / f"{name}-int8"))
+    return out
+
+
+def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "gptkit", *args], capture_output=True, text=True, input=stdin, timeout=300)
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_int8_is_close_to_fp32(runs: dict, name: str) -> None:
+    """Logits within 5 % of their range, perplexity on text the model never saw within 1 %, and
+    greedy continuations mostly the same."""
+    fp32_run, int8_run = runs[name]
+    full, tok, cfg = load_model(fp32_run)
+    q, _, qcfg = load_model(int8_run)
+    assert qcfg.model.quantization == "int8" and any(isinstance(m, Int8Linear) for m in q.modules())
+    assert not any(isinstance(m, torch.nn.Linear) for m in q.modules())
+    ids = tok.encode(SHAKESPEARE.read_text(encoding="utf-8")[-20_000:])
+    block = cfg.model.block_size
+    x = torch.tensor([ids[i : i + block] for i in range(0, block * 32, block)])
+    with torch.no_grad():
+        a, b = full(x)[0], q(x)[0]
+        assert (a - b).abs().max() < 0.05 * (a.max() - a.min())
+        ppl = [math.exp(torch.nn.functional.cross_entropy(z[:, :-1].transpose(1, 2), x[:, 1:]).item()) for z in (a, b)]
+    assert abs(ppl[1] / ppl[0] - 1) < 0.01, ppl
+    same = 0
+    params = SamplingParams(max_new_tokens=32, temperature=0)
+    for i in range(8):
+        prompt = x[i : i + 1, :16]
+        same += [int(t) for t in generate_ids(full, prompt, params)] == [int(t) for t in generate_ids(q, prompt, params)]
+    assert same >= 5, same
+
+
+def test_int8_checkpoint_holds_int8_weights_only(runs: dict) -> None:
+    fp32_run, int8_run = runs["gpt2"]
+    with safe_open(str(int8_run / "checkpoint" / "model.safetensors"), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    matrices = [k for k in dtypes if k.endswith(("c_attn.weight", "c_proj.weight", "c_fc.weight"))] + ["lm_head.weight"]
+    assert matrices and all(dtypes[k] == "I8" for k in matrices)
+    assert all(dtypes[k.replace(".weight", ".scale")] == "BF16" for k in matrices)
+    assert dtypes["wte.weight"] == "F32"  # the embedding lookup stays in full precision
+    # Loading needs no fp32 weights: the fp32 run's checkpoint can go.
+    (fp32_run / "checkpoint" / "model.safetensors").rename(fp32_run / "checkpoint" / "away")
+    try:
+        model, _, _ = load_model(int8_run)
+    finally:
+        (fp32_run / "checkpoint" / "away").rename(fp32_run / "checkpoint" / "model.safetensors")
+    assert model.lm_head.weight.dtype == torch.int8
+
+
+def test_int8_run_generates_chats_evaluates_and_serves(runs: dict) -> None:
+    _, q = runs["llama"]
+    r = cli("generate", str(q), "--prompt", "ROMEO:", "--max-new-tokens", "20", "--seed", "1")
+    assert r.returncode == 0 and r.stdout.startswith("ROMEO:") and len(r.stdout) > 10, r.stderr
+    r = cli("chat", str(q), "--max-new-tokens", "10", stdin="Who art thou?\n")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr
+    r = cli("eval", str(q))
+    assert r.returncode == 0 and '"perplexity"' in r.stdout, r.stderr
+    server = Server(q, "--api-key", "k")
+    try:
+        out = server.client("k").completions.create(model=q.name, prompt="ROMEO:", max_tokens=12, temperature=0, logprobs=2)
+        model, tok, _ = load_model(q)
+        ids = tok.encode("ROMEO:")
+        want = [int(t) for t in generate_ids(model, torch.tensor([ids]), SamplingParams(max_new_tokens=12, temperature=0))]
+        assert out.choices[0].text == tok.decode(want) and len(out.choices[0].logprobs.tokens) == 12
+    finally:
+        server.stop()
+
+
+def test_quantized_runs_are_for_inference(runs: dict, tmp_path: Path) -> None:
+    fp32_run, q = runs["gpt2"]
+    for args, says in [
+        (("quantize", str(q), "--out", str(tmp_path / "again")), "already quantized"),
+        (("train", "--resume", str(q)), "for inference"),
+        (
+            ("finetune", str(q), "--data", str(DATA / "self_instruct_seed_tasks.chat.jsonl"), "--out", str(tmp_path / "ft")),
+            "for inference",
+        ),
+        (("train", "--init-from", str(q), "--out", str(tmp_path / "t")), "for inference"),
+        (("export", str(q), "--to-hf", str(tmp_path / "hf")), "quantized"),
+        (("export", str(q), "--to-gguf", str(tmp_path / "m.gguf")), "quantized"),
+        (("quantize", str(fp32_run), "--out", str(tmp_path / "s"), "--scheme", "int3"), "invalid choice"),
+        (("quantize", str(fp32_run), "--out", str(q)), "--overwrite"),
+    ]:
+        r = cli(*args)
+        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(GptkitError, match="--device cpu"):
+        load_model(q, "meta")  # a device without PyTorch's int8 CPU kernel
+    cfg = load_config(None, tiny_overrides(**{"model.quantization": "int8"}))
+    with pytest.raises(GptkitError, match="gptkit quantize"):
+        train(cfg, tmp_path / "new", progress=False, quiet=True)
+    from gptkit.finetune import finetune, finetune_config
+
+    sets = ["train.max_steps=2", "train.batch_size=4", "train.dtype=float32", "train.tensorboard=false", "train.eval_interval=2"]
+    finetune(fp32_run, [str(DATA / "self_instruct_seed_tasks.chat.jsonl")], tmp_path / "lora", finetune_config(None, sets),
+             lora=True, progress=False, quiet=True)  # fmt: skip
+    r = cli("quantize", str(tmp_path / "lora"), "--out", str(tmp_path / "lora-int8"))
+    assert r.returncode == 2 and "merge it first" in r.stderr and not (tmp_path / "lora-int8").exists(), r.stderr
