@@ -277,6 +277,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--output", metavar="FILE", help="for --tasks: write lm-eval's results as JSON")
     p.add_argument(
+        "--apply-chat-template",
+        action="store_true",
+        help="for --tasks: render each request through the run's chat template (instruct models)",
+    )
+    p.add_argument(
         "--limit", type=int, default=None, help="for --instructions: only the first N conversations"
     )
 
@@ -585,7 +590,15 @@ def cmd_eval(a: argparse.Namespace) -> None:
         tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
         batch_size = 16 if a.batch_size is None else a.batch_size
         summary = evaluate_tasks(
-            a.run, tasks, a.include_path, a.num_fewshot, a.limit, batch_size, a.device, a.output
+            a.run,
+            tasks,
+            a.include_path,
+            a.num_fewshot,
+            a.limit,
+            batch_size,
+            a.device,
+            a.output,
+            a.apply_chat_template,
         )
         from lm_eval.utils import make_table
 

@@ -281,12 +281,12 @@ def _export_llama(tmp: Path, ckpt: Path, cfg: Config, tok: Tokenizer | None, fam
     del sd
     hf_cfg = llama_hf_config(cfg, family, tok, dtype)
     (tmp / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+    # No max_new_tokens: it would override a caller's max_length (lm-eval's hf backend sets one).
     gen = {
         "bos_token_id": hf_cfg["bos_token_id"],
         "eos_token_id": hf_cfg["eos_token_id"],
         "do_sample": True,
         "temperature": 0.8,
-        "max_new_tokens": 256,
     }
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
 
@@ -345,7 +345,6 @@ def _export_gpt2(tmp: Path, ckpt: Path, cfg: Config, tok: Tokenizer | None) -> N
         "eos_token_id": eot,
         "do_sample": True,
         "temperature": 0.8,
-        "max_new_tokens": 256,
     }
     (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
 

@@ -23,9 +23,9 @@ from gptkit.data import DataSet, read_text_chunks, windows
 from gptkit.errors import GptkitError, check_number
 from gptkit.generate import SamplingParams, TextStream
 from gptkit.instructions import encode_example, example_batches, load_conversations
-from gptkit.model import GPT
+from gptkit.model import GPT, KVCache
 from gptkit.runtime import autocast_context, resolve_device, resolve_dtype
-from gptkit.template import ChatTemplate, Message
+from gptkit.template import ChatTemplate, Message, jinja_source
 from gptkit.tokenizer import Tokenizer
 
 
@@ -226,13 +226,38 @@ def harness_model(model: GPT, tok: Tokenizer, batch_size: int = 16) -> Any:
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
     device = next(model.parameters()).device
+    dtype = next(model.parameters()).dtype
     block = model.config.block_size
     prefix = tok.bos_id if tok.bos_id is not None else tok.eot_id
 
+    def judge(lp: torch.Tensor, cont: list[int]) -> tuple[float, bool]:
+        """A continuation's log-likelihood from the (len, V) log-probabilities predicting it, and
+        whether greedy decoding would write it."""
+        target = torch.tensor(cont, device=device)
+        return float(lp.gather(1, target[:, None]).sum()), bool((lp.argmax(-1) == target).all())
+
     def score(pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-        """(log-likelihood of each continuation given its context, whether greedy picks it)."""
+        """(log-likelihood of each continuation given its context, whether greedy picks it).
+        Continuations of one context (a multiple-choice question's choices) share its forward
+        pass: the context runs once into a KV cache that each continuation then extends."""
         out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
-        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
+        groups: dict[tuple[int, ...], list[int]] = {}
+        alone = []
+        for i, (context, cont) in enumerate(pairs):
+            fits = 0 < len(context) and len(context) + len(cont) - 1 <= block
+            (groups.setdefault(tuple(context), []) if fits else alone).append(i)
+        shared = sorted(groups.items(), key=lambda g: -len(g[0]))
+        batch: list[tuple[tuple[int, ...], list[int]]] = []
+        for group in shared:
+            width = max([len(group[0]), *(len(c) for c, _ in batch)])
+            longest = max(len(pairs[i][1]) for _, rows in [*batch, group] for i in rows)
+            if batch and (len(batch) >= batch_size or width + longest - 1 > block):
+                score_shared(pairs, batch, out)
+                batch = []
+            batch.append(group)
+        if batch:
+            score_shared(pairs, batch, out)
+        order = sorted(alone, key=lambda i: -len(pairs[i][0]) - len(pairs[i][1]))
         for k in range(0, len(order), batch_size):
             rows = order[k : k + batch_size]
             seqs = [(pairs[i][0] + pairs[i][1])[-(block + 1) :][:-1] for i in rows]
@@ -243,11 +268,37 @@ def harness_model(model: GPT, tok: Tokenizer, batch_size: int = 16) -> Any:
                 logits, _ = model(x, pad=pad if bool(pad.any()) else None)
             for row, i in enumerate(rows):  # softmax over the continuation's positions only
                 cont = pairs[i][1]
-                lp = logits[row, width - len(cont) :].float().log_softmax(-1)
-                target = torch.tensor(cont, device=device)
-                total = float(lp.gather(1, target[:, None]).sum())
-                out[i] = (total, bool((lp.argmax(-1) == target).all()))
+                out[i] = judge(logits[row, width - len(cont) :].float().log_softmax(-1), cont)
         return out
+
+    @torch.no_grad()
+    def score_shared(
+        pairs: list[tuple[list[int], list[int]]],
+        batch: list[tuple[tuple[int, ...], list[int]]],
+        out: list[tuple[float, bool]],
+    ) -> None:
+        contexts = [list(c) for c, _ in batch]
+        width = max(len(c) for c in contexts)
+        rows = [i for _, members in batch for i in members]
+        conts = [pairs[i][1] for i in rows]
+        longest = max(len(c) for c in conts)
+        pad = torch.tensor([width - len(c) for c in contexts], device=device)
+        x = torch.tensor([[prefix] * (width - len(c)) + c for c in contexts], device=device)
+        cache = KVCache.empty(model.config, len(contexts), width + longest - 1, device, dtype)
+        logits, _ = model(x, cache=cache, pad=pad if bool(pad.any()) else None)
+        last = logits[:, -1]  # each context's prediction of its continuations' first token
+        owner = torch.tensor([g for g, (_, members) in enumerate(batch) for _ in members])
+        rest = None
+        if longest > 1:  # the continuations (but their last token) extend copies of the cache
+            grown = KVCache(cache.k[:, owner], cache.v[:, owner], cache.pos)
+            # Right-padded: a position never sees the ones after it, so the padding is inert.
+            y = torch.tensor([c[:-1] + [prefix] * (longest - len(c)) for c in conts], device=device)
+            rest, _ = model(y, cache=grown, pad=pad[owner] if bool(pad.any()) else None)
+        for r, (i, cont) in enumerate(zip(rows, conts)):
+            steps = [last[owner[r]][None]]
+            if rest is not None:
+                steps.append(rest[r, : len(cont) - 1])
+            out[i] = judge(torch.cat(steps).float().log_softmax(-1), cont)
 
     class GptkitLM(TemplateLM):
         @property
@@ -264,6 +315,21 @@ def harness_model(model: GPT, tok: Tokenizer, batch_size: int = 16) -> Any:
 
         def tok_encode(self, string: str, **kwargs: Any) -> list[int]:
             return tok.encode(string)
+
+        # --apply-chat-template: lm-eval renders each request as a conversation through the run's
+        # own template (gptkit's, or an imported model's Jinja one), as transformers would.
+        @property
+        def tokenizer_name(self) -> str:
+            return f"gptkit-{tok.kind}-{tok.vocab_size}"
+
+        def chat_template(self, chat_template: bool | str = False) -> str:
+            return jinja_source(tok)
+
+        def apply_chat_template(
+            self, chat_history: list[dict[str, str]], add_generation_prompt: bool = True
+        ) -> str:
+            messages = [Message(m["role"], m["content"]) for m in chat_history]
+            return ChatTemplate(tok).render(messages, generation_prompt=add_generation_prompt)
 
         def _loglikelihood_tokens(self, requests: list, **kwargs: Any) -> list[tuple[float, bool]]:
             return score([(context, continuation) for _, context, continuation in requests])
@@ -305,6 +371,7 @@ def evaluate_tasks(
     batch_size: int = 16,
     device: str = "auto",
     output: str | Path | None = None,
+    apply_chat_template: bool = False,
 ) -> dict[str, Any]:
     """Standard benchmarks (HellaSwag, ARC, ... or the user's own task YAMLs) through
     lm-evaluation-harness's Python API, in this process; returns lm-eval's results (and
@@ -333,6 +400,7 @@ def evaluate_tasks(
         limit=limit,
         task_manager=manager,
         log_samples=False,
+        apply_chat_template=apply_chat_template,
     )
     summary = {
         "results": results["results"],

@@ -13,7 +13,7 @@ from gptkit.data import DataSet
 from gptkit.errors import GptkitError
 from gptkit.evaluate import evaluate, token_losses
 
-from .conftest import SHAKESPEARE
+from .conftest import DATA, SHAKESPEARE
 
 
 def test_whole_split_every_token_once(trained_run: Path, small_data: Path) -> None:
@@ -173,3 +173,82 @@ def test_eval_tasks_command_and_its_errors(tmp_path: Path, trained_run: Path) ->
     for args, message in ((["--tasks", "no_such_task"], "unknown task 'no_such_task'"), (negative, "num_fewshot")):
         r = cli(*args)
         assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+GENERATE = """task: gptkit_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {data}/gen.jsonl
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{question}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["\\n"]
+  max_gen_toks: 12
+  do_sample: false
+  temperature: 0.0
+metric_list:
+  - metric: exact_match
+"""
+
+
+def _responses(results: dict, task: str) -> list[str]:
+    return [str(s["resps"][0][0]) for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
+
+
+def test_generate_until_and_chat_template_three_ways(tmp_path: Path, trained_run: Path) -> None:
+    """A generate_until task gives the same greedy outputs in process, over the API (lm-eval's
+    local-completions against `gptkit serve`) and from lm-eval's hf backend on the export; and
+    with --apply-chat-template, a fine-tuned run's template renders the same requests in process
+    as transformers renders the exported template (the same per-choice log-likelihoods)."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    from lm_eval.tasks import TaskManager
+
+    from gptkit.convert import export_hf
+    from gptkit.evaluate import harness_model
+    from gptkit.finetune import finetune, finetune_config
+
+    from .test_serve import Server
+
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    gen = [{"question": text[i : i + 14], "answer": text[i + 14 : i + 20]} for i in range(0, 3000, 300)]
+    (tmp_path / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
+    rows = [{"question": text[i : i + 10], "choices": [text[i + 10 : i + 14], "zqxj"], "answer": 0} for i in range(0, 2000, 400)]
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "gptkit_gen.yaml").write_text(GENERATE.format(data=tmp_path))
+    (tmp_path / "gptkit_mc.yaml").write_text(TASKS["gptkit_mc"].format(data=tmp_path))
+    tasks = TaskManager(include_path=str(tmp_path))
+    hf = export_hf(trained_run, tmp_path / "hf")
+    context = load_run_config(trained_run).model.block_size
+    model, tok, _ = load_model(trained_run)
+    ours = lm_eval.simple_evaluate(model=harness_model(model, tok, 4), tasks=["gptkit_gen"], task_manager=tasks, log_samples=True)
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32", tasks=["gptkit_gen"],
+                                     task_manager=tasks, log_samples=True, device="cpu")  # fmt: skip
+    server = Server(trained_run)
+    try:
+        args = (f"model={server.name},base_url={server.url}/v1/completions,tokenizer={hf},tokenized_requests=True,"
+                f"max_length={context},num_concurrent=1,max_retries=1")  # fmt: skip
+        api = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=["gptkit_gen"], task_manager=tasks,
+                                      log_samples=True)  # fmt: skip
+    finally:
+        server.stop()
+    mine = _responses(ours, "gptkit_gen")
+    assert mine == _responses(theirs, "gptkit_gen") == _responses(api, "gptkit_gen")
+    assert len(mine) == 10 and any(mine)
+
+    chat = tmp_path / "chat"
+    sets = ["train.max_steps=5", "train.dtype=float32", "train.tensorboard=false", "train.eval_interval=100"]
+    finetune(trained_run, [str(DATA / "self_instruct_seed_tasks.chat.jsonl")], chat, finetune_config(None, sets),
+             progress=False, quiet=True)  # fmt: skip
+    chat_hf = export_hf(chat, tmp_path / "chat-hf")
+    model, tok, _ = load_model(chat)
+    ours = lm_eval.simple_evaluate(model=harness_model(model, tok, 4), tasks=["gptkit_mc"], task_manager=tasks,
+                                   log_samples=True, apply_chat_template=True)  # fmt: skip
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={chat_hf},dtype=float32", tasks=["gptkit_mc"],
+                                     task_manager=tasks, log_samples=True, device="cpu", apply_chat_template=True)  # fmt: skip
+    prompt = sorted(ours["samples"]["gptkit_mc"], key=lambda s: s["doc_id"])[0]["arguments"][0][0]
+    assert prompt.startswith("<|user|>") and prompt.endswith("<|end|><|assistant|>"), prompt
+    assert _per_sample(ours, "gptkit_mc") == pytest.approx(_per_sample(theirs, "gptkit_mc"), abs=1e-4)
