@@ -207,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _opt(p, "--max-tokens-cap", 1024, "largest max_tokens a request may ask for")
     _opt(p, "--max-batch", 16, "samples decoded together in one batch")
+    _choice(
+        p,
+        "--scheduler",
+        ["continuous", "static"],
+        "continuous: requests join and leave the batch at every step; static: batches of "
+        "requests that arrived together (for comparison)",
+    )
     _opt(p, "--queue-limit", 64, "samples queued or running before requests get 429")
     _opt(p, "--max-request-bytes", 1 << 20, "largest request body accepted (413 beyond)")
     _opt(
@@ -539,6 +546,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         allowed_hosts=a.allowed_hosts,
         max_connections=a.max_connections,
         timeout_headers=a.header_timeout,
+        scheduler=a.scheduler,
     )
     serve(a.run, a.host, a.port, sc, a.device, a.dtype)
 

@@ -1,10 +1,20 @@
 """The inference engine: samples decoded in batches on one thread, apart from any HTTP.
 
-Requests waiting together are decoded together in one batch when their sampling settings
-match (prompts of different lengths are left-padded, see GPT.forward); others wait their turn
-in a bounded queue, and a submission that would overflow it raises QueueFull. Each sample
-keeps its own seed. A cancelled sample stops at the next token. A failure in a batch is retried
-row by row, so that only the sample that caused it fails.
+Continuous batching (the default): a request joins the running batch at the next decode step
+and leaves it the step it finishes. Its prompt is prefilled alone into one slot of a fixed pool
+of KV-cache slots (max_batch of them, each the model's context long, allocated once), then it
+decodes alongside the others, each row with its own sampling settings and seed, so any requests
+share a step. Rows sit right-aligned on the pool's time axis: a row's tokens occupy positions
+[start, pos), and its `start` is the left padding of the batched forward (see GPT.forward), so
+each row computes what it would alone. When the pool's time axis is full, rows at the full
+context drop their oldest quarter (recomputed, as generate_ids does) and everyone moves left.
+
+The static scheduler (`continuous=False`, `gptkit serve --scheduler static`), kept for
+comparison: requests waiting together are decoded together when their sampling settings match,
+and a batch runs until its longest sample ends.
+
+Either way, submissions beyond the bounded queue raise QueueFull, a cancelled sample stops at
+the next token, and a failure stays with the sample that caused it.
 """
 
 from __future__ import annotations
@@ -16,8 +26,15 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from gptkit.generate import Detokenizer, SamplingParams, generate_ids, seeded_generator
-from gptkit.model import GPT
+from gptkit.generate import (
+    Detokenizer,
+    SamplingParams,
+    choose_next,
+    generate_ids,
+    process_logits,
+    seeded_generator,
+)
+from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import Tokenizer
 
 
@@ -89,12 +106,34 @@ class QueueFull(Exception):
     pass
 
 
+@dataclass(eq=False)
+class _Row:
+    """A sample decoding in the pool: its slot, where its cached tokens start on the pool's time
+    axis, and every token so far (the last one not yet in the cache: the next step's input)."""
+
+    job: Job
+    slot: int
+    start: int
+    context: list[int]
+    prompt_len: int
+    gen: torch.Generator | None
+
+
 class Engine:
     def __init__(
-        self, model: GPT, tok: Tokenizer, max_batch: int = 16, queue_limit: int = 64
+        self,
+        model: GPT,
+        tok: Tokenizer,
+        max_batch: int = 16,
+        queue_limit: int = 64,
+        continuous: bool = True,
     ) -> None:
         self.model, self.tok = model, tok
         self.max_batch, self.queue_limit = max_batch, queue_limit
+        self.continuous = continuous
+        self.device = next(model.parameters()).device
+        self.rows_live: list[_Row] = []  # continuous: rows decoding, row i in slot i
+        self.pool: KVCache | None = None
         self.queue: deque[Job] = deque()
         self.active = 0  # jobs queued or running
         self.cv = threading.Condition()
@@ -103,6 +142,9 @@ class Engine:
         self.rows = 0
         self.tokens = 0
         self.failures = 0  # samples that ended with an error
+        # decode steps and the rows they decoded together (the mean batch, for /health)
+        self.steps = 0
+        self.step_rows = 0
         self.thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
         self.thread.start()
 
@@ -129,6 +171,8 @@ class Engine:
             return batch
 
     def _loop(self) -> None:
+        if self.continuous:
+            self._loop_continuous()
         while True:
             batch = self._take_batch()
             retry: list[Job] = []
@@ -200,6 +244,8 @@ class Engine:
             score_prompts if echo else None,
         )
         for nxt in steps:
+            self.steps += 1
+            self.step_rows += len(pending)
             # One top-k for the batch, at the widest N any row asked for.
             entries = token_logprobs(dist[0], nxt, top_n) if top_n is not None else []
             for i in list(pending):
@@ -220,3 +266,197 @@ class Engine:
                     pending.discard(i)
             if not pending:
                 break
+
+    # --- continuous batching ---
+
+    @torch.no_grad()
+    def _loop_continuous(self) -> None:
+        cfg = self.model.config
+        dtype = next(self.model.parameters()).dtype
+        self.pool = KVCache.empty(cfg, self.max_batch, cfg.block_size, self.device, dtype)
+        # Zeroed, not just allocated: a row's masked positions still enter the attention product
+        # (with weight 0), and 0 x NaN from uninitialised memory would be NaN.
+        self.pool.k.zero_()
+        self.pool.v.zero_()
+        while True:
+            with self.cv:
+                while not self.queue and not self.rows_live:
+                    self.cv.wait()
+                room = self.max_batch - len(self.rows_live)
+                admit = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
+            for job in admit:
+                try:
+                    self._admit(job)
+                except Exception as e:  # noqa: BLE001 -- a bad prompt fails its own request only
+                    self._fail(job, e)
+            if self.rows_live:
+                self._step()
+
+    def _end(self, job: Job, delta: str = "") -> None:
+        """The sample is over: its slot and queue place are free before its last text goes out."""
+        row = next((r for r in self.rows_live if r.job is job), None)
+        if row is not None:
+            self._release(row)
+        with self.cv:
+            self.active -= 1
+        if not job.cancelled:
+            job.send(delta, True)
+
+    def _fail(self, job: Job, e: Exception) -> None:
+        job.error = f"generation failed: {type(e).__name__}: {e}"
+        self.failures += 1
+        self._end(job)
+
+    def _release(self, row: _Row) -> None:
+        """Free a row's slot; the last row moves into it, so rows in use stay slots 0..n-1."""
+        assert self.pool is not None
+        last = self.rows_live.pop()
+        if last is not row:
+            span = slice(last.start, self.pool.pos)
+            self.pool.k[:, row.slot, :, span] = self.pool.k[:, last.slot, :, span]
+            self.pool.v[:, row.slot, :, span] = self.pool.v[:, last.slot, :, span]
+            last.slot = row.slot
+            self.rows_live[row.slot] = last
+        if not self.rows_live:
+            self.pool.pos = 0
+
+    def _prefill(self, ids: list[int], echo: bool) -> tuple[KVCache, torch.Tensor]:
+        cache = KVCache.empty(
+            self.model.config,
+            1,
+            len(ids),
+            self.device,
+            self.pool.k.dtype,  # type: ignore[union-attr]
+        )
+        logits, _ = self.model(
+            torch.tensor([ids], device=self.device), cache=cache, last_only=not echo
+        )
+        return cache, logits
+
+    def _place(self, slot: int, cache: KVCache) -> int:
+        """Copy a prefilled cache into a slot, ending at the pool's current position; returns
+        where it starts. Rows already there move right when the pool holds fewer positions."""
+        pool = self.pool
+        assert pool is not None
+        n = cache.pos
+        if pool.pos < n:
+            shift, end = n - pool.pos, pool.pos
+            rows = len(self.rows_live)
+            if end and rows:
+                pool.k[:, :rows, :, shift : shift + end] = pool.k[:, :rows, :, :end].clone()
+                pool.v[:, :rows, :, shift : shift + end] = pool.v[:, :rows, :, :end].clone()
+            for r in self.rows_live:
+                r.start += shift
+            pool.pos = n
+        pool.k[:, slot, :, pool.pos - n : pool.pos] = cache.k[:, 0, :, :n]
+        pool.v[:, slot, :, pool.pos - n : pool.pos] = cache.v[:, 0, :, :n]
+        return pool.pos - n
+
+    def _admit(self, job: Job) -> None:
+        job.detok = Detokenizer(self.tok, job.params, job.stop_ids, job.stops, job.skip_ids)
+        job.token_logprobs = []
+        if job.cancelled or job.params.max_new_tokens <= 0:
+            if job.echo_logprobs and not job.cancelled:  # scored without generating
+                logits, _ = self.model(torch.tensor([job.prompt], device=self.device))
+                job.prompt_logprobs = prompt_logprobs(job.prompt, logits[0], job.logprobs or 0)
+            job.detok.finish_reason = "length"
+            self._end(job)
+            return
+        ids = job.prompt[-self.model.config.block_size :]
+        cache, logits = self._prefill(ids, job.echo_logprobs)
+        if job.echo_logprobs:
+            job.prompt_logprobs = prompt_logprobs(ids, logits[0], job.logprobs or 0)
+        slot = len(self.rows_live)
+        start = self._place(slot, cache)
+        gen = seeded_generator(job.params.seed, self.device)
+        row = _Row(job, slot, start, list(ids), len(ids), gen)
+        self.rows_live.append(row)
+        self.rows += 1
+        self._sample(row, logits[:, -1])
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> None:
+        """The row's next token from its (1, V) logits with its own settings, through the one
+        sampling core (process_logits, choose_next); then its text, or its end."""
+        job, p = row.job, row.job.params
+        context = torch.tensor([row.context], device=self.device)
+        processed = process_logits(logits, context, p, context[:, row.prompt_len :])
+        nxt = choose_next(processed, p, row.gen)
+        if job.logprobs is not None:
+            job.token_logprobs += token_logprobs(processed.log_softmax(-1), nxt, job.logprobs)
+        token = int(nxt[0])
+        row.context.append(token)
+        self.tokens += 1
+        delta = job.detok.feed(token)  # type: ignore[union-attr]
+        if job.detok.done:  # type: ignore[union-attr]
+            self._end(job, delta)
+        elif delta:
+            job.send(delta, False)
+
+    def _make_room(self) -> None:
+        """The pool's time axis is full: rows at the full context keep their last 3/4 (recomputed,
+        as generate_ids does), then every row moves left by the smallest start."""
+        pool = self.pool
+        assert pool is not None
+        block = self.model.config.block_size
+        keep = max(1, block * 3 // 4)
+        for row in self.rows_live:
+            if row.start == 0:
+                kept = row.context[-keep:-1]
+                if kept:
+                    cache, _ = self._prefill(kept, False)
+                    row.start = self._place(row.slot, cache)
+                else:
+                    row.start = pool.pos
+        m = min(r.start for r in self.rows_live)
+        if m:
+            n, end = len(self.rows_live), pool.pos
+            pool.k[:, :n, :, : end - m] = pool.k[:, :n, :, m:end].clone()
+            pool.v[:, :n, :, : end - m] = pool.v[:, :n, :, m:end].clone()
+            for r in self.rows_live:
+                r.start -= m
+            pool.pos -= m
+
+    def _forward(self, rows: list[_Row], lo: int, hi: int) -> torch.Tensor:
+        """One decode step for rows lo..hi-1 (their slots), writing at the pool's position."""
+        pool = self.pool
+        assert pool is not None
+        view = KVCache(pool.k[:, lo:hi], pool.v[:, lo:hi], pool.pos)
+        x = torch.tensor([[r.context[-1]] for r in rows[lo:hi]], device=self.device)
+        pad = torch.tensor([r.start for r in rows[lo:hi]], device=self.device)
+        logits, _ = self.model(x, cache=view, last_only=True, pad=pad if bool(pad.any()) else None)
+        return logits[:, -1]
+
+    def _step(self) -> None:
+        for row in [r for r in self.rows_live if r.job.cancelled]:
+            self._end(row.job)
+        if not self.rows_live:
+            return
+        pool = self.pool
+        assert pool is not None
+        if pool.pos >= self.model.config.block_size:
+            self._make_room()
+        rows = list(self.rows_live)
+        self.batches += 1  # continuous: every step is a batch of whoever is decoding
+        self.steps += 1
+        self.step_rows += len(rows)
+        try:
+            logits: list[torch.Tensor | None] = list(self._forward(rows, 0, len(rows)))
+        except Exception:  # noqa: BLE001 -- find the row that broke the step: each alone
+            logits = []
+            for i in range(len(rows)):
+                try:
+                    logits.append(self._forward(rows, i, i + 1)[0])
+                except Exception as e:  # noqa: BLE001
+                    logits.append(None)
+                    rows[i].job.error = f"generation failed: {type(e).__name__}: {e}"
+        pool.pos += 1
+        for row, row_logits in zip(rows, logits):
+            job = row.job
+            if row_logits is None:
+                self.failures += 1
+                self._end(job)
+                continue
+            try:
+                self._sample(row, row_logits[None])
+            except Exception as e:  # noqa: BLE001
+                self._fail(job, e)

@@ -175,6 +175,7 @@ class ServeConfig:
     timeout_keep_alive: int = 5  # seconds an idle connection stays open
     timeout_headers: float = 10.0  # seconds a new connection has to send its request's headers
     max_connections: int = 256  # beyond it, new connections get 503
+    scheduler: str = "continuous"  # or "static": batches of requests that arrived together
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -301,7 +302,9 @@ class Served:
 
     def __init__(self, model: GPT, tok: Tokenizer, sc: ServeConfig) -> None:
         self.tok, self.sc = tok, sc
-        self.engine = Engine(model, tok, sc.max_batch, sc.queue_limit)
+        self.engine = Engine(
+            model, tok, sc.max_batch, sc.queue_limit, continuous=sc.scheduler == "continuous"
+        )
         self.template = ChatTemplate(tok)
         self.block = model.config.block_size
         self.created = int(time.time())
@@ -686,6 +689,10 @@ async def health(request: Request) -> dict[str, Any]:
         "rows": e.rows,
         "tokens": e.tokens,
         "failures": e.failures,
+        "scheduler": "continuous" if e.continuous else "static",
+        "steps": e.steps,
+        "step_rows": e.step_rows,
+        "mean_batch": round(e.step_rows / e.steps, 2) if e.steps else 0.0,
     }
 
 
