@@ -217,11 +217,14 @@ def evaluate_answers(
 # --- standard benchmarks: lm-evaluation-harness in process ---
 
 
-def harness_model(model: GPT, tok: Tokenizer, batch_size: int = 16) -> Any:
+def harness_model(
+    model: GPT, tok: Tokenizer, batch_size: int = 16, max_length: int | None = None
+) -> Any:
     """The model as an lm-eval `TemplateLM`: lm-eval encodes context and continuation with the
     run's tokenizer; gptkit scores continuations in length-sorted, left-padded batches (each row
     computes what it would alone), rolls windows over whole documents as lm-eval's hf backend
-    does, and generates greedily through the one sampling core."""
+    does (max_length long: the context by default), and generates greedily through the one
+    sampling core."""
     from lm_eval.api.model import TemplateLM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
@@ -311,7 +314,7 @@ def harness_model(model: GPT, tok: Tokenizer, batch_size: int = 16) -> Any:
 
         @property
         def max_length(self) -> int:
-            return block
+            return max_length or block
 
         def tok_encode(self, string: str, **kwargs: Any) -> list[int]:
             return tok.encode(string)
@@ -341,7 +344,7 @@ def harness_model(model: GPT, tok: Tokenizer, batch_size: int = 16) -> Any:
                 # lm-eval's windows are (inputs, targets); disjoint: (context, continuation).
                 windows = [
                     make_disjoint_window(w)
-                    for w in get_rolling_token_windows(ids, prefix, block, 1)
+                    for w in get_rolling_token_windows(ids, prefix, self.max_length, 1)
                 ]
                 totals.append(sum(value for value, _ in score(windows)))
             return totals

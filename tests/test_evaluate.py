@@ -252,3 +252,80 @@ def test_generate_until_and_chat_template_three_ways(tmp_path: Path, trained_run
     prompt = sorted(ours["samples"]["gptkit_mc"], key=lambda s: s["doc_id"])[0]["arguments"][0][0]
     assert prompt.startswith("<|user|>") and prompt.endswith("<|end|><|assistant|>"), prompt
     assert _per_sample(ours, "gptkit_mc") == pytest.approx(_per_sample(theirs, "gptkit_mc"), abs=1e-4)
+
+
+@pytest.fixture(scope="module")
+def eval_models(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, small_text: Path) -> dict[str, Path]:
+    """The char-level run, a small BPE run trained here, and a GPT-2-shaped random model imported
+    from transformers."""
+    from gptkit.config import load_config
+    from gptkit.convert import import_hf
+    from gptkit.data import prepare
+    from gptkit.train import train
+
+    from .conftest import tiny_overrides
+    from .hf_models import gpt2_model
+
+    tmp = tmp_path_factory.mktemp("eval-models")
+    prepare([str(small_text)], tmp / "data", "bpe", vocab_size=300, progress=False)
+    cfg = load_config(None, tiny_overrides(**{"train.max_steps": 60, "train.lr": 3e-3}))
+    cfg.data.dir = str(tmp / "data")
+    train(cfg, tmp / "bpe", progress=False, quiet=True)
+    _, folder = gpt2_model(tmp / "gpt2-hf", vocab_size=50257, n_positions=48, n_embd=32, n_layer=2, n_head=4)
+    gpt2 = import_hf(folder, tmp / "gpt2", tokenizer=str(DATA / "gpt2"))
+    return {"char": trained_run, "bpe": tmp / "bpe", "gpt2": gpt2}
+
+
+@pytest.mark.parametrize("name", ["char", "bpe", "gpt2"])
+def test_rolling_perplexity_three_ways(tmp_path: Path, eval_models: dict, name: str) -> None:
+    """A multiple-choice and a rolling (perplexity) task on three kinds of model: the same
+    per-example log-likelihoods and accuracy in process, over the API and from the hf backend,
+    once all three roll the same windows. lm-eval's API client keeps a
+    position for the token it asks the server to generate and one for context, so its windows are
+    two shorter than its max_length: given CONTEXT + 1, they are CONTEXT - 1 long, as the other
+    two roll them at max_length CONTEXT - 1."""
+    lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is not installed (pip install -e '.[eval]')")
+    pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
+    from lm_eval.tasks import TaskManager
+
+    from gptkit.convert import export_hf
+    from gptkit.evaluate import harness_model
+
+    from .test_serve import Server
+
+    run = eval_models[name]
+    text = SHAKESPEARE.read_text(encoding="utf-8")
+    docs = [{"text": text[i : i + 300]} for i in range(20_000, 21_200, 300)]  # several windows each
+    (tmp_path / "text.jsonl").write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (tmp_path / "gptkit_rolling.yaml").write_text(ROLLING.format(data=tmp_path))
+    rows = [{"question": text[i : i + 12], "choices": [text[i + 12 : i + 20], "zqxjzqxj", text[i + 40 : i + 48]], "answer": 0}
+            for i in range(0, 4000, 500)]  # fmt: skip
+    (tmp_path / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "gptkit_mc.yaml").write_text(TASKS["gptkit_mc"].format(data=tmp_path))
+    both = ["gptkit_rolling", "gptkit_mc"]
+    tasks = TaskManager(include_path=str(tmp_path))
+    hf = export_hf(run, tmp_path / "hf")
+    context = load_run_config(run).model.block_size
+    model, tok, _ = load_model(run)
+    ours = lm_eval.simple_evaluate(model=harness_model(model, tok, 4, max_length=context - 1), tasks=both,
+                                   task_manager=tasks, log_samples=True)  # fmt: skip
+    theirs = lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf},dtype=float32,max_length={context - 1}",
+                                     tasks=both, task_manager=tasks, log_samples=True, device="cpu")  # fmt: skip
+    server = Server(run)
+    try:
+        args = (f"model={server.name},base_url={server.url}/v1/completions,tokenizer={hf},tokenized_requests=True,"
+                f"max_length={context + 1},num_concurrent=1,max_retries=1")  # fmt: skip
+        api = lm_eval.simple_evaluate(model="local-completions", model_args=args, tasks=both,
+                                      task_manager=tasks, log_samples=True)  # fmt: skip
+    finally:
+        server.stop()
+    mine = _per_sample(ours, "gptkit_rolling")
+    assert len(mine) == 4 and all(v < 0 for v in mine)
+    assert mine == pytest.approx(_per_sample(theirs, "gptkit_rolling"), abs=1e-4)
+    assert mine == pytest.approx(_per_sample(api, "gptkit_rolling"), abs=1e-4)
+    choices = _per_sample(ours, "gptkit_mc")
+    assert len(choices) == 24
+    assert choices == pytest.approx(_per_sample(theirs, "gptkit_mc"), abs=1e-4)
+    assert choices == pytest.approx(_per_sample(api, "gptkit_mc"), abs=1e-4)
+    accuracy = {r["results"]["gptkit_mc"]["acc,none"] for r in (ours, theirs, api)}
+    assert len(accuracy) == 1
