@@ -290,7 +290,11 @@ class Engine:
                 except Exception as e:  # noqa: BLE001 -- a bad prompt fails its own request only
                     self._fail(job, e)
             if self.rows_live:
-                self._step()
+                try:
+                    self._step()
+                except Exception as e:  # noqa: BLE001 -- the engine thread must outlive any bug
+                    for row in list(self.rows_live):
+                        self._fail(row.job, e)
 
     def _end(self, job: Job, delta: str = "") -> None:
         """The sample is over: its slot and queue place are free before its last text goes out."""
