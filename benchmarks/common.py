@@ -107,7 +107,7 @@ def run_folder(shape: str, tmp: Path) -> Path:
 
 def llama(path: Path, n_ctx: int, threads: int = 2) -> object:
     """llama.cpp (llama-cpp-python) on a GGUF file, f32 KV cache, without its repacked weight
-    buffers (their AMX kernels crash on q8_0 files on this machine's CPU)."""
+    buffers (with them llama.cpp segfaults in decode on q8_0 files on this machine's CPU)."""
     import llama_cpp
 
     defaults = llama_cpp.llama_model_default_params

@@ -23,24 +23,11 @@ from pathlib import Path
 
 import torch
 from common import ROOT
+from eval_tasks import TASKS, task_yaml
 
 from gptkit.checkpoint import load_model
 from gptkit.convert import export_hf, import_hf
 from gptkit.evaluate import harness_model
-
-TASK = """task: speed_mc
-dataset_path: json
-dataset_kwargs:
-  data_files:
-    test: {data}/mc.jsonl
-test_split: test
-output_type: multiple_choice
-doc_to_text: "{{{{question}}}}"
-doc_to_choice: "{{{{choices}}}}"
-doc_to_target: "{{{{answer}}}}"
-metric_list:
-  - metric: acc
-"""
 
 
 def main() -> None:
@@ -60,10 +47,10 @@ def main() -> None:
         rows = []
         for q in range(a.questions):
             i = 1000 + q * 397
-            rows.append({"question": text[i : i + 200], "choices": [text[i + 200 + 40 * c : i + 230 + 40 * c] for c in range(4)],
+            rows.append({"context": text[i : i + 200], "choices": [text[i + 200 + 40 * c : i + 230 + 40 * c] for c in range(4)],
                          "answer": 0})  # fmt: skip
         (tmp / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        (tmp / "speed_mc.yaml").write_text(TASK.format(data=tmp))
+        (tmp / "speed_mc.yaml").write_text(task_yaml("speed_mc", tmp / "mc.jsonl", TASKS["shakespeare_cloze"]))
         torch.manual_seed(0)
         GPT2LMHeadModel(GPT2Config(n_layer=6, n_head=6, n_embd=384, n_positions=256)).save_pretrained(tmp / "hf0")
         run = import_hf(tmp / "hf0", tmp / "run", tokenizer=str(ROOT / "tests" / "data" / "gpt2"))

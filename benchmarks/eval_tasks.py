@@ -55,6 +55,12 @@ metric_list:
 }
 
 
+def task_yaml(name: str, data: Path, body: str) -> str:
+    """An lm-eval task reading a local JSON-lines file (nothing downloaded)."""
+    head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+    return head + "test_split: test\n" + body.format()
+
+
 def write_tasks(folder: Path) -> list[str]:
     text = (ROOT / "gptkit" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
     held = text[int(len(text) * 0.9) :]
@@ -72,8 +78,7 @@ def write_tasks(folder: Path) -> list[str]:
     nxt = [{"context": ln[:24], "answer": ln[24:29]} for ln in lines]
     for name, rows in (("shakespeare_cloze", cloze), ("shakespeare_ppl", ppl), ("shakespeare_next_line", nxt)):
         (folder / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        head = f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {folder}/{name}.jsonl\n"
-        (folder / f"{name}.yaml").write_text(head + "test_split: test\n" + TASKS[name].format())
+        (folder / f"{name}.yaml").write_text(task_yaml(name, folder / f"{name}.jsonl", TASKS[name]))
     return list(TASKS)
 
 

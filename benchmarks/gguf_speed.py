@@ -8,8 +8,8 @@ interleaved; medians. Also prints the largest logit difference of each file agai
 
     python benchmarks/gguf_speed.py [--rounds 3] [--new-tokens 128] [--shape gpt2-124M smollm2-135M]
 
-llama.cpp runs without its repacked weight buffers (use_extra_bufts=False): their AMX kernels
-crash on q8_0 files on this machine's CPU. Ends with one JSON line per shape.
+llama.cpp runs without its extra (repacked) weight buffers (use_extra_bufts=False): with them it
+segfaults in decode on q8_0 files on this machine's CPU. Ends with one JSON line per shape.
 """
 
 from __future__ import annotations

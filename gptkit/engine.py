@@ -202,11 +202,9 @@ class Engine:
             job.detok = Detokenizer(self.tok, job.params, job.stop_ids, job.stops, job.skip_ids)
             job.token_logprobs = []
         live = [j for j in jobs if not j.cancelled and j.params.max_new_tokens > 0]
-        for job in jobs:  # a prompt scored without generating: its forward pass is all it needs
+        for job in jobs:
             if job.echo_logprobs and not job.cancelled and job not in live:
-                device = next(self.model.parameters()).device
-                logits, _ = self.model(torch.tensor([job.prompt], device=device))
-                job.prompt_logprobs = prompt_logprobs(job.prompt, logits[0], job.logprobs or 0)
+                self._score_prompt(job)
         for job in jobs:
             if job not in live:
                 job.detok.finish_reason = "length"
@@ -266,6 +264,11 @@ class Engine:
                     pending.discard(i)
             if not pending:
                 break
+
+    def _score_prompt(self, job: Job) -> None:
+        """A prompt scored without generating: its forward pass is all it needs."""
+        logits, _ = self.model(torch.tensor([job.prompt], device=self.device))
+        job.prompt_logprobs = prompt_logprobs(job.prompt, logits[0], job.logprobs or 0)
 
     # --- continuous batching ---
 
@@ -344,14 +347,7 @@ class Engine:
         assert pool is not None
         n = cache.pos
         if pool.pos < n:
-            shift, end = n - pool.pos, pool.pos
-            rows = len(self.rows_live)
-            if end and rows:
-                pool.k[:, :rows, :, shift : shift + end] = pool.k[:, :rows, :, :end].clone()
-                pool.v[:, :rows, :, shift : shift + end] = pool.v[:, :rows, :, :end].clone()
-            for r in self.rows_live:
-                r.start += shift
-            pool.pos = n
+            self._shift(n - pool.pos)
         pool.k[:, slot, :, pool.pos - n : pool.pos] = cache.k[:, 0, :, :n]
         pool.v[:, slot, :, pool.pos - n : pool.pos] = cache.v[:, 0, :, :n]
         return pool.pos - n
@@ -360,9 +356,8 @@ class Engine:
         job.detok = Detokenizer(self.tok, job.params, job.stop_ids, job.stops, job.skip_ids)
         job.token_logprobs = []
         if job.cancelled or job.params.max_new_tokens <= 0:
-            if job.echo_logprobs and not job.cancelled:  # scored without generating
-                logits, _ = self.model(torch.tensor([job.prompt], device=self.device))
-                job.prompt_logprobs = prompt_logprobs(job.prompt, logits[0], job.logprobs or 0)
+            if job.echo_logprobs and not job.cancelled:
+                self._score_prompt(job)
             job.detok.finish_reason = "length"
             self._end(job)
             return
@@ -382,8 +377,11 @@ class Engine:
         """The row's next token from its (1, V) logits with its own settings, through the one
         sampling core (process_logits, choose_next); then its text, or its end."""
         job, p = row.job, row.job.params
-        context = torch.tensor([row.context], device=self.device)
-        processed = process_logits(logits, context, p, context[:, row.prompt_len :])
+        context = generated = None  # the token history, as a tensor only for a penalty to read
+        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+            context = torch.tensor([row.context], device=self.device)
+            generated = context[:, row.prompt_len :]
+        processed = process_logits(logits, context, p, generated)
         nxt = choose_next(processed, p, row.gen)
         if job.logprobs is not None:
             job.token_logprobs += token_logprobs(processed.log_softmax(-1), nxt, job.logprobs)
@@ -413,12 +411,22 @@ class Engine:
                     row.start = pool.pos
         m = min(r.start for r in self.rows_live)
         if m:
-            n, end = len(self.rows_live), pool.pos
-            pool.k[:, :n, :, : end - m] = pool.k[:, :n, :, m:end].clone()
-            pool.v[:, :n, :, : end - m] = pool.v[:, :n, :, m:end].clone()
-            for r in self.rows_live:
-                r.start -= m
-            pool.pos -= m
+            self._shift(-m)
+
+    def _shift(self, by: int) -> None:
+        """Move every row's cached positions `by` places along the pool's time axis (right:
+        room on the left for a longer prompt; left: room at the end)."""
+        pool = self.pool
+        assert pool is not None
+        n, lo = len(self.rows_live), min(r.start for r in self.rows_live) if self.rows_live else 0
+        if n and pool.pos > lo:
+            src = slice(lo, pool.pos)
+            dst = slice(lo + by, pool.pos + by)
+            pool.k[:, :n, :, dst] = pool.k[:, :n, :, src].clone()
+            pool.v[:, :n, :, dst] = pool.v[:, :n, :, src].clone()
+        for r in self.rows_live:
+            r.start += by
+        pool.pos += by
 
     def _forward(self, rows: list[_Row], lo: int, hi: int) -> torch.Tensor:
         """One decode step for rows lo..hi-1 (their slots), writing at the pool's position."""

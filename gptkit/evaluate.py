@@ -242,14 +242,15 @@ def harness_model(
     def score(pairs: list[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
         """(log-likelihood of each continuation given its context, whether greedy picks it).
         Continuations of one context (a multiple-choice question's choices) share its forward
-        pass: the context runs once into a KV cache that each continuation then extends."""
+        pass: the context runs once into a KV cache that each continuation then extends. A lone
+        continuation (a rolling window) takes one forward pass with its context."""
         out: list[tuple[float, bool]] = [(0.0, False)] * len(pairs)
         groups: dict[tuple[int, ...], list[int]] = {}
-        alone = []
         for i, (context, cont) in enumerate(pairs):
             fits = 0 < len(context) and len(context) + len(cont) - 1 <= block
-            (groups.setdefault(tuple(context), []) if fits else alone).append(i)
-        shared = sorted(groups.items(), key=lambda g: -len(g[0]))
+            groups.setdefault(tuple(context) if fits else (-1 - i,), []).append(i)
+        shared = sorted((g for g in groups.items() if len(g[1]) > 1), key=lambda g: -len(g[0]))
+        alone = [i for _, rows in groups.items() if len(rows) == 1 for i in rows]
         batch: list[tuple[tuple[int, ...], list[int]]] = []
         for group in shared:
             width = max([len(group[0]), *(len(c) for c, _ in batch)])

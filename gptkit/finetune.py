@@ -33,7 +33,6 @@ from gptkit.errors import GptkitError
 from gptkit.instructions import Conversations, InstructionData, load_conversations
 from gptkit.lora import parameter_counts
 from gptkit.model import GPT
-from gptkit.quantize import refuse_quantized
 from gptkit.template import ChatTemplate
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 from gptkit.train import TrainOptions, TrainResult, train
@@ -66,7 +65,6 @@ def config_from_base(
     base run's architecture (model_config_from_base: context no longer than the base's, this
     config's dropout, the vocabulary grown by the template's tokens), and its lineage."""
     base_cfg = load_run_config(base)
-    refuse_quantized(base_cfg, base)
     model = model_config_from_base(
         base_cfg.model, cfg.finetune.block_size, cfg.model.dropout, tok.vocab_size
     )

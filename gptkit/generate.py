@@ -80,7 +80,7 @@ def seeded_generator(
 
 def process_logits(
     logits: torch.Tensor,
-    context: torch.Tensor,
+    context: torch.Tensor | None,
     p: SamplingParams,
     generated: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -101,7 +101,7 @@ def process_logits(
             - p.frequency_penalty * counts
             - p.presence_penalty * (counts > 0).to(logits.dtype)
         )
-    if p.repetition_penalty != 1.0:
+    if p.repetition_penalty != 1.0 and context is not None:
         seen = logits.gather(1, context)
         seen = torch.where(seen > 0, seen / p.repetition_penalty, seen * p.repetition_penalty)
         logits = logits.scatter(1, context, seen)

@@ -133,10 +133,10 @@ def _add_hyperparameters(w: gguf.GGUFWriter, m: ModelConfig, family: str) -> Non
 # --- the tokenizer ---
 
 
-def llama_cpp_pre(tok: HFTokenizer) -> str:
+def llama_cpp_pre(tok: HFTokenizer, spec: dict | None = None) -> str:
     """llama.cpp's name for the tokenizer's pre-tokenizer (how text is split before BPE), or one
-    line saying it has none that gptkit knows."""
-    spec = json.loads(tok.tok.to_str())  # type: ignore[attr-defined]
+    line saying it has none that gptkit knows. spec: the tokenizer's JSON, if already parsed."""
+    spec = spec if spec is not None else json.loads(tok.tok.to_str())  # type: ignore[attr-defined]
     model, pre = spec.get("model") or {}, spec.get("pre_tokenizer") or {}
     norm = spec.get("normalizer")
     if model.get("type") != "BPE" or (spec.get("decoder") or {}).get("type") != "ByteLevel":
@@ -167,8 +167,8 @@ def llama_cpp_pre(tok: HFTokenizer) -> str:
 
 
 def _add_tokenizer(w: gguf.GGUFWriter, tok: HFTokenizer, n_vocab: int) -> None:
-    pre = llama_cpp_pre(tok)
     spec = json.loads(tok.tok.to_str())  # type: ignore[attr-defined]
+    pre = llama_cpp_pre(tok, spec)
     added = {t["id"]: t for t in spec.get("added_tokens", [])}
     vocab = tok.tok.get_vocab(with_added_tokens=True)  # type: ignore[attr-defined]
     by_id = {i: s for s, i in vocab.items()}

@@ -30,7 +30,7 @@ SCHEMES = ("int8",)
 
 
 class Int8Linear(nn.Module):
-    """y = x W^T + b with W stored as int8 rows and one fp32 scale per row."""
+    """y = x W^T + b with W stored as int8 rows and one bf16 scale per row."""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
@@ -52,25 +52,17 @@ class Int8Linear(nn.Module):
             out.bias.copy_(linear.bias.detach().float())
         return out
 
-    def dequantized(self) -> torch.Tensor:
-        return self.weight.float() * self.scale.float()[:, None]
-
-    def _kernel_weight(self) -> torch.Tensor:
-        """The weight as the kernel takes it: rows a multiple of 16 long (it reads past shorter
-        ones), zero-padded once for the odd widths of small models."""
-        pad = -self.in_features % 16
-        if not pad:
-            return self.weight
-        if getattr(self, "_padded", None) is None or self._padded.device != self.weight.device:
-            self._padded = F.pad(self.weight, (0, pad))
-        return self._padded
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype
         x = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
-        weight = self._kernel_weight()
-        if weight.size(1) != self.in_features:
-            x = F.pad(x, (0, weight.size(1) - self.in_features))
+        # The kernel reads rows in blocks of 16 values: the odd widths of small models are
+        # zero-padded (the weight once, the input each call).
+        pad = -self.in_features % 16
+        weight = self.weight
+        if pad:
+            if getattr(self, "_padded", None) is None:
+                self._padded = F.pad(self.weight, (0, pad))
+            weight, x = self._padded, F.pad(x, (0, pad))
         y = torch.ops.aten._weight_int8pack_mm(x, weight, self.scale).to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(dtype)

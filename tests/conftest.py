@@ -66,3 +66,29 @@ def trained_run(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> P
     cfg.data.dir = str(small_data)
     train(cfg, run, progress=False, quiet=True)
     return run
+
+
+# The Llama family's options (RoPE, RMSNorm, SwiGLU, no biases, grouped-query attention).
+LLAMA_OPTIONS = {"model.pos_embedding": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.bias": "false",
+                 "model.n_kv_head": 1, "model.n_head": 2}  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def bpe_runs(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> dict[str, Path]:
+    """Two runs trained for 200 steps on a 512-token byte-level BPE, GPT-2's architecture
+    ("gpt2") and the Llama one ("llama"), and their data folder ("data"); shared read-only."""
+    from gptkit.config import load_config
+    from gptkit.data import prepare
+    from gptkit.train import train
+
+    tmp = tmp_path_factory.mktemp("bpe-runs")
+    prepare([str(small_text)], tmp / "data", "bpe", vocab_size=512, progress=False)
+    out = {"data": tmp / "data"}
+    for name, options in (("gpt2", {}), ("llama", LLAMA_OPTIONS)):
+        sets = {"model.n_embd": 64, "model.block_size": 64, "train.max_steps": 200, "train.lr": 3e-3,
+                "train.eval_interval": 200, **options}  # fmt: skip
+        cfg = load_config(None, tiny_overrides(**sets))
+        cfg.data.dir = str(tmp / "data")
+        train(cfg, tmp / name, progress=False, quiet=True)
+        out[name] = tmp / name
+    return out

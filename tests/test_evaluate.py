@@ -255,25 +255,17 @@ def test_generate_until_and_chat_template_three_ways(tmp_path: Path, trained_run
 
 
 @pytest.fixture(scope="module")
-def eval_models(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, small_text: Path) -> dict[str, Path]:
-    """The char-level run, a small BPE run trained here, and a GPT-2-shaped random model imported
+def eval_models(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, bpe_runs: dict[str, Path]) -> dict[str, Path]:
+    """The char-level run, a small BPE run (conftest's), and a GPT-2-shaped random model imported
     from transformers."""
-    from gptkit.config import load_config
     from gptkit.convert import import_hf
-    from gptkit.data import prepare
-    from gptkit.train import train
 
-    from .conftest import tiny_overrides
     from .hf_models import gpt2_model
 
     tmp = tmp_path_factory.mktemp("eval-models")
-    prepare([str(small_text)], tmp / "data", "bpe", vocab_size=300, progress=False)
-    cfg = load_config(None, tiny_overrides(**{"train.max_steps": 60, "train.lr": 3e-3}))
-    cfg.data.dir = str(tmp / "data")
-    train(cfg, tmp / "bpe", progress=False, quiet=True)
     _, folder = gpt2_model(tmp / "gpt2-hf", vocab_size=50257, n_positions=48, n_embd=32, n_layer=2, n_head=4)
     gpt2 = import_hf(folder, tmp / "gpt2", tokenizer=str(DATA / "gpt2"))
-    return {"char": trained_run, "bpe": tmp / "bpe", "gpt2": gpt2}
+    return {"char": trained_run, "bpe": bpe_runs["gpt2"], "gpt2": gpt2}
 
 
 @pytest.mark.parametrize("name", ["char", "bpe", "gpt2"])

@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from gptkit.checkpoint import load_model
 from gptkit.config import load_config
 from gptkit.convert import import_hf
-from gptkit.data import prepare
 from gptkit.finetune import finetune, finetune_config
 from gptkit.generate import SamplingParams, generate_ids
 from gptkit.gguf_export import export_gguf
@@ -39,15 +38,13 @@ except ImportError:  # an optional test dependency: it compiles llama.cpp on ins
 needs_llama_cpp = pytest.mark.skipif(llama_cpp is None, reason="llama-cpp-python is not installed")
 
 RUNS = ("gpt2", "llama", "qwen2", "qwen3", "bpe-gpt2", "bpe-llama")
-LLAMA_OPTIONS = {"model.pos_embedding": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.bias": "false",
-                 "model.n_kv_head": 1, "model.n_head": 2}  # fmt: skip
 PROMPT = "ROMEO: But soft, what light through yonder window breaks?"
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> dict[str, Path]:
+def runs(tmp_path_factory: pytest.TempPathFactory, bpe_runs: dict[str, Path]) -> dict[str, Path]:
     """GPT-2 and each Llama family imported from random-weight transformers models, and two runs
-    trained here on a byte-level BPE (GPT-2's architecture and the Llama one), 200 steps each."""
+    trained on a byte-level BPE (conftest's bpe_runs: GPT-2's architecture and the Llama one)."""
     tmp = tmp_path_factory.mktemp("gguf")
     out = {}
     _, folder = gpt2_model(tmp / "gpt2-hf", vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)
@@ -57,15 +54,7 @@ def runs(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> dict[str
         pre = {"llama": "llama3", "qwen2": "qwen2", "qwen3": "smollm"}[family]
         folder = hf_model(tmp / f"{family}-hf", family, pre=pre, **extra)
         out[family] = import_hf(folder, tmp / family)
-    data = tmp / "bpe-data"
-    prepare([str(small_text)], data, "bpe", vocab_size=512, progress=False)
-    for name, options in (("bpe-gpt2", {}), ("bpe-llama", LLAMA_OPTIONS)):
-        sets = {"model.n_embd": 64, "model.block_size": 64, "train.max_steps": 200, "train.lr": 3e-3,
-                "train.eval_interval": 200, **options}  # fmt: skip
-        cfg = load_config(None, tiny_overrides(**sets))
-        cfg.data.dir = str(data)
-        train(cfg, tmp / name, progress=False, quiet=True)
-        out[name] = tmp / name
+    out["bpe-gpt2"], out["bpe-llama"] = bpe_runs["gpt2"], bpe_runs["llama"]
     return out
 
 
@@ -82,8 +71,8 @@ def chat_run(runs: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) ->
 
 def _llama(path: Path, n_ctx: int = 128, vocab_only: bool = False) -> object:
     """llama.cpp on the file, with an f32 KV cache (its default f16 cache would round what is
-    compared at 1e-3) and without its repacked weight buffers (their AMX kernels crash in this
-    sandbox's CPU on q8_0 files; the file and the arithmetic are the same either way)."""
+    compared at 1e-3) and without its extra (repacked) weight buffers (with them llama.cpp segfaults in decode on
+    q8_0 files on this machine's CPU; the file and the arithmetic are the same either way)."""
     defaults = llama_cpp.llama_model_default_params
 
     def no_repacking() -> object:
@@ -271,7 +260,9 @@ def cli(*args: str, limit_bytes: int | None = None) -> subprocess.CompletedProce
                           preexec_fn=limit if limit_bytes else None)  # fmt: skip
 
 
-def test_bad_exports_are_one_line_and_leave_no_file(runs: dict[str, Path], trained_run: Path, tmp_path: Path) -> None:
+def test_bad_exports_are_one_line_and_leave_no_file(
+    runs: dict[str, Path], bpe_runs: dict[str, Path], trained_run: Path, tmp_path: Path
+) -> None:
     out = tmp_path / "m.gguf"
     cases = [
         ((str(trained_run), "--to-gguf", str(out)), "character-level tokenizer"),  # the char run
@@ -284,7 +275,7 @@ def test_bad_exports_are_one_line_and_leave_no_file(runs: dict[str, Path], train
         assert not out.exists()
     softcap = tmp_path / "softcap"
     cfg = load_config(None, tiny_overrides(**{"train.max_steps": 1, "model.logit_softcap": 30.0}))
-    cfg.data.dir = str(runs["bpe-gpt2"] / ".." / "bpe-data")
+    cfg.data.dir = str(bpe_runs["data"])
     train(cfg, softcap, progress=False, quiet=True)
     r = cli("export", str(softcap), "--to-gguf", str(out))
     assert r.returncode == 2 and "model.logit_softcap=0" in r.stderr and len(r.stderr.strip().splitlines()) == 1

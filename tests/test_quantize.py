@@ -14,7 +14,6 @@ from safetensors import safe_open
 
 from gptkit.checkpoint import load_model
 from gptkit.config import load_config
-from gptkit.data import prepare
 from gptkit.errors import GptkitError
 from gptkit.generate import SamplingParams, generate_ids
 from gptkit.quantize import Int8Linear, quantize_run
@@ -23,26 +22,12 @@ from gptkit.train import train
 from .conftest import DATA, SHAKESPEARE, tiny_overrides
 from .test_serve import Server
 
-LLAMA_OPTIONS = {"model.pos_embedding": "rope", "model.norm": "rmsnorm", "model.mlp": "swiglu", "model.bias": "false",
-                 "model.n_kv_head": 1, "model.n_head": 2}  # fmt: skip
-
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> dict[str, tuple[Path, Path]]:
-    """(fp32 run, its int8 quantization) for a BPE model trained here, GPT-2's architecture and
-    the Llama one."""
+def runs(tmp_path_factory: pytest.TempPathFactory, bpe_runs: dict[str, Path]) -> dict[str, tuple[Path, Path]]:
+    """(fp32 run, its int8 quantization) for the BPE runs, GPT-2's architecture and the Llama one."""
     tmp = tmp_path_factory.mktemp("quantize")
-    data = tmp / "data"
-    prepare([str(small_text)], data, "bpe", vocab_size=512, progress=False)
-    out = {}
-    for name, options in (("gpt2", {}), ("llama", LLAMA_OPTIONS)):
-        sets = {"model.n_embd": 64, "model.block_size": 64, "train.max_steps": 200, "train.lr": 3e-3,
-                "train.eval_interval": 200, **options}  # fmt: skip
-        cfg = load_config(None, tiny_overrides(**sets))
-        cfg.data.dir = str(data)
-        train(cfg, tmp / name, progress=False, quiet=True)
-        out[name] = (tmp / name, quantize_run(tmp / name, tmp / f"{name}-int8"))
-    return out
+    return {name: (bpe_runs[name], quantize_run(bpe_runs[name], tmp / f"{name}-int8")) for name in ("gpt2", "llama")}
 
 
 def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
