@@ -30,7 +30,7 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
     return 2 * n**3 / median_time(lambda: a @ b, repeats)
 
 
-def training_step(cfg, vocab: int = 65) -> Callable[[], None]:  # noqa: ANN001
+def training_step(cfg, vocab: int = 65, device: str = "cpu") -> Callable[[], None]:  # noqa: ANN001
     """One training step of a gptkit config as `gptkit.train` runs it (its optimizers, autocast,
     clipping, torch.compile when train.compile), on a fixed random batch: for timing
     configurations against each other. The config is not modified."""
@@ -38,14 +38,14 @@ def training_step(cfg, vocab: int = 65) -> Callable[[], None]:  # noqa: ANN001
     from gptkit.optim import build_optimizers
     from gptkit.runtime import autocast_context, resolve_dtype
 
-    cpu = torch.device("cpu")
+    dev = torch.device(device)
     torch.manual_seed(0)
-    model = GPT(dataclasses.replace(cfg.model, vocab_size=vocab))
+    model = GPT(dataclasses.replace(cfg.model, vocab_size=vocab)).to(dev)
     forward = torch.compile(model) if cfg.train.compile else model
-    optimizers = build_optimizers(model, cfg.train, cpu)
-    amp = autocast_context(cpu, resolve_dtype(cfg.train.dtype, cpu))
-    x = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size))
-    y = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size))
+    optimizers = build_optimizers(model, cfg.train, dev)
+    amp = autocast_context(dev, resolve_dtype(cfg.train.dtype, dev))
+    x = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size), device=dev)
+    y = torch.randint(0, vocab, (cfg.train.batch_size, cfg.model.block_size), device=dev)
 
     def step() -> None:
         with amp:

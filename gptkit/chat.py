@@ -28,6 +28,7 @@ class ChatSession:
         self.system = system
         self.history: list[Message] = []
         self.trimmed = 0  # turns dropped so far to fit the context
+        self.static = False  # decode through a CUDA graph (generate.StaticDecoder)
 
     def reset(self) -> None:
         self.history.clear()
@@ -52,7 +53,7 @@ class ChatSession:
     def reply(self, user: str) -> Iterator[str]:
         """Stream the assistant's reply; the exchange joins the history when it is complete."""
         ids = self.prompt_ids(user)
-        stream = self.template.reply(self.model, ids, self.params)
+        stream = self.template.reply(self.model, ids, self.params, self.static)
         yield from stream
         self.history += [Message("user", user), Message("assistant", stream.text.strip())]
 

@@ -66,6 +66,22 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     """Where and in what precision a trained model runs (generate, chat, serve)."""
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
     _choice(p, "--dtype", ["float32", "bfloat16"], "weights' dtype for decoding")
+    p.add_argument(
+        "--cuda-graph",
+        action="store_true",
+        help="decode through a CUDA graph over a static KV cache (CUDA only; the same tokens)",
+    )
+
+
+def _check_cuda_graph(a: argparse.Namespace) -> None:
+    from gptkit.runtime import resolve_device
+
+    device = resolve_device(a.device)
+    if a.cuda_graph and device.type != "cuda":
+        raise GptkitError(
+            f"--cuda-graph needs a CUDA GPU, and this runs on {device}; drop --cuda-graph "
+            "(or use --device cuda on a machine with one)"
+        )
 
 
 def _add_sampling(p: argparse.ArgumentParser) -> None:
@@ -439,6 +455,7 @@ def _load_for_sampling(a: argparse.Namespace) -> tuple:
     from gptkit.checkpoint import load_model
     from gptkit.runtime import resolve_device
 
+    _check_cuda_graph(a)
     model, tok, cfg = load_model(a.run, resolve_device(a.device), merge_adapters=True)
     if a.dtype == "bfloat16":
         model = model.to(torch.bfloat16)
@@ -503,8 +520,10 @@ def cmd_chat(a: argparse.Namespace) -> None:
     from gptkit.chat import ChatSession, run_chat
 
     model, tok, _ = _load_for_sampling(a)
+    session = ChatSession(model, tok, _sampling(a), a.system)
+    session.static = a.cuda_graph
     run_chat(
-        ChatSession(model, tok, _sampling(a), a.system),
+        session,
         sys.stdin,
         sys.stdout,
         interactive=sys.stdin.isatty(),
@@ -535,6 +554,9 @@ def cmd_serve(a: argparse.Namespace) -> None:
     from gptkit.checkpoint import load_run_config
 
     load_run_config(Path(a.run))  # a clear error for a wrong folder before anything starts
+    _check_cuda_graph(a)
+    if a.cuda_graph and a.scheduler == "static":
+        raise GptkitError("--cuda-graph is for the continuous scheduler; drop --scheduler static")
     sc = ServeConfig(
         model_name=a.model_name or Path(a.run).resolve().name,
         api_key=a.api_key or os.environ.get("GPTKIT_API_KEY") or None,
@@ -547,6 +569,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         max_connections=a.max_connections,
         timeout_headers=a.header_timeout,
         scheduler=a.scheduler,
+        cuda_graph=a.cuda_graph,
     )
     serve(a.run, a.host, a.port, sc, a.device, a.dtype)
 
@@ -574,10 +597,10 @@ def cmd_generate(a: argparse.Namespace) -> None:
             print(f"--- sample {i + 1} ---")
         if a.chat:
             ids = template.prompt_ids([Message("user", a.prompt)])
-            stream = template.reply(model, ids, params)
+            stream = template.reply(model, ids, params, a.cuda_graph)
         else:
             sys.stdout.write(a.prompt)
-            stream = TextStream(model, tok, a.prompt, params)
+            stream = TextStream(model, tok, a.prompt, params, static=a.cuda_graph)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()

@@ -29,6 +29,7 @@ import torch
 from gptkit.generate import (
     Detokenizer,
     SamplingParams,
+    StaticDecoder,
     choose_next,
     generate_ids,
     process_logits,
@@ -127,8 +128,13 @@ class Engine:
         max_batch: int = 16,
         queue_limit: int = 64,
         continuous: bool = True,
+        static: bool = False,
     ) -> None:
+        """static (continuous only): every decode step runs at the pool's full width through a
+        StaticDecoder, captured in a CUDA graph on CUDA (`gptkit serve --cuda-graph`)."""
         self.model, self.tok = model, tok
+        self.static = static and continuous
+        self.decoder: StaticDecoder | None = None
         self.max_batch, self.queue_limit = max_batch, queue_limit
         self.continuous = continuous
         self.device = next(model.parameters()).device
@@ -281,6 +287,8 @@ class Engine:
         # (with weight 0), and 0 x NaN from uninitialised memory would be NaN.
         self.pool.k.zero_()
         self.pool.v.zero_()
+        if self.static:
+            self.decoder = StaticDecoder(self.model, self.max_batch, self.device, dtype, self.pool)
         while True:
             with self.cv:
                 while not self.queue and not self.rows_live:
@@ -432,6 +440,13 @@ class Engine:
         """One decode step for rows lo..hi-1 (their slots), writing at the pool's position."""
         pool = self.pool
         assert pool is not None
+        if self.decoder is not None and (lo, hi) == (0, len(rows)):
+            # The whole pool: free slots decode token 0 seeing only their own slot (pad = pos).
+            n, width = hi, self.max_batch
+            tokens = [r.context[-1] for r in rows] + [0] * (width - n)
+            pad = [r.start for r in rows] + [pool.pos] * (width - n)
+            x, p = (torch.tensor(v, device=self.device) for v in (tokens, pad))
+            return self.decoder.step(x, p)[:n, -1]
         view = KVCache(pool.k[:, lo:hi], pool.v[:, lo:hi], pool.pos)
         x = torch.tensor([[r.context[-1]] for r in rows[lo:hi]], device=self.device)
         pad = torch.tensor([r.start for r in rows[lo:hi]], device=self.device)

@@ -151,6 +151,87 @@ def choose_next(
     return torch.multinomial(probs, 1, generator=gen).squeeze(-1)
 
 
+class StaticDecoder:
+    """Decoding at fixed shapes, for a batch of `batch` rows over a cache as long as the context:
+    the prompt is prefilled as usual, then every decode step reads and writes the same buffers
+    (KVCache.at), so on CUDA the step is captured once in a CUDA graph and replayed -- one launch
+    per token instead of a few hundred small kernels, which is what bounds small-batch decoding
+    on a GPU. Elsewhere the same step runs eagerly (the same numbers; no faster on a CPU)."""
+
+    def __init__(
+        self,
+        model: GPT,
+        batch: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        cache: KVCache | None = None,
+    ) -> None:
+        """cache: an existing zeroed cache of `batch` rows to decode in (the engine's pool)."""
+        self.model = model
+        cfg = model.config
+        self.cache = cache or KVCache.empty(cfg, batch, cfg.block_size, device, dtype, zeroed=True)
+        self.idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+        self.at = torch.zeros(batch, dtype=torch.long, device=device)
+        self.pad = torch.zeros(batch, dtype=torch.long, device=device)
+        self.step_cache = KVCache(self.cache.k, self.cache.v, at=self.at)
+        self.use_graph = device.type == "cuda"
+        self.graph: Any = None  # torch.cuda.CUDAGraph, captured at the first step
+        self.graph_error = ""  # why the capture failed, if it did (the steps then run eagerly)
+        self.out: torch.Tensor | None = None
+
+    @property
+    def pos(self) -> int:
+        return self.cache.pos
+
+    def prefill(
+        self, ids: torch.Tensor, pad: torch.Tensor | None, last_only: bool = True
+    ) -> torch.Tensor:
+        """Fill the cache from slot 0 with ids (B, T) (left-padded by pad); returns the logits."""
+        self.cache.pos = 0
+        logits, _ = self.model(ids, cache=self.cache, last_only=last_only, pad=pad)
+        return logits
+
+    def step(self, tokens: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+        """Logits (B, 1, V) after writing tokens (B,) at slot cache.pos, which the caller then
+        advances. The result is overwritten by the next step."""
+        self.idx.copy_(tokens[:, None])
+        self.at.fill_(self.cache.pos)
+        if pad is None:
+            self.pad.zero_()
+        else:
+            self.pad.copy_(pad)
+        if self.use_graph and self.graph is None:
+            self._capture()
+        if not self.use_graph:
+            out = self._run()
+        else:
+            self.graph.replay()
+            assert self.out is not None
+            out = self.out
+        return out
+
+    def _run(self) -> torch.Tensor:
+        return self.model(self.idx, cache=self.step_cache, pad=self.pad)[0]
+
+    def _capture(self) -> None:
+        # Warm-up runs on a side stream first (CUDA's rule for capture); they write the same
+        # keys and values into the same slot as the real step, so they change nothing.
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with torch.cuda.graph(graph):
+                self.out = self._run()
+        except RuntimeError as e:  # an operation CUDA cannot capture: decode eagerly instead
+            self.use_graph, self.graph_error = False, f"{type(e).__name__}: {e}"
+            return
+        self.graph = graph
+
+
 @torch.no_grad()
 def generate_ids(
     model: GPT,
@@ -160,13 +241,15 @@ def generate_ids(
     pad: torch.Tensor | None = None,
     on_distribution: Callable[[torch.Tensor], None] | None = None,
     on_prompt: Callable[[torch.Tensor], None] | None = None,
+    static: bool = False,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) for a batch of prompts (B, T), one step at a time. Prompts
     of unequal length come left-padded, pad[b] tokens in row b (see GPT.forward).
     on_distribution receives, before each token is drawn, the (B, V) log-probabilities it is
     drawn from: after penalties, temperature, top-k and top-p (greedy: the model's, penalised).
     on_prompt receives the prefill's (B, T, V) logits at every prompt position, so that scoring
-    a prompt (echo) costs no forward pass of its own."""
+    a prompt (echo) costs no forward pass of its own.
+    static: decode through a StaticDecoder (a CUDA graph on CUDA); the same tokens."""
     block = model.config.block_size
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -175,7 +258,11 @@ def generate_ids(
     if ids.size(1) == 0:
         raise GptkitError("the prompt is empty; give at least one token")
     context = ids  # everything so far, for the repetition penalty
-    cache = KVCache.empty(model.config, ids.size(0), block, device, dtype)
+    if static:
+        decoder = StaticDecoder(model, ids.size(0), device, dtype)
+        cache = decoder.cache
+    else:
+        cache = KVCache.empty(model.config, ids.size(0), block, device, dtype)
     if ids.size(1) > block and pad is not None:
         pad = (pad - (ids.size(1) - block)).clamp(min=0)
     logits, _ = model(ids[:, -block:], cache=cache, last_only=on_prompt is None, pad=pad)
@@ -196,6 +283,9 @@ def generate_ids(
                 pad = (pad - (cache.pos + 1 - keep)).clamp(min=0)
             cache.pos = 0
             logits, _ = model(context[:, -keep:], cache=cache, last_only=True, pad=pad)
+        elif static:
+            logits = decoder.step(nxt, pad)
+            cache.pos += 1
         else:
             logits, _ = model(nxt[:, None], cache=cache, last_only=True, pad=pad)
 
@@ -276,10 +366,13 @@ class TextStream:
         params: SamplingParams,
         stop_ids: list[int] | None = None,
         extra_stop: list[str] | None = None,
+        static: bool = False,
     ) -> None:
         """stop_ids: token ids that end the sample (besides end-of-text, when params.stop_at_eot);
-        extra_stop: stop strings added to params.stop (a chat template's end of turn)."""
+        extra_stop: stop strings added to params.stop (a chat template's end of turn);
+        static: decode through a StaticDecoder (a CUDA graph on CUDA)."""
         self.model, self.tok, self.params = model, tok, params.validate()
+        self.static = static
         ids = set(stop_ids or [])
         if params.stop_at_eot:
             ids.update(tok.eos_ids)
@@ -310,7 +403,7 @@ class TextStream:
         device = next(self.model.parameters()).device
         gen = seeded_generator(self.params.seed, device)
         prompt = torch.tensor([self.prompt_ids], dtype=torch.long)
-        for nxt in generate_ids(self.model, prompt, self.params, gen):
+        for nxt in generate_ids(self.model, prompt, self.params, gen, static=self.static):
             delta = self.detok.feed(int(nxt[0]))
             if delta:
                 yield delta

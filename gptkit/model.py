@@ -87,16 +87,25 @@ class KVCache:
     k: torch.Tensor  # (n_layer, B, n_kv_head, max_len, head_dim)
     v: torch.Tensor
     pos: int = 0  # how many positions are filled
+    # Static decoding: a (B,) tensor with the slot each row's one new token goes to. Each step
+    # then has the same shapes whatever the position -- it attends over every slot, masking those
+    # past `at` -- so it can be captured once in a CUDA graph and replayed (generate.StaticDecoder).
+    at: torch.Tensor | None = None
 
     @classmethod
     def empty(
-        cls, cfg: ModelConfig, batch: int, max_len: int, device: torch.device, dtype: torch.dtype
+        cls,
+        cfg: ModelConfig,
+        batch: int,
+        max_len: int,
+        device: torch.device,
+        dtype: torch.dtype,
+        zeroed: bool = False,
     ) -> KVCache:
+        """zeroed: for static decoding, which reads unwritten slots (masked, but 0 * NaN is NaN)."""
         shape = (cfg.n_layer, batch, cfg.kv_heads, max_len, cfg.head_dim)
-        return cls(
-            torch.empty(shape, device=device, dtype=dtype),
-            torch.empty(shape, device=device, dtype=dtype),
-        )
+        make = torch.zeros if zeroed else torch.empty
+        return cls(make(shape, device=device, dtype=dtype), make(shape, device=device, dtype=dtype))
 
     @property
     def max_len(self) -> int:
@@ -159,7 +168,12 @@ class CausalSelfAttention(nn.Module):
         v = v.transpose(1, 2)
 
         past = 0
-        if cache is not None:
+        if cache is not None and cache.at is not None:  # static decoding: one token per row
+            rows = torch.arange(B, device=x.device)
+            cache.k[self.layer, rows, :, cache.at] = k[:, :, 0]
+            cache.v[self.layer, rows, :, cache.at] = v[:, :, 0]
+            k, v = cache.k[self.layer], cache.v[self.layer]
+        elif cache is not None:
             past = cache.pos
             cache.k[self.layer, :, :, past : past + T] = k
             cache.v[self.layer, :, :, past : past + T] = v
@@ -276,6 +290,8 @@ class GPT(nn.Module):
         position attends to and which do not count as positions, so each row computes what it
         would alone."""
         B, T = idx.shape
+        if cache is not None and cache.at is not None:
+            return self._static_step(idx, cache, pad)
         past = cache.pos if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(
@@ -304,16 +320,42 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
-        logits = self.lm_head(x)
-        if self.config.logit_softcap > 0:
-            c = self.config.logit_softcap
-            logits = c * torch.tanh(logits / c)
+        logits = self._head(x)
         loss = None
         if targets is not None:
             loss = F.cross_entropy(
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
             )
         return logits, loss
+
+    def _head(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.lm_head(x)
+        if self.config.logit_softcap > 0:
+            c = self.config.logit_softcap
+            logits = c * torch.tanh(logits / c)
+        return logits
+
+    def _static_step(
+        self, idx: torch.Tensor, cache: KVCache, pad: torch.Tensor | None
+    ) -> tuple[torch.Tensor, None]:
+        """One decode step of static decoding (KVCache.at): the same computation as forward for
+        one new token per row, with shapes that do not depend on the position. Row b's token
+        sits in slot at[b], is position at[b] - pad[b], and sees slots pad[b] .. at[b]."""
+        at = cache.at
+        assert at is not None and idx.size(1) == 1
+        pad = pad if pad is not None else torch.zeros_like(at)
+        pos = (at - pad)[:, None]  # (B, 1)
+        x = self.wte(idx)
+        rope = None
+        if self.wpe is not None:
+            x = x + self.wpe(pos)
+        else:
+            rope = (self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None])
+        slots = torch.arange(cache.max_len, device=idx.device)
+        mask = ((slots >= pad[:, None]) & (slots <= at[:, None]))[:, None, None, :]
+        for block in self.blocks:
+            x = block(x, rope, cache, mask)
+        return self._head(self.ln_f(x)), None
 
     @torch.no_grad()
     def grow_vocab(self, new_size: int, seed: int = 0) -> None:

@@ -176,6 +176,7 @@ class ServeConfig:
     timeout_headers: float = 10.0  # seconds a new connection has to send its request's headers
     max_connections: int = 256  # beyond it, new connections get 503
     scheduler: str = "continuous"  # or "static": batches of requests that arrived together
+    cuda_graph: bool = False  # continuous decode steps captured in a CUDA graph (Engine static)
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -303,7 +304,12 @@ class Served:
     def __init__(self, model: GPT, tok: Tokenizer, sc: ServeConfig) -> None:
         self.tok, self.sc = tok, sc
         self.engine = Engine(
-            model, tok, sc.max_batch, sc.queue_limit, continuous=sc.scheduler == "continuous"
+            model,
+            tok,
+            sc.max_batch,
+            sc.queue_limit,
+            continuous=sc.scheduler == "continuous",
+            static=sc.cuda_graph,
         )
         self.template = ChatTemplate(tok)
         self.block = model.config.block_size
@@ -693,7 +699,18 @@ async def health(request: Request) -> dict[str, Any]:
         "steps": e.steps,
         "step_rows": e.step_rows,
         "mean_batch": round(e.step_rows / e.steps, 2) if e.steps else 0.0,
+        # --cuda-graph: "captured", "eager" (capture failed: the reason), or "off"
+        "cuda_graph": _graph_state(e),
     }
+
+
+def _graph_state(e: Engine) -> str:
+    d = e.decoder
+    if d is None:
+        return "off"
+    if d.graph is not None:
+        return "captured"
+    return f"eager: {d.graph_error}" if d.graph_error else "eager"
 
 
 @router.get("/v1/models", responses=ERROR_RESPONSES)

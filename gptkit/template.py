@@ -186,10 +186,12 @@ class ChatTemplate:
             return self._tokenize(self._render_jinja(messages, True)).ids
         return self.encode(messages, generation_prompt=True)[0]
 
-    def reply(self, model: GPT, ids: list[int], params: SamplingParams) -> TextStream:
+    def reply(
+        self, model: GPT, ids: list[int], params: SamplingParams, static: bool = False
+    ) -> TextStream:
         """The assistant's turn after `ids` (a conversation encoded with generation_prompt), through
-        the one sampling core, ending at the template's end of turn."""
-        return TextStream(model, self.tok, ids, params, self.stop_ids, self.stop_strings)
+        the one sampling core, ending at the template's end of turn (static: TextStream's)."""
+        return TextStream(model, self.tok, ids, params, self.stop_ids, self.stop_strings, static)
 
     def render(self, messages: list[Message], generation_prompt: bool = False) -> str:
         """The conversation as text, markers spelled out (for display and debugging)."""

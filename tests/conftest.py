@@ -11,8 +11,20 @@ ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT / "tests" / "data"
 SHAKESPEARE = ROOT / "gptkit" / "data" / "tinyshakespeare.txt"
 
+# The device of the tests marked `cuda` (the model, cache, generation, training, fine-tuning,
+# LoRA, HF-parity and serving tests): benchmarks/gpu_check.py runs them with
+# GPTKIT_TEST_DEVICE=cuda; everywhere else they run on the CPU like the rest.
+DEVICE = torch.device(os.environ.get("GPTKIT_TEST_DEVICE", "cpu"))
+
 # Small and deterministic on a 2-core machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+@pytest.fixture
+def on_device() -> object:
+    """Tensors and modules a test creates land on DEVICE (torch's default-device context)."""
+    with DEVICE:
+        yield DEVICE
 
 
 def tiny_overrides(**extra: object) -> list[str]:
@@ -31,6 +43,7 @@ def tiny_overrides(**extra: object) -> list[str]:
         "train.dtype": "float32",
         "train.tensorboard": False,
         "train.sample_tokens": 0,
+        "train.device": str(DEVICE),
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

@@ -109,6 +109,7 @@ def test_every_option_has_a_description() -> None:
         (["train", "--set", "model.rope_base=0"], "model.rope_base must be > 1"),
         (["train", "--set", "model.logit_softcap=inf"], "model.logit_softcap must be a finite number"),
         (["train", "--set", "train.max_steps=many"], "must be an integer"),
+        (["generate", "/nonexistent_run", "--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA GPU"),
     ],
 )
 def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ from gptkit.errors import GptkitError
 from gptkit.generate import SamplingParams, generate_ids
 from gptkit.tokenizer import HFTokenizer
 
-from .conftest import DATA, SHAKESPEARE
+from .conftest import DATA, DEVICE, SHAKESPEARE
 
 transformers = pytest.importorskip("transformers")
 GPT2_FILES = DATA / "gpt2"
@@ -73,6 +73,7 @@ SHAPES = {
 
 
 @pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.cuda
 def test_import_export_parity_and_round_trip(tmp_path: Path, shape: str) -> None:
     theirs, folder = hf_model(tmp_path, "hf", **SHAPES[shape])
     run = import_hf(folder, tmp_path / "run", tokenizer=str(GPT2_FILES))
@@ -222,32 +223,34 @@ def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, tuple[Path, 
     return out
 
 
-def _logit_parity(folder: Path, run: Path, length: int = 40) -> float:
-    model, _, _ = load_model(run)
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
+def _logit_parity(folder: Path, run: Path, length: int = 40, device: str | torch.device = "cpu") -> float:
+    model, _, _ = load_model(run, device)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval().to(device)
     x = torch.randint(0, min(300, model.config.vocab_size), (2, length), generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
     with torch.no_grad():
         return (model(x)[0] - hf(x).logits).abs().max().item()
 
 
 @pytest.mark.parametrize("family", FAMILY_NAMES)
+@pytest.mark.cuda
 def test_family_logits_generation_and_cache_match_transformers(families: dict, family: str) -> None:
     folder, run = families[family]
-    assert _logit_parity(folder, run) < 1e-4
-    model, tok, cfg = load_model(run)
+    assert _logit_parity(folder, run, device=DEVICE) < 1e-4
+    model, tok, cfg = load_model(run, DEVICE)
     assert (cfg.model.qkv_bias, cfg.model.qk_norm_weight) == (family == "qwen2", family == "qwen3")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
-    prompt = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1))
+    hf = transformers.AutoModelForCausalLM.from_pretrained(folder).eval().to(DEVICE)
+    prompt = torch.randint(0, 300, (1, 12), generator=torch.Generator().manual_seed(1)).to(DEVICE)
     ours = [int(t[0]) for t in generate_ids(model, prompt, SamplingParams(max_new_tokens=30, temperature=0))]
     theirs = hf.generate(prompt, max_new_tokens=30, do_sample=False, eos_token_id=None, pad_token_id=0)[0, 12:]
     assert ours == theirs.tolist()
     # KV-cache decoding equals the full forward over the same tokens.
     from gptkit.model import KVCache
 
-    seq = torch.cat([prompt, torch.tensor([ours])], dim=1)
+    seq = torch.cat([prompt, torch.tensor([ours], device=DEVICE)], dim=1)
     with torch.no_grad():
         full = model(seq)[0][0, -1]
-        cache = KVCache.empty(model.config, 1, model.config.block_size, torch.device("cpu"), torch.float32)
+        cache = KVCache.empty(model.config, 1, model.config.block_size, DEVICE, torch.float32)
         model(seq[:, :-5], cache=cache)
         for i in range(5, 0, -1):
             step = model(seq[:, -i : seq.size(1) - i + 1], cache=cache)[0][0, -1]
@@ -395,6 +398,7 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.cuda
 def test_imported_model_trains_fine_tunes_merges_samples_and_exports(families: dict, family: str, tmp_path: Path) -> None:
     """On a tiny imported Llama and Qwen3: continued pretraining (train --init-from), full and
     LoRA fine-tuning on q/k/v/o and gate/up/down (c_attn, c_proj, c_fc) through the model's own

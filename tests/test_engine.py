@@ -16,10 +16,13 @@ import torch
 
 from gptkit.checkpoint import load_model
 from gptkit.engine import Engine, Job
-from gptkit.generate import SamplingParams, generate_ids
+from gptkit.generate import SamplingParams, generate_ids, seeded_generator
 from gptkit.model import KVCache
 
+from .conftest import DEVICE
 from .test_serve import Server
+
+pytestmark = pytest.mark.cuda
 
 SETTINGS = [
     SamplingParams(max_new_tokens=70, temperature=0.9, top_k=5, seed=1, stop_at_eot=False),  # slides past 32
@@ -48,7 +51,12 @@ def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
     return [[e.token for e in job.token_logprobs] for job in jobs]
 
 
-def test_requests_joining_at_any_step_get_their_solo_tokens(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+def test_requests_joining_at_any_step_get_their_solo_tokens(
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch, static: bool
+) -> None:
+    """static: every step at the pool's full width through a StaticDecoder (`serve --cuda-graph`;
+    a CUDA graph on CUDA, eager here) -- the same tokens."""
     # Every new cache starts as NaN, as reused memory may: no result may depend on a position
     # that was never written (a masked one still enters the attention product with weight 0).
     allocate = KVCache.empty.__func__
@@ -60,20 +68,22 @@ def test_requests_joining_at_any_step_get_their_solo_tokens(trained_run: Path, m
         return cache
 
     monkeypatch.setattr(KVCache, "empty", classmethod(poisoned))
-    model, tok, cfg = load_model(trained_run)
+    model, tok, cfg = load_model(trained_run, DEVICE)
     assert cfg.model.block_size == 32
     prompts = [tok.encode(t) for t in ("ROMEO:", "JULIET: O", "KING", "First Citizen:\nWe", "What")]
-    engine = Engine(model, tok, max_batch=8, queue_limit=16)
+    engine = Engine(model, tok, max_batch=8, queue_limit=16, static=static)
     solo = [_run(engine, [p], [s], 0)[0] for p, s in zip(prompts, SETTINGS)]
     assert [len(t) for t in solo] == [s.max_new_tokens for s in SETTINGS]
     for join_after in (3, 17, 40):  # others join mid-way, and after the first has slid past the context
         assert _run(engine, prompts, SETTINGS, join_after) == solo, join_after
-    # Greedy sliding samples equal the one sampling core's own (generate_ids, as `gptkit generate`).
-    for i in (2, 4):
-        ids = torch.tensor([prompts[i]])
-        want = [int(t) for t in generate_ids(model, ids, SETTINGS[i])]
+    # Every sample equals the one sampling core's own (generate_ids, as `gptkit generate`), seeded
+    # ones with their seed's generator.
+    for i, s in enumerate(SETTINGS):
+        ids = torch.tensor([prompts[i]], device=DEVICE)
+        want = [int(t) for t in generate_ids(model, ids, s, seeded_generator(s.seed, DEVICE))]
         assert solo[i] == want, i
     assert engine.active == 0 and not engine.rows_live  # every slot given back
+    assert (engine.decoder is not None) == static
 
 
 def test_memory_stays_bounded_over_rounds_of_64_streams(trained_run: Path) -> None:

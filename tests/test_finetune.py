@@ -16,10 +16,10 @@ from gptkit.instructions import InstructionData, encode_example, load_conversati
 from gptkit.model import GPT
 from gptkit.tasks import make_tasks, write_tasks
 from gptkit.template import ChatTemplate, Message
-from tests.conftest import DATA
+from tests.conftest import DATA, DEVICE
 
 FT_SET = ["train.max_steps=30", "train.batch_size=8", "train.eval_interval=15", "train.log_interval=5",
-          "train.dtype=float32", "train.tensorboard=false", "train.warmup_steps=3"]  # fmt: skip
+          "train.dtype=float32", "train.tensorboard=false", "train.warmup_steps=3", f"train.device={DEVICE}"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +180,7 @@ def lora_run(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, tasks_
     return out
 
 
+@pytest.mark.cuda
 def test_full_finetune_grows_vocab_and_learns(full_run: Path, trained_run: Path) -> None:
     model, tok, cfg = load_model(full_run)
     base, base_tok, _ = load_model(trained_run)
@@ -191,6 +192,7 @@ def test_full_finetune_grows_vocab_and_learns(full_run: Path, trained_run: Path)
     assert (full_run / "checkpoint" / "model.safetensors").is_file()
 
 
+@pytest.mark.cuda
 def test_lora_trains_only_adapters_and_new_rows(lora_run: Path, trained_run: Path) -> None:
     from safetensors.torch import load_file
 
@@ -218,20 +220,22 @@ def test_lora_trains_only_adapters_and_new_rows(lora_run: Path, trained_run: Pat
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)
 
 
+@pytest.mark.cuda
 def test_merge_gives_equal_logits(lora_run: Path, tmp_path: Path) -> None:
     from gptkit.finetune import merge
 
-    model, tok, _ = load_model(lora_run)
+    model, tok, _ = load_model(lora_run, DEVICE)
     merged_dir = merge(lora_run, tmp_path / "merged")
-    merged, tok2, cfg2 = load_model(merged_dir)
+    merged, tok2, cfg2 = load_model(merged_dir, DEVICE)
     assert not cfg2.lora.enabled and (merged_dir / "checkpoint" / "model.safetensors").is_file()
-    x = torch.randint(0, tok.vocab_size, (3, 24))
+    x = torch.randint(0, tok.vocab_size, (3, 24), device=DEVICE)
     with torch.no_grad():
         a, _ = model(x)
         b, _ = merged(x)
     torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+@pytest.mark.cuda
 def test_lora_resume_equals_straight_run(trained_run: Path, tasks_file: Path, tmp_path: Path) -> None:
     from gptkit.lora import adapter_state
 
@@ -247,6 +251,7 @@ def test_lora_resume_equals_straight_run(trained_run: Path, tasks_file: Path, tm
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=0)
 
 
+@pytest.mark.cuda
 def test_cli_finetune_lora_merge_chat_eval(trained_run: Path, tasks_file: Path, tmp_path: Path) -> None:
     out = tmp_path / "cli-lora"
     r = gptkit_cli("finetune", str(trained_run), "--data", str(tasks_file), "--out", str(out), "--lora", "--no-progress",

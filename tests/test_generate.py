@@ -20,22 +20,25 @@ from gptkit.generate import (
     seeded_generator,
 )
 
+from .conftest import DEVICE
+
 
 @pytest.fixture(scope="module")
 def model_tok(trained_run: Path):  # noqa: ANN201
-    model, tok, _ = load_model(trained_run)
+    model, tok, _ = load_model(trained_run, DEVICE)
     return model, tok
 
 
 def greedy_without_cache(model, ids: list[int], n: int) -> list[int]:  # noqa: ANN001
     out = list(ids)
     for _ in range(n):
-        window = torch.tensor([out[-model.config.block_size :]])
+        window = torch.tensor([out[-model.config.block_size :]], device=DEVICE)
         logits, _ = model(window)
         out.append(int(logits[0, -1].argmax()))
     return out[len(ids) :]
 
 
+@pytest.mark.cuda
 def test_greedy_through_cache_equals_full_recompute(model_tok) -> None:  # noqa: ANN001
     model, tok = model_tok
     ids = tok.encode("First Citizen:\n")
@@ -43,6 +46,7 @@ def test_greedy_through_cache_equals_full_recompute(model_tok) -> None:  # noqa:
     assert got == greedy_without_cache(model, ids, 12)
 
 
+@pytest.mark.cuda
 def test_long_generation_and_prompt_beyond_context(model_tok) -> None:  # noqa: ANN001
     model, tok = model_tok
     block = model.config.block_size
@@ -54,6 +58,7 @@ def test_long_generation_and_prompt_beyond_context(model_tok) -> None:  # noqa: 
     assert s.finish_reason == "length" and s.prompt_tokens == 3 * block
 
 
+@pytest.mark.cuda
 def test_seed_reproducible_and_temperature_matters(model_tok) -> None:  # noqa: ANN001
     model, tok = model_tok
     a = generate(model, tok, "ROMEO:", SamplingParams(max_new_tokens=40, temperature=1.0, seed=3))
@@ -62,6 +67,7 @@ def test_seed_reproducible_and_temperature_matters(model_tok) -> None:  # noqa: 
     assert a == b and a != c
 
 
+@pytest.mark.cuda
 def test_stop_strings_cut_the_text(model_tok) -> None:  # noqa: ANN001
     model, tok = model_tok
     full = generate(model, tok, "ROMEO:", SamplingParams(max_new_tokens=60, temperature=1.0, seed=7, stop_at_eot=False))
@@ -105,6 +111,7 @@ def test_bad_sampling_params(model_tok) -> None:  # noqa: ANN001
             generate(model, tok, "a", SamplingParams(**bad))  # type: ignore[arg-type]
 
 
+@pytest.mark.cuda
 def test_bf16_weights_decode(model_tok) -> None:  # noqa: ANN001
     model, tok = model_tok
     import copy
@@ -114,6 +121,7 @@ def test_bf16_weights_decode(model_tok) -> None:  # noqa: ANN001
     assert len(text) == 20
 
 
+@pytest.mark.cuda
 def test_batched_left_padded_sampling_equals_solo(model_tok) -> None:  # noqa: ANN001
     """The server's batched decoding: rows of unequal prompts, each with its own seed, sample
     exactly what each prompt samples alone."""
@@ -123,11 +131,58 @@ def test_batched_left_padded_sampling_equals_solo(model_tok) -> None:  # noqa: A
     width = max(map(len, prompts))
     pad = torch.tensor([width - len(p) for p in prompts])
     ids = torch.tensor([[tok.eot_id] * (width - len(p)) + p for p in prompts])
-    gens = [torch.Generator().manual_seed(s) for s in (1, 2, 3)]
+    gens = [torch.Generator(DEVICE).manual_seed(s) for s in (1, 2, 3)]
     batched = torch.stack(list(generate_ids(model, ids, params, gens, pad)), dim=1)
     for b, p in enumerate(prompts):
-        solo = [int(t[0]) for t in generate_ids(model, torch.tensor([p]), params, torch.Generator().manual_seed(b + 1))]
+        solo = [int(t[0]) for t in generate_ids(model, torch.tensor([p]), params, torch.Generator(DEVICE).manual_seed(b + 1))]
         assert batched[b].tolist() == solo
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("batch", [1, 3])
+def test_static_decoding_samples_the_same_tokens(model_tok, batch: int) -> None:  # noqa: ANN001
+    """generate_ids(static=True) -- the decode step at fixed shapes that CUDA captures in a graph
+    -- samples the tokens of ordinary decoding, with per-row seeds, left padding and three slides
+    of the context, and draws them from the same distributions."""
+    model, tok = model_tok
+    prompts = [tok.encode(p) for p in ("First Citizen:\n", "ROMEO:", "A")][:batch]
+    width = max(map(len, prompts))
+    pad = torch.tensor([width - len(p) for p in prompts]) if batch > 1 else None
+    ids = torch.tensor([[tok.eot_id] * (width - len(p)) + p for p in prompts])
+    params = SamplingParams(max_new_tokens=3 * model.config.block_size, temperature=0.8, stop_at_eot=False)
+    runs = []
+    for static in (False, True):
+        gens = [torch.Generator(DEVICE).manual_seed(s) for s in range(batch)]
+        dists: list[torch.Tensor] = []
+        steps = generate_ids(model, ids, params, gens, pad, on_distribution=dists.append, static=static)
+        runs.append((torch.stack(list(steps), dim=1), torch.stack(dists)))
+    (tokens, dist), (static_tokens, static_dist) = runs
+    assert static_tokens.tolist() == tokens.tolist()
+    torch.testing.assert_close(static_dist, dist, atol=1e-4, rtol=0)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(DEVICE.type != "cuda", reason="CUDA graphs need a CUDA device (GPTKIT_TEST_DEVICE=cuda)")
+def test_cuda_graph_is_captured_and_the_cli_samples_the_same_text(model_tok, trained_run: Path) -> None:  # noqa: ANN001
+    import subprocess
+    import sys
+
+    from gptkit.generate import StaticDecoder
+
+    model, tok = model_tok
+    decoder = StaticDecoder(model, 1, DEVICE, torch.float32)
+    ids = torch.tensor([tok.encode("ROMEO:")], device=DEVICE)
+    with torch.no_grad():
+        decoder.prefill(ids, None)
+        decoder.step(ids[:, -1], None)
+    assert decoder.graph is not None, decoder.graph_error
+    texts = []
+    for extra in ([], ["--cuda-graph"]):
+        args = ["generate", str(trained_run), "--prompt", "ROMEO:", "--seed", "5", "--max-new-tokens", "80", "--device", "cuda"]
+        p = subprocess.run([sys.executable, "-m", "gptkit", *args, *extra], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        texts.append(p.stdout)
+    assert texts[0] == texts[1] and len(texts[0]) > 80
 
 
 # --- sampling settings at the edges of their ranges ---

@@ -6,6 +6,8 @@ import torch
 from gptkit.config import ModelConfig
 from gptkit.model import GPT, KVCache
 
+pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("on_device")]
+
 VARIANTS = {
     "gpt2": {},
     "rope": {"pos_embedding": "rope"},
@@ -72,6 +74,27 @@ def test_kv_cache_equals_full_forward(variant: str) -> None:
         steps.append(m(x[:, t : t + 1], cache=cache)[0])
     torch.testing.assert_close(torch.cat(steps, dim=1), full, atol=1e-5, rtol=0)
     assert cache.pos == 24
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "modern", "gqa", "softcap"])
+def test_static_decoding_step_equals_the_cached_step(variant: str) -> None:
+    """KVCache.at: a decode step at fixed shapes (every slot attended, those past `at` and
+    before pad masked) gives the logits of the ordinary cached step, for left-padded rows."""
+    m = make(**VARIANTS[variant])
+    pad = torch.tensor([0, 3])
+    x = torch.randint(0, 50, (2, 10))
+    ref = KVCache.empty(m.config, 2, 24, x.device, torch.float32)
+    static = KVCache.empty(m.config, 2, 24, x.device, torch.float32, zeroed=True)
+    m(x[:, :6], cache=ref, pad=pad)
+    m(x[:, :6], cache=static, pad=pad)
+    at = torch.full((2,), 6)
+    step = KVCache(static.k, static.v, at=at)
+    for t in range(6, 10):
+        want, _ = m(x[:, t : t + 1], cache=ref, last_only=True, pad=pad)
+        got, _ = m(x[:, t : t + 1], cache=step, pad=pad)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+        at += 1
+    torch.testing.assert_close(static.k[:, :, :, :10], ref.k[:, :, :, :10], atol=1e-6, rtol=0)
 
 
 def test_context_overflow_is_an_error() -> None:

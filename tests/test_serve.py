@@ -20,7 +20,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from .conftest import DEVICE
+
 openai = pytest.importorskip("openai")
+pytestmark = pytest.mark.cuda
 
 KEY = "test-key-123"
 
@@ -28,7 +31,7 @@ KEY = "test-key-123"
 class Server:
     def __init__(self, run: Path, *args: str) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gptkit", "serve", str(run), "--port", "0", *args],
+            [sys.executable, "-m", "gptkit", "serve", str(run), "--port", "0", "--device", str(DEVICE), *args],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )  # fmt: skip
         line = self.proc.stdout.readline()  # printed once the server listens
@@ -317,6 +320,8 @@ def test_bad_serve_arguments(chat_run: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "no such run folder" in r.stderr
     r = subprocess.run([*cmd, str(chat_run), "--port", "70000"], capture_output=True, text=True)
     assert r.returncode == 2 and "--port" in r.stderr
+    r = subprocess.run([*cmd, str(chat_run), "--cuda-graph", "--device", "cpu"], capture_output=True, text=True)
+    assert r.returncode == 2 and "--cuda-graph needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
 
 
 def _chromium() -> tuple[str, str] | None:

@@ -31,6 +31,7 @@ def metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.cuda
 def test_validation_loss_falls(trained_run: Path) -> None:
     rows = metrics(trained_run)
     val = [r["val_loss"] for r in rows if "val_loss" in r]
@@ -43,6 +44,7 @@ def test_validation_loss_falls(trained_run: Path) -> None:
     assert (trained_run / "loss.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.cuda
 def test_resume_matches_uninterrupted_run(tmp_path: Path, small_data: Path) -> None:
     """20 steps straight vs 10 + resume + 10: equal losses step for step."""
     extra = {"model.dropout": 0.1, "train.grad_accum": 2, "train.checkpoint_interval": 7}
@@ -201,6 +203,7 @@ def test_evaluation_time_does_not_count_against_the_budget_across_resumes(tmp_pa
     assert result.step > 20
 
 
+@pytest.mark.cuda
 def test_resume_with_more_steps_goes_past_a_spent_time_budget(tmp_path: Path, small_data: Path) -> None:
     from gptkit.train import resume_config
 
@@ -242,6 +245,7 @@ def test_resume_without_a_checkpoint_starts_afresh(tmp_path: Path, small_data: P
     assert "starting it afresh" in capsys.readouterr().out
 
 
+@pytest.mark.cuda
 def test_divergence_names_the_optimizer_and_what_is_on_disk(tmp_path: Path, small_data: Path) -> None:
     cfg = cfg_for(small_data, **{"train.lr": 1e6, "train.max_steps": 200, "train.warmup_steps": 0, "train.grad_clip": 0,
                                  "train.checkpoint_interval": 1})  # fmt: skip
@@ -263,6 +267,7 @@ def test_divergence_names_the_optimizer_and_what_is_on_disk(tmp_path: Path, smal
     assert "Muon (train.muon_lr=1e+09)" in str(e.value) or "forward pass overflowed" in str(e.value), str(e.value)
 
 
+@pytest.mark.cuda
 def test_early_stopping_keeps_the_best_weights(tmp_path: Path, small_data: Path) -> None:
     """A rate that first helps and then wrecks the model: the run stops after `patience` worse
     evaluations and keeps the weights of the best one, which the final whole-split loss shows."""
@@ -282,6 +287,7 @@ def test_early_stopping_keeps_the_best_weights(tmp_path: Path, small_data: Path)
         train(load_run_config(tmp_path / "r"), tmp_path / "r", resume=True, progress=False, quiet=True)
 
 
+@pytest.mark.cuda
 def test_sigint_saves_and_exits_cleanly(tmp_path: Path, small_data: Path) -> None:
     run = tmp_path / "r"
     cmd = [sys.executable, "-m", "gptkit", "train", "--data", str(small_data), "--out", str(run), "--no-progress"]
