@@ -34,21 +34,17 @@ class ChatSession:
         self.history.clear()
 
     def prompt_ids(self, user: str) -> list[int]:
-        """The template's ids for system + history + this user turn + the assistant marker.
-        Whole exchanges are dropped from the oldest while the prompt leaves too little room for
-        the reply (half the context, or max_new_tokens if smaller); a single turn that is still
-        too long keeps its last tokens."""
-        block = self.model.config.block_size
-        budget = block - max(1, min(self.params.max_new_tokens, block // 2))
+        """The template's ids for system + history + this user turn + the assistant marker, the
+        oldest exchanges dropped (for good) while they leave too little room for the reply
+        (ChatTemplate.fit)."""
         system = [Message("system", self.system)] if self.system else []
-        while True:
-            ids = self.template.prompt_ids(system + self.history + [Message("user", user)])
-            if len(ids) <= budget or not self.history:
-                return ids[-budget:]
-            # Drop the oldest exchange: a user turn and the assistant turn after it.
-            drop = 2 if len(self.history) >= 2 and self.history[1].role == "assistant" else 1
-            del self.history[:drop]
-            self.trimmed += drop
+        messages = system + self.history + [Message("user", user)]
+        ids, dropped = self.template.fit(
+            messages, self.model.config.block_size, self.params.max_new_tokens
+        )
+        del self.history[:dropped]
+        self.trimmed += dropped
+        return ids
 
     def reply(self, user: str) -> Iterator[str]:
         """Stream the assistant's reply; the exchange joins the history when it is complete."""

@@ -27,7 +27,7 @@ from typing import Annotated, Any, Literal
 import torch
 from fastapi import APIRouter, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -78,7 +78,7 @@ class _Base(BaseModel):
     user: str | None = None
     top_k: Int = Field(default=0, ge=0)  # extensions beyond OpenAI's parameters
     repetition_penalty: float = Field(default=1.0, ge=0.01, le=100.0)
-    # keep the last tokens of a prompt longer than the context instead of a 400
+    # a prompt longer than the context: true keeps its last tokens instead of a 400
     truncate: bool = False
     # special tokens (the chat template's) are not written into the text
     skip_special_tokens: bool = True
@@ -115,6 +115,8 @@ class ChatRequest(_Base):
     logprobs: bool | None = None
     top_logprobs: Int | None = Field(default=None, ge=0, le=20)
     max_completion_tokens: Int | None = Field(default=None, ge=0)
+    # or "oldest_turns": drop the oldest exchanges, system messages kept (ChatTemplate.fit)
+    truncate: bool | Literal["oldest_turns"] = False
 
 
 # Each declared-but-unimplemented field, with the values that mean "not used".
@@ -294,7 +296,17 @@ STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
 }
 
 
-CHAT_PAGE = Path(__file__).parent / "static" / "chat.html"
+STATIC = Path(__file__).parent / "static"
+CHAT_PAGE = STATIC / "chat.html"
+# The files the chat page loads (the libraries vendored with their licences: static/vendor).
+PAGE_FILES = ("chat.js", "vendor/marked.umd.js", "vendor/purify.min.js")
+# The page runs only its own scripts: were a reply ever to slip past the Markdown sanitizer, an
+# injected inline script or event handler would still not run; images only from this server.
+PAGE_CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "img-src 'self' data:; connect-src 'self'; base-uri 'none'; form-action 'none'; "
+    "frame-ancestors 'none'"
+)
 
 
 class Served:
@@ -316,6 +328,7 @@ class Served:
         self.created = int(time.time())
         self.special_ids = frozenset(tok.special_tokens.values()) - {tok.eot_id}
         self.chat_page = CHAT_PAGE.read_text(encoding="utf-8")
+        self.page_files = {name: (STATIC / name).read_bytes() for name in PAGE_FILES}
 
     def token_text(self, token: int) -> str:
         """A token as the text it stands for (special tokens by name), for log-probabilities."""
@@ -422,12 +435,14 @@ class Served:
         """A prompt within the context: refused when longer, or its last tokens with truncate."""
         if not ids:
             ids = [self.tok.eot_id]
+        chat = isinstance(r, ChatRequest)
         if len(ids) > self.block:
-            if not r.truncate:
+            if r.truncate is not True:
                 msg = (
                     f"the prompt is {len(ids)} tokens, longer than the model's context of "
                     f"{self.block}; shorten it or "
                     'send "truncate": true to keep its last tokens'
+                    + (' (chat: "oldest_turns" to drop the oldest exchanges)' if chat else "")
                 )
                 raise ApiError(400, msg, "context_length_exceeded", "prompt")
             ids = ids[-self.block :]
@@ -524,8 +539,11 @@ class Reply:
         jobs: list[Job],
         prompts: list[list[int]],
         echo: list[str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
+        """extra: fields of this server's own added to every chunk and to the response."""
         self.s, self.r, self.jobs, self.prompts = s, r, jobs, prompts
+        self.extra = extra or {}
         self.chat = isinstance(r, ChatRequest)
         self.echo = echo or [""] * len(prompts)
         self.id = f"{'chatcmpl' if self.chat else 'cmpl'}-{uuid.uuid4().hex[:24]}"
@@ -583,6 +601,7 @@ class Reply:
             "created": self.created,
             "model": self.s.sc.model_name,
             "choices": choices,
+            **self.extra,
         }
 
     def _chunk(
@@ -716,17 +735,32 @@ def _graph_state(e: Engine) -> str:
 @router.get("/v1/models", responses=ERROR_RESPONSES)
 async def models(request: Request) -> dict[str, Any]:
     s = _served(request)
-    return {
-        "object": "list",
-        "data": [
-            {"id": s.sc.model_name, "object": "model", "created": s.created, "owned_by": "gptkit"}
-        ],
-    }
+    model = {"id": s.sc.model_name, "object": "model", "created": s.created, "owned_by": "gptkit"}
+    # Extensions (the chat page reads them): the context, and what a request that leaves a
+    # setting out gets.
+    model.update(
+        context_length=s.block,
+        max_tokens_cap=s.sc.max_tokens_cap,
+        defaults={
+            "temperature": ChatRequest.model_fields["temperature"].default,
+            "top_p": ChatRequest.model_fields["top_p"].default,
+            "max_tokens": min(s.sc.default_max_tokens, s.sc.max_tokens_cap),
+        },
+    )
+    return {"object": "list", "data": [model]}
 
 
 @router.get("/", response_class=HTMLResponse)
-async def page(request: Request) -> str:
-    return _served(request).chat_page
+async def page(request: Request) -> HTMLResponse:
+    return HTMLResponse(_served(request).chat_page, headers={"Content-Security-Policy": PAGE_CSP})
+
+
+@router.get("/static/{name:path}", include_in_schema=False)
+async def page_file(name: str, request: Request) -> Response:
+    body = _served(request).page_files.get(name)
+    if body is None:
+        raise ApiError(404, f"no such file: /static/{name}", "not_found")
+    return Response(body, media_type="text/javascript; charset=utf-8")
 
 
 @router.post("/v1/completions", responses={**STREAM_RESPONSE, **ERROR_RESPONSES})
@@ -788,8 +822,12 @@ async def chat(r: ChatRequest, request: Request) -> Any:
         for m in r.messages
     ]
     # roles are checked by the request model; a system message may come anywhere, as OpenAI allows
+    dropped = None
     try:
-        ids = s.template.prompt_ids(msgs)
+        if r.truncate == "oldest_turns":
+            ids, dropped = s.template.fit(msgs, s.block, params.max_new_tokens)
+        else:
+            ids = s.template.prompt_ids(msgs)
     except GptkitError as e:
         raise ApiError(400, f"messages: {e}", "invalid_value", "messages") from None
     prompts = [s.fit(ids, r)]
@@ -803,7 +841,9 @@ async def chat(r: ChatRequest, request: Request) -> Any:
         r.skip_special_tokens,
         (r.top_logprobs or 0) if r.logprobs else None,
     )
-    return await Reply(s, r, jobs, prompts).send(request, events)
+    # With "oldest_turns", every chunk (and the response) says how many messages were left out.
+    extra = {} if dropped is None else {"truncated_messages": dropped}
+    return await Reply(s, r, jobs, prompts, extra=extra).send(request, events)
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -824,13 +864,25 @@ async def _http_error(request: Request, e: StarletteHTTPException) -> JSONRespon
 
 
 async def _invalid_request(request: Request, e: RequestValidationError) -> JSONResponse:
-    err = e.errors()[0] if e.errors() else {}
-    loc = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
+    errors = e.errors()
+    err = errors[0] if errors else {}
     if err.get("type") == "json_invalid":
         return _error(400, "the request body is not valid JSON", "invalid_json")
-    return _error(
-        400, f"{loc or 'body'}: {err.get('msg', 'invalid value')}", "invalid_value", loc or None
-    )
+    path = tuple(x for x in err.get("loc", ()) if x != "body")
+    msg = err.get("msg", "invalid value")
+
+    # A field of several types (bool | "oldest_turns") fails once per type, each error's place
+    # ending in the type's name: name the field, and say every type it could have been.
+    def place(x: dict) -> tuple:
+        return tuple(y for y in x.get("loc", ()) if y != "body")
+
+    # (the same value, failing at the same place but for its last part: one per type)
+    alike = [x for x in errors if place(x)[:-1] == path[:-1] and x.get("input") is err.get("input")]
+    if len(path) > 1 and isinstance(path[-1], str) and len(alike) > 1:
+        path = path[:-1]
+        msg = "; or ".join(dict.fromkeys(x.get("msg", "") for x in alike))
+    loc = ".".join(str(x) for x in path)
+    return _error(400, f"{loc or 'body'}: {msg}", "invalid_value", loc or None)
 
 
 async def _crash(request: Request, e: Exception) -> JSONResponse:

@@ -186,6 +186,29 @@ class ChatTemplate:
             return self._tokenize(self._render_jinja(messages, True)).ids
         return self.encode(messages, generation_prompt=True)[0]
 
+    def fit(
+        self, messages: list[Message], block: int, max_new_tokens: int
+    ) -> tuple[list[int], int]:
+        """prompt_ids for a conversation that may have outgrown the context, and how many
+        messages were left out: whole exchanges (a user turn and the reply after it) are dropped
+        from the oldest, system messages always kept, while the prompt leaves too little room
+        for the reply (max_new_tokens, at most half the context). If the last turn alone is still
+        too long, the prompt keeps its last tokens. The one rule of `gptkit chat` and of the
+        server's "truncate": "oldest_turns"."""
+        budget = block - max(1, min(max_new_tokens, block // 2))
+        kept = list(messages)
+        dropped = 0
+        while True:
+            ids = self.prompt_ids(kept)
+            turns = [i for i, m in enumerate(kept) if m.role != "system"]
+            if len(ids) <= budget or len(turns) <= 1:
+                return ids[-budget:], dropped
+            first = turns[0]
+            pair = kept[first].role == "user" and kept[turns[1]].role == "assistant"
+            for i in sorted(turns[:2] if pair and len(turns) > 2 else turns[:1], reverse=True):
+                del kept[i]
+                dropped += 1
+
     def reply(
         self, model: GPT, ids: list[int], params: SamplingParams, static: bool = False
     ) -> TextStream:

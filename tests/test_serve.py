@@ -330,34 +330,6 @@ def _chromium() -> tuple[str, str] | None:
     return (browser, driver) if browser and driver else None
 
 
-@pytest.mark.skipif(_chromium() is None, reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)")
-def test_chat_page_in_headless_chromium(server: Server) -> None:
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import WebDriverWait
-
-    browser, driver_path = _chromium()  # type: ignore[misc]
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--disable-dev-shm-usage"):  # fmt: skip
-        opts.add_argument(flag)
-    driver = webdriver.Chrome(service=Service(driver_path), options=opts)
-    try:
-        driver.get(server.url + "/")
-        driver.find_element(By.ID, "key").send_keys(KEY)
-        driver.find_element(By.ID, "msg").send_keys("Count it\n")
-        WebDriverWait(driver, 60).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#log > div[data-done='1']"))
-        reply = driver.find_elements(By.CSS_SELECTOR, "#log > div")[-1]
-        assert reply.get_attribute("class") == "assistant", reply.text
-        assert reply.text.startswith("bot: ") and len(reply.text) > len("bot: ")
-        assert "you: Count it" in driver.find_element(By.ID, "log").text
-    finally:
-        driver.quit()
-
-
 # --- hardening: one client must never hurt another ---
 
 
@@ -788,3 +760,50 @@ def test_bad_logprob_requests_are_400(server: Server) -> None:
     for path, body, param in cases:
         status, reply = server.request("POST", path, {"model": server.name, **body})
         assert status == 400 and reply["error"]["param"] == param, (body, reply)
+
+
+def test_chat_truncate_oldest_turns_is_the_chat_rule(server: Server, chat_run: Path) -> None:
+    """"truncate": "oldest_turns" fits a conversation that outgrew the context as `gptkit chat`
+    does (ChatTemplate.fit: whole exchanges from the oldest, the system message kept) and says
+    how many messages it left out, in the response and in every chunk of a stream."""
+    from gptkit.checkpoint import load_model
+    from gptkit.template import ChatTemplate, Message
+
+    convo = [{"role": "system", "content": "Be kind."}]
+    convo += [{"role": r, "content": f"turn {i}"} for i, r in enumerate(["user", "assistant"] * 5)]
+    convo.append({"role": "user", "content": "and now?"})
+    status, body = server.request("POST", "/v1/chat/completions", {"model": server.name, "messages": convo, "max_tokens": 5})
+    assert status == 400 and '"oldest_turns"' in body["error"]["message"]
+    client = server.client()
+    r = client.chat.completions.create(model=server.name, messages=convo, max_tokens=5, extra_body={"truncate": "oldest_turns"})
+    model, tok, _ = load_model(chat_run)
+    ids, dropped = ChatTemplate(tok).fit([Message(m["role"], m["content"]) for m in convo], model.config.block_size, 5)
+    assert r.model_extra["truncated_messages"] == dropped > 0 and dropped % 2 == 0
+    assert r.usage.prompt_tokens == len(ids) and r.choices[0].message.content is not None
+    chunks = list(client.chat.completions.create(model=server.name, messages=convo, max_tokens=5, stream=True,
+                                                 extra_body={"truncate": "oldest_turns"}))  # fmt: skip
+    assert chunks and all(c.model_extra["truncated_messages"] == dropped for c in chunks)
+    # Without an overflow nothing is dropped; completions have no turns to drop.
+    short = client.chat.completions.create(model=server.name, messages=convo[-1:], max_tokens=3,
+                                           extra_body={"truncate": "oldest_turns"})  # fmt: skip
+    assert short.model_extra["truncated_messages"] == 0
+    status, body = server.request("POST", "/v1/completions", {"model": server.name, "prompt": "x", "truncate": "oldest_turns"})
+    assert status == 400 and body["error"]["param"] == "truncate"
+    status, body = server.request("POST", "/v1/chat/completions", {"model": server.name, "messages": convo, "truncate": "newest"})
+    assert status == 400 and body["error"]["param"] == "truncate"
+
+
+def test_models_give_the_context_and_defaults_and_the_page_its_files(server: Server) -> None:
+    status, body = server.request("GET", "/v1/models")
+    m = body["data"][0]
+    assert (m["context_length"], m["max_tokens_cap"]) == (32, 200)
+    assert m["defaults"] == {"temperature": 1.0, "top_p": 1.0, "max_tokens": 200}  # what a request without them gets
+    with urllib.request.urlopen(server.url + "/") as r:  # the page and its scripts need no key
+        assert "script-src 'self'" in r.headers["Content-Security-Policy"]
+        page = r.read().decode()
+    for src in re.findall(r'<script src="([^"]+)"', page):
+        with urllib.request.urlopen(f"{server.url}/{src}") as r:
+            assert r.status == 200 and r.headers["Content-Type"].startswith("text/javascript") and r.read()
+    assert len(re.findall(r"<script src=", page)) == 3 and "<script>" not in page  # no inline script: CSP holds
+    for bad in ("/static/../serve.py", "/static/vendor/README.md", "/static/chat.html"):
+        assert server.request("GET", bad, key=None)[0] == 404

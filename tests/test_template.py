@@ -117,6 +117,41 @@ def test_mask_marks_exactly_the_assistant_text(turns: list[tuple[str, str]]) -> 
 # --- an imported model's Jinja template ---
 
 
+@settings(max_examples=200, deadline=None)
+@given(
+    system=st.sampled_from(["", "be brief"]),
+    turns=st.lists(st.text("abc xyz?!", max_size=20), min_size=1, max_size=9),
+    block=st.integers(8, 80),
+    max_new=st.integers(1, 100),
+    special=st.booleans(),
+)
+def test_fit_drops_the_oldest_exchanges_and_no_more(
+    system: str, turns: list[str], block: int, max_new: int, special: bool
+) -> None:
+    """ChatTemplate.fit (gptkit chat, and the server's "truncate": "oldest_turns"): the prompt
+    leaves room for the reply; what goes is whole exchanges from the oldest, never the system
+    message nor the last turn; and one exchange fewer dropped would not have fit."""
+    plain = CharTokenizer.train(["abcdefghijklmnopqrstuvwxyz ?!.:\nSUA"])  # the plain template's markers too
+    tok = ChatTemplate.add_to(char_tok()) if special else plain
+    t = ChatTemplate(tok)
+    roles = ["user", "assistant"] * 5
+    convo = [Message(r, x) for r, x in zip(roles, turns)]
+    if convo[-1].role == "assistant":
+        convo.append(Message("user", "last?"))
+    head = [Message("system", system)] if system else []
+    ids, dropped = t.fit(head + convo, block, max_new)
+    budget = block - max(1, min(max_new, block // 2))
+    assert len(ids) <= budget
+    kept = convo[dropped:]
+    assert dropped % 2 == 0 and kept  # whole exchanges; the last turn stays
+    if len(t.prompt_ids(head + kept)) <= budget:
+        assert ids == t.prompt_ids(head + kept)  # the system message and what is left, whole
+    else:
+        assert len(kept) == 1 and ids == t.prompt_ids(head + kept)[-budget:]  # too long alone: its end
+    if dropped:
+        assert len(t.prompt_ids(head + convo[dropped - 2 :])) > budget  # it did not drop too much
+
+
 @pytest.fixture(scope="module")
 def jinja_runs(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """For each template style (Llama 3, ChatML, SmolLM2), our tokenizer and transformers' own."""
