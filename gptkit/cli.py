@@ -231,6 +231,20 @@ def build_parser() -> argparse.ArgumentParser:
         "requests that arrived together (for comparison)",
     )
     _opt(p, "--queue-limit", 64, "samples queued or running before requests get 429")
+    p.add_argument(
+        "--prefix-cache-tokens",
+        type=int,
+        default=None,
+        help="positions of keys and values kept for prompts that begin alike (the same system "
+        "prompt, the next turn of a chat); default: as many as the KV pool, 0: off",
+    )
+    _opt(
+        p,
+        "--prefill-chunk",
+        256,
+        "prompt positions prefilled between two decode steps (a long prompt delays the others "
+        "by one chunk at a time)",
+    )
     _opt(p, "--max-request-bytes", 1 << 20, "largest request body accepted (413 beyond)")
     _opt(
         p,
@@ -555,6 +569,10 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
     load_run_config(Path(a.run))  # a clear error for a wrong folder before anything starts
     _check_cuda_graph(a)
+    if a.prefix_cache_tokens is not None and a.prefix_cache_tokens < 0:
+        raise GptkitError(f"--prefix-cache-tokens must be >= 0, got {a.prefix_cache_tokens}")
+    if a.prefill_chunk < 1:
+        raise GptkitError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
     if a.cuda_graph and a.scheduler == "static":
         raise GptkitError("--cuda-graph is for the continuous scheduler; drop --scheduler static")
     sc = ServeConfig(
@@ -570,6 +588,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         timeout_headers=a.header_timeout,
         scheduler=a.scheduler,
         cuda_graph=a.cuda_graph,
+        prefix_cache_tokens=a.prefix_cache_tokens,
+        prefill_chunk=a.prefill_chunk,
     )
     serve(a.run, a.host, a.port, sc, a.device, a.dtype)
 

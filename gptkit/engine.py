@@ -8,6 +8,8 @@ share a step. Rows sit right-aligned on the pool's time axis: a row's tokens occ
 [start, pos), and its `start` is the left padding of the batched forward (see GPT.forward), so
 each row computes what it would alone. When the pool's time axis is full, rows at the full
 context drop their oldest quarter (recomputed, as generate_ids does) and everyone moves left.
+A prompt that begins like a recent one (the same system prompt, the next turn of a chat) copies
+that beginning's keys and values from a bounded prefix cache instead of computing it.
 
 The static scheduler (`continuous=False`, `gptkit serve --scheduler static`), kept for
 comparison: requests waiting together are decoded together when their sampling settings match,
@@ -20,12 +22,13 @@ the next token, and a failure stays with the sample that caused it.
 from __future__ import annotations
 
 import threading
-from collections import deque
-from collections.abc import Callable
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import torch
 
+from gptkit.errors import GptkitError
 from gptkit.generate import (
     Detokenizer,
     SamplingParams,
@@ -107,6 +110,65 @@ class QueueFull(Exception):
     pass
 
 
+def common_prefix(a: tuple[int, ...], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+class PrefixCache:
+    """Keys and values of recent token sequences, each computed from position 0: every prompt
+    as it is prefilled, and every finished sample's prompt and reply. A new prompt that begins
+    like one of them (the same system prompt, the next turn of a conversation) copies that part
+    instead of recomputing it. Bounded by max_tokens positions in all, least recently used
+    first out; a sequence that another extends is kept once, as the longer one."""
+
+    MIN_TOKENS = 4  # shorter shared beginnings are not worth a copy
+
+    def __init__(self, max_tokens: int) -> None:
+        self.max_tokens = max_tokens
+        self.entries: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor]] = (
+            OrderedDict()
+        )
+        self.tokens = 0  # positions held
+        self.hits = 0  # prompts that reused a beginning
+        self.reused = 0  # prompt positions copied instead of computed
+
+    def longest(self, ids: list[int]) -> tuple[tuple[torch.Tensor, torch.Tensor] | None, int]:
+        """The entry sharing the longest beginning with ids, and that length."""
+        best, n = None, 0
+        for key in self.entries:
+            m = common_prefix(key, ids)
+            if m > n:
+                best, n = key, m
+        if best is None or n < self.MIN_TOKENS:
+            return None, 0
+        self.entries.move_to_end(best)
+        return self.entries[best], n
+
+    def add(self, ids: list[int], k: torch.Tensor, v: torch.Tensor) -> None:
+        """Keep the keys and values (n_layer, 1, kv_heads, len(ids), head_dim) of ids."""
+        key = tuple(ids)
+        if not self.MIN_TOKENS <= len(key) <= self.max_tokens:
+            return
+        for old in list(self.entries):
+            if len(old) >= len(key) and old[: len(key)] == key:
+                self.entries.move_to_end(old)  # already held, inside a longer one
+                return
+            if key[: len(old)] == old:
+                self._drop(old)  # this one extends it
+        self.entries[key] = (k, v)
+        self.tokens += len(key)
+        while self.tokens > self.max_tokens:
+            self._drop(next(iter(self.entries)))
+
+    def _drop(self, key: tuple[int, ...]) -> None:
+        del self.entries[key]
+        self.tokens -= len(key)
+
+
 @dataclass(eq=False)
 class _Row:
     """A sample decoding in the pool: its slot, where its cached tokens start on the pool's time
@@ -120,6 +182,16 @@ class _Row:
     gen: torch.Generator | None
 
 
+@dataclass(eq=False)
+class _Prefill:
+    """A prompt being prefilled, a chunk per engine step, into a one-row cache of its own."""
+
+    job: Job
+    ids: list[int]
+    cache: KVCache
+    logits: list[torch.Tensor] = field(default_factory=list)  # each chunk's (echo needs all)
+
+
 class Engine:
     def __init__(
         self,
@@ -129,10 +201,25 @@ class Engine:
         queue_limit: int = 64,
         continuous: bool = True,
         static: bool = False,
+        prefix_cache_tokens: int | None = None,
+        prefill_chunk: int = 256,
     ) -> None:
         """static (continuous only): every decode step runs at the pool's full width through a
-        StaticDecoder, captured in a CUDA graph on CUDA (`gptkit serve --cuda-graph`)."""
+        StaticDecoder, captured in a CUDA graph on CUDA (`gptkit serve --cuda-graph`).
+        prefix_cache_tokens (continuous only): positions of keys and values kept for prompts that
+        begin alike (PrefixCache); default as many as the pool holds, 0 for none.
+        prefill_chunk (continuous only): prompt positions prefilled between two decode steps, so
+        that a long prompt delays the rows decoding by one chunk at a time, not its whole length."""
+        if prefill_chunk < 1:
+            raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
+        self.filling: deque[_Prefill] = deque()  # continuous: prompts being prefilled, in order
         self.model, self.tok = model, tok
+        if prefix_cache_tokens is None:
+            prefix_cache_tokens = max_batch * model.config.block_size
+        on = prefix_cache_tokens > 0 and continuous
+        self.prefixes = PrefixCache(prefix_cache_tokens) if on else None
+        self.prefill_tokens = 0  # prompt positions computed (not copied from the prefix cache)
         self.static = static and continuous
         self.decoder: StaticDecoder | None = None
         self.max_batch, self.queue_limit = max_batch, queue_limit
@@ -151,8 +238,52 @@ class Engine:
         # decode steps and the rows they decoded together (the mean batch, for /health)
         self.steps = 0
         self.step_rows = 0
+        self.closed = False
         self.thread = threading.Thread(target=self._loop, name="gptkit-engine", daemon=True)
         self.thread.start()
+
+    def generate_many(
+        self,
+        prompts: list[list[int]],
+        params: list[SamplingParams],
+        stop_ids: Iterable[int] = (),
+        stops: Iterable[str] = (),
+    ) -> list[str]:
+        """The completions of many prompts, decoded together as the engine schedules them, in
+        order: each the text TextStream gives for it alone (the one sampling core), ending at a
+        stop string (params' and `stops`), at a stop id, at end-of-text when params.stop_at_eot,
+        or after max_new_tokens. For callers with many prompts (evaluation)."""
+        finished = threading.Semaphore(0)
+        jobs = []
+        for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
+            p = p.validate()
+            ends = set(stop_ids) | (set(self.tok.eos_ids) if p.stop_at_eot else set())
+            jobs.append(
+                Job(
+                    i,
+                    list(ids) or [self.tok.eot_id],
+                    p,
+                    ends,
+                    [*p.stop, *stops],
+                    lambda job, delta, done: done and finished.release(),
+                )  # fmt: skip
+            )
+        for lo in range(0, len(jobs), self.queue_limit):  # never more than the queue holds
+            part = jobs[lo : lo + self.queue_limit]
+            self.submit(part)
+            for _ in part:
+                finished.acquire()
+        failed = next((j.error for j in jobs if j.error), None)
+        if failed:
+            raise GptkitError(failed)
+        return [j.detok.text if j.detok is not None else "" for j in jobs]
+
+    def close(self) -> None:
+        """Stop the engine's thread once what is queued and decoding has finished."""
+        with self.cv:
+            self.closed = True
+            self.cv.notify_all()
+        self.thread.join()
 
     def submit(self, jobs: list[Job]) -> None:
         with self.cv:
@@ -165,6 +296,8 @@ class Engine:
     def _take_batch(self) -> list[Job]:
         with self.cv:
             while not self.queue:
+                if self.closed:
+                    return []
                 self.cv.wait()
             first = self.queue.popleft()
             batch = [first]
@@ -179,8 +312,11 @@ class Engine:
     def _loop(self) -> None:
         if self.continuous:
             self._loop_continuous()
+            return
         while True:
             batch = self._take_batch()
+            if not batch:  # closed
+                return
             retry: list[Job] = []
             try:
                 self._run(batch)
@@ -291,15 +427,18 @@ class Engine:
             self.decoder = StaticDecoder(self.model, self.max_batch, self.device, dtype, self.pool)
         while True:
             with self.cv:
-                while not self.queue and not self.rows_live:
+                while not self.queue and not self.rows_live and not self.filling:
+                    if self.closed:
+                        return
                     self.cv.wait()
-                room = self.max_batch - len(self.rows_live)
+                room = self.max_batch - len(self.rows_live) - len(self.filling)
                 admit = [self.queue.popleft() for _ in range(min(room, len(self.queue)))]
             for job in admit:
                 try:
                     self._admit(job)
                 except Exception as e:  # noqa: BLE001 -- a bad prompt fails its own request only
                     self._fail(job, e)
+            self._fill()
             if self.rows_live:
                 try:
                     self._step()
@@ -323,8 +462,15 @@ class Engine:
         self._end(job)
 
     def _release(self, row: _Row) -> None:
-        """Free a row's slot; the last row moves into it, so rows in use stay slots 0..n-1."""
+        """Free a row's slot; the last row moves into it, so rows in use stay slots 0..n-1. A row
+        whose cache still starts at its first token leaves its prompt and reply to the prefix
+        cache (the next turn of a conversation begins with them)."""
         assert self.pool is not None
+        span = slice(row.start, self.pool.pos)
+        if self.prefixes is not None and self.pool.pos - row.start == len(row.context) - 1:
+            k = self.pool.k[:, row.slot : row.slot + 1, :, span].clone()
+            v = self.pool.v[:, row.slot : row.slot + 1, :, span].clone()
+            self.prefixes.add(row.context[:-1], k, v)
         last = self.rows_live.pop()
         if last is not row:
             span = slice(last.start, self.pool.pos)
@@ -335,7 +481,9 @@ class Engine:
         if not self.rows_live:
             self.pool.pos = 0
 
-    def _prefill(self, ids: list[int], echo: bool) -> tuple[KVCache, torch.Tensor]:
+    def _cache_for(self, ids: list[int], share: bool) -> KVCache:
+        """A one-row cache for ids; share: its beginning copied from the prefix cache when one
+        held begins alike (the last token is always computed: its logits say what comes next)."""
         cache = KVCache.empty(
             self.model.config,
             1,
@@ -343,10 +491,24 @@ class Engine:
             self.device,
             self.pool.k.dtype,  # type: ignore[union-attr]
         )
-        logits, _ = self.model(
-            torch.tensor([ids], device=self.device), cache=cache, last_only=not echo
-        )
-        return cache, logits
+        reuse = self.prefixes if share else None
+        if reuse is not None:
+            held, n = reuse.longest(ids)
+            n = min(n, len(ids) - 1)
+            if held is not None and n > 0:
+                cache.k[:, :, :, :n] = held[0][:, :, :, :n]
+                cache.v[:, :, :, :n] = held[1][:, :, :, :n]
+                cache.pos = n
+                reuse.hits += 1
+                reuse.reused += n
+        return cache
+
+    def _prefill(self, ids: list[int]) -> KVCache:
+        """ids prefilled at once into a cache of their own (a row's kept context, recomputed)."""
+        cache = self._cache_for(ids, share=False)
+        self.model(torch.tensor([ids], device=self.device), cache=cache, last_only=True)
+        self.prefill_tokens += len(ids)
+        return cache
 
     def _place(self, slot: int, cache: KVCache) -> int:
         """Copy a prefilled cache into a slot, ending at the pool's current position; returns
@@ -370,16 +532,53 @@ class Engine:
             self._end(job)
             return
         ids = job.prompt[-self.model.config.block_size :]
-        cache, logits = self._prefill(ids, job.echo_logprobs)
+        cache = self._cache_for(ids, share=not job.echo_logprobs)
+        self.filling.append(_Prefill(job, ids, cache))
+
+    def _fill(self) -> None:
+        """Prefill up to prefill_chunk prompt positions, oldest prompt first; each prompt that
+        is complete takes a slot and samples its first token."""
+        budget = self.prefill_chunk
+        while self.filling and budget > 0:
+            f = self.filling[0]
+            job, cache = f.job, f.cache
+            if job.cancelled:
+                self.filling.popleft()
+                self._end(job)
+                continue
+            n = min(budget, len(f.ids) - cache.pos)
+            try:
+                chunk = torch.tensor([f.ids[cache.pos : cache.pos + n]], device=self.device)
+                logits, _ = self.model(chunk, cache=cache, last_only=not job.echo_logprobs)
+            except Exception as e:  # noqa: BLE001 -- a bad prompt fails its own request only
+                self.filling.popleft()
+                self._fail(job, e)
+                continue
+            self.prefill_tokens += n
+            budget -= n
+            f.logits.append(logits if job.echo_logprobs else logits[:, -1:])
+            if cache.pos == len(f.ids):
+                self.filling.popleft()
+                try:
+                    self._start(f)
+                except Exception as e:  # noqa: BLE001
+                    self._fail(job, e)
+
+    def _start(self, f: _Prefill) -> None:
+        """A prefilled prompt joins the decoding rows."""
+        job, ids = f.job, f.ids
+        if self.prefixes is not None and not job.echo_logprobs:
+            self.prefixes.add(ids, f.cache.k.clone(), f.cache.v.clone())
         if job.echo_logprobs:
+            logits = torch.cat(f.logits, dim=1)
             job.prompt_logprobs = prompt_logprobs(ids, logits[0], job.logprobs or 0)
         slot = len(self.rows_live)
-        start = self._place(slot, cache)
+        start = self._place(slot, f.cache)
         gen = seeded_generator(job.params.seed, self.device)
         row = _Row(job, slot, start, list(ids), len(ids), gen)
         self.rows_live.append(row)
         self.rows += 1
-        self._sample(row, logits[:, -1])
+        self._sample(row, f.logits[-1][:, -1])
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> None:
         """The row's next token from its (1, V) logits with its own settings, through the one
@@ -413,8 +612,7 @@ class Engine:
             if row.start == 0:
                 kept = row.context[-keep:-1]
                 if kept:
-                    cache, _ = self._prefill(kept, False)
-                    row.start = self._place(row.slot, cache)
+                    row.start = self._place(row.slot, self._prefill(kept))
                 else:
                     row.start = pool.pos
         m = min(r.start for r in self.rows_live)

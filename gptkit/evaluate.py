@@ -20,8 +20,9 @@ import torch.nn.functional as F
 
 from gptkit.checkpoint import load_model
 from gptkit.data import DataSet, read_text_chunks, windows
+from gptkit.engine import Engine
 from gptkit.errors import GptkitError, check_number
-from gptkit.generate import SamplingParams, TextStream
+from gptkit.generate import SamplingParams
 from gptkit.instructions import encode_example, example_batches, load_conversations
 from gptkit.model import GPT, KVCache
 from gptkit.runtime import autocast_context, resolve_device, resolve_dtype
@@ -178,6 +179,24 @@ def evaluate_instructions(
     )
 
 
+def decode_all(
+    model: GPT,
+    tok: Tokenizer,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    batch_size: int,
+    stop_ids: Iterable[int] = (),
+    stops: Iterable[str] = (),
+) -> list[str]:
+    """Every prompt's completion, batch_size of them decoding together at a time (continuous
+    batching through the engine, the one sampling core)."""
+    engine = Engine(model, tok, max_batch=batch_size, queue_limit=max(batch_size, 64))
+    try:
+        return engine.generate_many(prompts, params, stop_ids, stops)
+    finally:
+        engine.close()
+
+
 def evaluate_answers(
     model: GPT,
     tok: Tokenizer,
@@ -192,11 +211,13 @@ def evaluate_answers(
     examples = [e for e in (encode_example(template, c, block) for c in convs) if e is not None]
     total, count, _ = response_losses(model, examples, batch_size, next(model.parameters()).device)
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
+    lasts = [max(i for i, m in enumerate(c) if m.role == "assistant") for c in convs]
+    prompts = [template.prompt_ids(c[:last]) for c, last in zip(convs, lasts)]
+    answers = decode_all(model, tok, prompts, [params] * len(prompts), batch_size,
+                         template.stop_ids, template.stop_strings)  # fmt: skip
     exact = contains = 0
     samples = []
-    for c in convs:
-        last = max(i for i, m in enumerate(c) if m.role == "assistant")
-        answer = "".join(template.reply(model, template.prompt_ids(c[:last]), params))
+    for c, last, answer in zip(convs, lasts, answers):
         want = c[last].content.strip()
         exact += answer.strip() == want
         contains += bool(want) and want.lower() in answer.lower()
@@ -351,17 +372,20 @@ def harness_model(
             return totals
 
         def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
-            answers = []
+            prompts, params = [], []
             for request in requests:
                 context, kwargs = request.args
                 until = kwargs.get("until") or []
                 until = [until] if isinstance(until, str) else list(until)
-                params = SamplingParams(
-                    max_new_tokens=int(kwargs.get("max_gen_toks", 256)), temperature=0.0, stop=until
+                params.append(
+                    SamplingParams(
+                        max_new_tokens=int(kwargs.get("max_gen_toks", 256)),
+                        temperature=0.0,
+                        stop=until,
+                    )
                 )
-                ids = tok.encode_prompt(context)[-(block - 1) :]
-                answers.append("".join(TextStream(model, tok, ids, params)))
-            return answers
+                prompts.append(tok.encode_prompt(context)[-(block - 1) :])
+            return decode_all(model, tok, prompts, params, batch_size)
 
     return GptkitLM()
 

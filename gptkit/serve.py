@@ -179,6 +179,8 @@ class ServeConfig:
     max_connections: int = 256  # beyond it, new connections get 503
     scheduler: str = "continuous"  # or "static": batches of requests that arrived together
     cuda_graph: bool = False  # continuous decode steps captured in a CUDA graph (Engine static)
+    prefix_cache_tokens: int | None = None  # Engine's prefix cache; None: the pool's size, 0: off
+    prefill_chunk: int = 256  # prompt positions prefilled between two decode steps
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -322,6 +324,8 @@ class Served:
             sc.queue_limit,
             continuous=sc.scheduler == "continuous",
             static=sc.cuda_graph,
+            prefix_cache_tokens=sc.prefix_cache_tokens,
+            prefill_chunk=sc.prefill_chunk,
         )
         self.template = ChatTemplate(tok)
         self.block = model.config.block_size
@@ -720,6 +724,11 @@ async def health(request: Request) -> dict[str, Any]:
         "mean_batch": round(e.step_rows / e.steps, 2) if e.steps else 0.0,
         # --cuda-graph: "captured", "eager" (capture failed: the reason), or "off"
         "cuda_graph": _graph_state(e),
+        # prompt positions computed, and those copied from the prefix cache instead
+        "prefill_tokens": e.prefill_tokens,
+        "prefix_hits": e.prefixes.hits if e.prefixes else 0,
+        "prefix_tokens_reused": e.prefixes.reused if e.prefixes else 0,
+        "prefix_cache_tokens": e.prefixes.tokens if e.prefixes else 0,
     }
 
 

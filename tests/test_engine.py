@@ -51,12 +51,13 @@ def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
     return [[e.token for e in job.token_logprobs] for job in jobs]
 
 
-@pytest.mark.parametrize("static", [False, True], ids=["eager", "static"])
+@pytest.mark.parametrize("static, chunk", [(False, 256), (True, 256), (False, 3)], ids=["eager", "static", "chunked"])
 def test_requests_joining_at_any_step_get_their_solo_tokens(
-    trained_run: Path, monkeypatch: pytest.MonkeyPatch, static: bool
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch, static: bool, chunk: int
 ) -> None:
     """static: every step at the pool's full width through a StaticDecoder (`serve --cuda-graph`;
-    a CUDA graph on CUDA, eager here) -- the same tokens."""
+    a CUDA graph on CUDA, eager here); chunk 3: prompts prefilled 3 positions per step, between
+    the others' decode steps -- the same tokens."""
     # Every new cache starts as NaN, as reused memory may: no result may depend on a position
     # that was never written (a masked one still enters the attention product with weight 0).
     allocate = KVCache.empty.__func__
@@ -71,7 +72,7 @@ def test_requests_joining_at_any_step_get_their_solo_tokens(
     model, tok, cfg = load_model(trained_run, DEVICE)
     assert cfg.model.block_size == 32
     prompts = [tok.encode(t) for t in ("ROMEO:", "JULIET: O", "KING", "First Citizen:\nWe", "What")]
-    engine = Engine(model, tok, max_batch=8, queue_limit=16, static=static)
+    engine = Engine(model, tok, max_batch=8, queue_limit=16, static=static, prefill_chunk=chunk)
     solo = [_run(engine, [p], [s], 0)[0] for p, s in zip(prompts, SETTINGS)]
     assert [len(t) for t in solo] == [s.max_new_tokens for s in SETTINGS]
     for join_after in (3, 17, 40):  # others join mid-way, and after the first has slid past the context
@@ -116,3 +117,74 @@ def test_memory_stays_bounded_over_rounds_of_64_streams(trained_run: Path) -> No
         server.stop()
     assert health["active_samples"] == 0 and health["mean_batch"] > 4
     assert rss[2] - rss[0] < 32 * 2**20, [r / 2**20 for r in rss]  # MiB: no growth per round
+
+
+def test_the_next_turn_reuses_the_last_ones_keys_and_values(trained_run: Path) -> None:
+    """A prompt that begins with a finished sample's prompt and reply (the next turn of a chat)
+    copies those positions from the prefix cache, computes only the rest, and samples what an
+    engine without the cache samples."""
+    model, tok, _ = load_model(trained_run, DEVICE)
+    cached = Engine(model, tok, max_batch=4, queue_limit=8)
+    plain = Engine(model, tok, max_batch=4, queue_limit=8, prefix_cache_tokens=0)
+    assert cached.prefixes is not None and plain.prefixes is None
+    greedy = SamplingParams(max_new_tokens=8, temperature=0.0, stop_at_eot=False)
+    first = tok.encode("ROMEO: Ay")
+    reply = _run(cached, [first], [greedy], 0)[0]
+    assert cached.prefixes.hits == 0 and cached.prefill_tokens == len(first)
+    turn = first + reply + tok.encode(" and")  # 21 tokens, inside the 32-token context
+    held = len(first) + len(reply) - 1  # the reply's last token was never fed back: not cached
+    seeded = SamplingParams(max_new_tokens=8, temperature=0.9, seed=5, stop_at_eot=False)
+    # The next turn computes what is new; the same prompt again, only its last token (whose
+    # logits are the distribution of what comes next).
+    for params, computed in ((greedy, len(turn) - held), (seeded, 1)):
+        before = cached.prefill_tokens
+        assert _run(cached, [turn], [params], 0)[0] == _run(plain, [turn], [params], 0)[0]
+        assert cached.prefill_tokens - before == computed
+    assert cached.prefixes.hits == 2 and cached.prefixes.reused == held + len(turn) - 1
+
+
+def test_prefix_cache_keeps_the_longest_and_stays_bounded() -> None:
+    from gptkit.engine import PrefixCache
+
+    kv = lambda n: (torch.zeros(1, 1, 1, n, 2), torch.zeros(1, 1, 1, n, 2))  # noqa: E731
+    c = PrefixCache(max_tokens=20)
+    c.add([1, 2, 3], *kv(3))  # too short to be worth it
+    assert not c.entries
+    c.add([1, 2, 3, 4, 5], *kv(5))
+    c.add([1, 2, 3, 4, 5, 6, 7], *kv(7))  # extends it: held once, as the longer one
+    assert list(c.entries) == [(1, 2, 3, 4, 5, 6, 7)] and c.tokens == 7
+    c.add([1, 2, 3, 4], *kv(4))  # inside it already
+    assert c.tokens == 7
+    assert c.longest([1, 2, 3, 4, 5, 6, 9, 9])[1] == 6 and c.longest([9, 1, 2, 3, 4])[1] == 0
+    c.add([8] * 10, *kv(10))
+    c.add([7] * 10, *kv(10))  # over 20 positions: the least recently used goes
+    assert c.tokens <= 20 and (7,) * 10 in c.entries and (1, 2, 3, 4, 5, 6, 7) not in c.entries
+
+
+def test_a_long_prompt_is_prefilled_between_the_others_decode_steps(trained_run: Path) -> None:
+    """With prefill_chunk 4, a 30-token prompt arriving while another row decodes takes 8 engine
+    steps to prefill, and the running row gets a token at each of them: it does not stall."""
+    model, tok, _ = load_model(trained_run, DEVICE)
+    engine = Engine(model, tok, max_batch=4, queue_limit=8, prefill_chunk=4, prefix_cache_tokens=0)
+    runner = Job(0, tok.encode("ROMEO:"), SamplingParams(max_new_tokens=60, temperature=0.0, stop_at_eot=False),
+                 set(), [], lambda *a: None, logprobs=0)  # fmt: skip
+    long = tok.encode("First Citizen: Before we proceed any further")[:30]
+    assert len(long) == 30
+    at_first_token: list[int] = []
+    done = threading.Event()
+
+    def emit(job: Job, delta: str, end: bool) -> None:
+        if not at_first_token:
+            at_first_token.append(len(runner.token_logprobs))
+        if end:
+            done.set()
+
+    newcomer = Job(1, long, SamplingParams(max_new_tokens=2, temperature=0.0, stop_at_eot=False), set(), [], emit)
+    engine.submit([runner])
+    while len(runner.token_logprobs) < 5:
+        time.sleep(0.001)
+    before = len(runner.token_logprobs)
+    engine.submit([newcomer])
+    assert done.wait(60)
+    assert at_first_token[0] - before >= 7  # one token of the runner per chunk of the newcomer's prompt
+    engine.close()
