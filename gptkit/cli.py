@@ -12,6 +12,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from gptkit import __version__
 from gptkit.config import DataConfig
@@ -611,6 +612,9 @@ def cmd_generate(a: argparse.Namespace) -> None:
         raise GptkitError(f"--num-samples must be >= 1, got {a.num_samples}")
     model, tok, _ = _load_for_sampling(a)
     template = ChatTemplate(tok)
+    if a.num_samples > 1 and not a.cuda_graph:
+        _generate_batched(a, model, tok, template)
+        return
     for i in range(a.num_samples):
         params = _sampling(a, i)
         if a.num_samples > 1:
@@ -625,6 +629,29 @@ def cmd_generate(a: argparse.Namespace) -> None:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+
+
+def _generate_batched(a: argparse.Namespace, model: Any, tok: Any, template: Any) -> None:
+    """--num-samples N: the samples decode together through the engine (continuous batching),
+    each the text it would be alone (sample i has seed --seed + i), printed as they come in
+    order."""
+    from gptkit.engine import Engine
+    from gptkit.template import Message
+
+    if a.chat:
+        ids = template.prompt_ids([Message("user", a.prompt)])
+        stop_ids, stops = template.stop_ids, template.stop_strings
+    else:
+        ids, stop_ids, stops = tok.encode_prompt(a.prompt), (), ()
+    params = [_sampling(a, i) for i in range(a.num_samples)]
+    engine = Engine(model, tok, max_batch=min(a.num_samples, 16), queue_limit=a.num_samples)
+    try:
+        texts = engine.generate_many([ids] * a.num_samples, params, stop_ids, stops)
+    finally:
+        engine.close()
+    for i, text in enumerate(texts):
+        print(f"--- sample {i + 1} ---")
+        print(("" if a.chat else a.prompt) + text)
 
 
 def cmd_eval(a: argparse.Namespace) -> None:

@@ -8,6 +8,7 @@ import ctypes
 import functools
 import os
 import sys
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +41,15 @@ def fast_low_precision_dtype(device: torch.device) -> torch.dtype:
     if device.type == "cuda" or (device.type == "cpu" and cpu_has_fast_bf16()):
         return torch.bfloat16
     return torch.float32
+
+
+def user_cache_dir() -> Path:
+    """Where gptkit keeps what it measured about this machine: $GPTKIT_CACHE_DIR, or
+    $XDG_CACHE_HOME/gptkit (~/.cache/gptkit)."""
+    if os.environ.get("GPTKIT_CACHE_DIR"):
+        return Path(os.environ["GPTKIT_CACHE_DIR"])
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "gptkit"
 
 
 def resolve_device(name: str = "auto") -> torch.device:

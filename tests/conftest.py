@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,9 @@ SHAKESPEARE = ROOT / "gptkit" / "data" / "tinyshakespeare.txt"
 # LoRA, HF-parity and serving tests): benchmarks/gpu_check.py runs them with
 # GPTKIT_TEST_DEVICE=cuda; everywhere else they run on the CPU like the rest.
 DEVICE = torch.device(os.environ.get("GPTKIT_TEST_DEVICE", "cpu"))
+
+# What gptkit measures about the machine (train.dtype=auto) goes to the session's own folder.
+os.environ["GPTKIT_CACHE_DIR"] = tempfile.mkdtemp(prefix="gptkit-test-cache-")
 
 # Small and deterministic on a 2-core machine.
 torch.set_num_threads(min(2, os.cpu_count() or 1))

@@ -32,6 +32,9 @@ def test_prepare_train_generate_eval(tmp_path: Path, small_text: Path) -> None:
     p = gptkit("generate", str(run), "--prompt", "KING", "--max-new-tokens", "30", "--seed", "1", "--num-samples", "2")
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("KING") >= 2 and "--- sample 2 ---" in p.stdout
+    # The samples decode together (through the engine), each what it is alone: sample 2 has seed 1 + 1.
+    alone = gptkit("generate", str(run), "--prompt", "KING", "--max-new-tokens", "30", "--seed", "2")
+    assert alone.returncode == 0 and p.stdout.split("--- sample 2 ---\n")[1] == alone.stdout
     p = gptkit("eval", str(run))
     assert p.returncode == 0, p.stderr
     result = json.loads(p.stdout)

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,12 +11,14 @@ from pathlib import Path
 
 import pytest
 import safetensors.torch
+import torch
 
 from gptkit import checkpoint as ckpt_mod
 from gptkit.checkpoint import load_model, load_run_config
 from gptkit.config import load_config
 from gptkit.errors import DivergedError, GptkitError
 from gptkit.optim import lr_factor
+from gptkit.runtime import cpu_has_fast_bf16
 from gptkit.train import train
 
 from .conftest import tiny_overrides
@@ -352,3 +355,31 @@ def test_keep_freed_memory_stops_page_faults_per_step() -> None:
     env["MALLOC_ARENA_MAX"] = "2"
     out = subprocess.run([sys.executable, "-c", FAULTS_SCRIPT], env=env, capture_output=True, text=True, check=True)
     assert not json.loads(out.stdout)["applied"]
+
+
+def test_dtype_auto_times_both_precisions_once_per_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.dtype=auto on a CPU with fast bf16 takes the precision whose training steps were
+    faster at the run's shape, says what it measured, and measures a shape once per machine."""
+    from gptkit.train import AUTO_DTYPE_CACHE, measure_cpu_dtype
+
+    monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path / "cache"))
+    cfg = load_config(None, tiny_overrides())
+    cfg.model.vocab_size = 65
+    dtype, note = measure_cpu_dtype(cfg, budget_s=0.2)
+    saved = json.loads((tmp_path / "cache" / AUTO_DTYPE_CACHE).read_text())
+    (entry,) = saved.values()
+    assert entry["dtype"] == str(dtype).removeprefix("torch.")
+    assert (entry["bfloat16_ms"] < entry["float32_ms"]) == (dtype == torch.bfloat16)
+    assert "measured at this shape" in note and f"{entry['float32_ms']:.0f} ms in fp32" in note
+    again, note = measure_cpu_dtype(cfg)
+    assert again == dtype and "cached in" in note and len(json.loads((tmp_path / "cache" / AUTO_DTYPE_CACHE).read_text())) == 1
+    cfg.model.n_embd = 48
+    measure_cpu_dtype(cfg, budget_s=0.1)
+    assert len(json.loads((tmp_path / "cache" / AUTO_DTYPE_CACHE).read_text())) == 2
+
+
+@pytest.mark.skipif(not cpu_has_fast_bf16(), reason="dtype=auto measures only where the CPU has fast bf16")
+def test_dtype_auto_start_up_line_shows_the_measurement(tmp_path: Path, small_data: Path, capsys: pytest.CaptureFixture) -> None:
+    cfg = cfg_for(small_data, **{"train.dtype": "auto", "train.max_steps": 2})
+    train(cfg, tmp_path / "run", progress=False)
+    assert re.search(r"cpu (bfloat16|float32) \(auto: \d+ ms a step in bf16 against \d+ ms in fp32", capsys.readouterr().out)
