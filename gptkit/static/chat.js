@@ -216,8 +216,8 @@ async function send() {
   const c = chat(); if (busy || !c.messages.length) return;
   if (!server.model && !(await connect())) {
     const last = c.messages.pop(); touch(); draw(); $("msg").value = last.content;
-    showError(store.get("key", "") || $("keybox").hidden ? "Cannot reach the server. Is `gptkit serve` still running?"
-                                                         : "Enter the server's API key above, then send again.");
+    showError($("keybox").hidden ? "Cannot reach the server. Is `gptkit serve` still running?"
+                                 : "The server needs its API key (401): enter it above, then send again.");
     return;
   }
   const s = settings(), msgs = c.messages.filter((m) => m.role !== "error").map(({ role, content }) => ({ role, content }));
