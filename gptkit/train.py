@@ -687,7 +687,40 @@ def _cpu_name() -> str:
 
 
 def _time_dtypes(cfg: Config, budget_s: float) -> dict[str, Any]:
+    n = torch.get_num_threads()
+    settings = {"float32": (torch.float32, n), "bfloat16": (torch.bfloat16, n)}
+    ms = _time_steps(cfg, settings, budget_s)
+    return {
+        "dtype": min(ms, key=ms.__getitem__),
+        "float32_ms": ms["float32"],
+        "bfloat16_ms": ms["bfloat16"],
+    }
+
+
+def measure_cpu_threads(cfg: Config, dtype: torch.dtype, budget_s: float = 1.0) -> tuple[int, str]:
+    """train.threads=0 on a CPU: all the threads torch would use, unless one thread is clearly
+    faster -- which it is when other work keeps a core busy: two intra-op threads then wait on
+    the one that shares its core (the speedrun baseline ran 13x slower, 1,600 against 20,000
+    tokens/s, with one of two cores taken). Timed at the run's shape at every start (load comes
+    and goes, so nothing is cached). Returns the threads and what they were chosen on."""
+    n = torch.get_num_threads()
+    ms = _time_steps(cfg, {"all": (dtype, n), "one": (dtype, 1)}, budget_s)
+    threads = 1 if ms["one"] < 0.85 * ms["all"] else n
+    note = (
+        f"{threads} of {n} threads: {ms['one']:.0f} ms a step with one against {ms['all']:.0f} "
+        f"ms with {n}"
+    )
+    return threads, note
+
+
+def _time_steps(
+    cfg: Config, settings: dict[str, tuple[torch.dtype, int]], budget_s: float
+) -> dict[str, float]:
+    """The median milliseconds of a training step of cfg's shape (its model, batch and
+    optimizer, on random tokens) under each (dtype, threads) setting, the settings interleaved
+    and each first in turn, for about budget_s (at least 2 and at most 6 rounds)."""
     cpu = torch.device("cpu")
+    before = torch.get_num_threads()
     with torch.random.fork_rng(devices=[]):  # the run's own seeding is not disturbed
         torch.manual_seed(0)
         model = GPT(cfg.model)
@@ -696,7 +729,8 @@ def _time_dtypes(cfg: Config, budget_s: float) -> dict[str, Any]:
         x = torch.randint(0, cfg.model.vocab_size, shape)
         y = torch.randint(0, cfg.model.vocab_size, shape)
 
-        def step(dtype: torch.dtype) -> float:
+        def step(dtype: torch.dtype, threads: int) -> float:
+            torch.set_num_threads(threads)
             t = time.perf_counter()
             with autocast_context(cpu, dtype):
                 loss = model(x, y)[1]
@@ -707,23 +741,19 @@ def _time_dtypes(cfg: Config, budget_s: float) -> dict[str, Any]:
                 opt.zero_grad(set_to_none=True)
             return time.perf_counter() - t
 
-        times: dict[str, list[float]] = {"float32": [], "bfloat16": []}
-        for dtype in (torch.float32, torch.bfloat16):  # warm-up: first steps allocate
-            step(dtype)
-        start = time.perf_counter()
-        while len(times["float32"]) < 2 or (
-            time.perf_counter() - start < budget_s and len(times["float32"]) < 6
-        ):
-            for name in (
-                ("float32", "bfloat16") if len(times["float32"]) % 2 else ("bfloat16", "float32")
-            ):
-                times[name].append(step(getattr(torch, name)))
-    ms = {name: 1000 * sorted(v)[len(v) // 2] for name, v in times.items()}
-    return {
-        "dtype": min(ms, key=ms.__getitem__),
-        "float32_ms": ms["float32"],
-        "bfloat16_ms": ms["bfloat16"],
-    }
+        times: dict[str, list[float]] = {name: [] for name in settings}
+        try:
+            for setting in settings.values():  # warm-up: first steps allocate
+                step(*setting)
+            start, rounds = time.perf_counter(), 0
+            while rounds < 2 or (time.perf_counter() - start < budget_s and rounds < 6):
+                names = list(settings) if rounds % 2 else list(reversed(settings))
+                for name in names:
+                    times[name].append(step(*settings[name]))
+                rounds += 1
+        finally:
+            torch.set_num_threads(before)
+    return {name: 1000 * sorted(v)[len(v) // 2] for name, v in times.items()}
 
 
 class Trainer:
@@ -744,16 +774,16 @@ class Trainer:
         data.bind(ctx)
         self.cfg, self.tc, self.data = cfg, cfg.train, data  # from here on the config is read-only
         _configure_process(self.tc, device)
-        self.dtype_note = ""
-        if (
-            self.tc.dtype == "auto"
-            and device.type == "cpu"
-            and cpu_has_fast_bf16()
-            and not ctx.enabled
-        ):
+        # On one CPU process, what is faster here is measured (several processes keep the rules:
+        # every rank must agree without timing): the threads, then the precision.
+        alone_on_cpu = device.type == "cpu" and not ctx.enabled
+        self.dtype = resolve_dtype(self.tc.dtype, device)
+        self.threads_note = self.dtype_note = ""
+        if alone_on_cpu and not self.tc.threads and torch.get_num_threads() > 1:
+            threads, self.threads_note = measure_cpu_threads(cfg, self.dtype)
+            torch.set_num_threads(threads)
+        if alone_on_cpu and self.tc.dtype == "auto" and cpu_has_fast_bf16():
             self.dtype, self.dtype_note = measure_cpu_dtype(cfg)
-        else:  # several processes keep the flag rule: every rank must agree without timing
-            self.dtype = resolve_dtype(self.tc.dtype, device)
         self.model = self._initial_model().to(device)
         self.resumed = opts.resume and has_checkpoint(run_dir)
         restarted = opts.resume and not self.resumed  # it stopped before its first save
@@ -1003,7 +1033,8 @@ class Trainer:
             f"gptkit: {model.num_params() / 1e6:.2f}M parameters, "
             f"{model.flops_per_token() / 1e6:.1f} MFLOPs/token "
             f"(training), {self.device.type} {str(self.dtype).replace('torch.', '')}"
-            f"{f' ({self.dtype_note})' if self.dtype_note else ''}, "
+            f"{f' ({self.dtype_note})' if self.dtype_note else ''}"
+            f"{f', {self.threads_note}' if self.threads_note else ''}, "
             f"{self.data.description}, "
             f"run folder {self.run_dir}; {start}{limits(self.tc)}",
             flush=True,

@@ -48,6 +48,8 @@ def tiny_overrides(**extra: object) -> list[str]:
         "train.tensorboard": False,
         "train.sample_tokens": 0,
         "train.device": str(DEVICE),
+        # fixed threads: the same numerics in every run of a test (and no start-up timing)
+        "train.threads": min(2, os.cpu_count() or 1),
     }
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]

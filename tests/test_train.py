@@ -383,3 +383,19 @@ def test_dtype_auto_start_up_line_shows_the_measurement(tmp_path: Path, small_da
     cfg = cfg_for(small_data, **{"train.dtype": "auto", "train.max_steps": 2})
     train(cfg, tmp_path / "run", progress=False)
     assert re.search(r"cpu (bfloat16|float32) \(auto: \d+ ms a step in bf16 against \d+ ms in fp32", capsys.readouterr().out)
+
+
+def test_threads_zero_times_one_thread_against_all_and_says_so() -> None:
+    """train.threads=0 on a CPU: one thread only when it was clearly (15 %) faster at the run's
+    shape -- the case when other work keeps a core busy; torch's own setting is left as it was."""
+    from gptkit.train import measure_cpu_threads
+
+    cfg = load_config(None, tiny_overrides())
+    cfg.model.vocab_size = 65
+    before = torch.get_num_threads()
+    threads, note = measure_cpu_threads(cfg, torch.float32, budget_s=0.2)
+    assert torch.get_num_threads() == before
+    m = re.fullmatch(rf"{threads} of {before} threads: (\d+) ms a step with one against (\d+) ms with {before}", note)
+    assert m, note
+    one, all_ = map(int, m.groups())
+    assert threads in (1, before) and (threads == 1) <= (one <= 0.85 * all_ + 1)
