@@ -728,7 +728,9 @@ def test_generated_tokens_carry_the_logprobs_they_were_drawn_with(server: Server
         assert value == pytest.approx(max(lp.top_logprobs[k].values()), abs=1e-6)
     streamed = list(client.completions.create(**body, stream=True))
     tokens = [t for c in streamed if c.choices and c.choices[0].logprobs for t in c.choices[0].logprobs.token_logprobs]
-    assert tokens == pytest.approx(lp.token_logprobs, abs=1e-6)
+    # 1e-5: the same prompt again reuses its cached keys and values (the prefix cache), and its
+    # last position, computed alone, differs from the first request's in the last float bits.
+    assert tokens == pytest.approx(lp.token_logprobs, abs=1e-5)
 
 
 def test_chat_logprobs_content_and_stream(server: Server) -> None:

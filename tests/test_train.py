@@ -386,8 +386,8 @@ def test_dtype_auto_start_up_line_shows_the_measurement(tmp_path: Path, small_da
 
 
 def test_threads_zero_times_one_thread_against_all_and_says_so() -> None:
-    """train.threads=0 on a CPU: one thread only when it was clearly (15 %) faster at the run's
-    shape -- the case when other work keeps a core busy; torch's own setting is left as it was."""
+    """train.threads=0 on a CPU: one thread only when a step was over 1.5x faster with it at the
+    run's shape -- the case when other work keeps a core busy; torch's own setting is left as it was."""
     from gptkit.train import measure_cpu_threads
 
     cfg = load_config(None, tiny_overrides())
@@ -398,4 +398,4 @@ def test_threads_zero_times_one_thread_against_all_and_says_so() -> None:
     m = re.fullmatch(rf"{threads} of {before} threads: (\d+) ms a step with one against (\d+) ms with {before}", note)
     assert m, note
     one, all_ = map(int, m.groups())
-    assert threads in (1, before) and (threads == 1) <= (one <= 0.85 * all_ + 1)
+    assert threads in (1, before) and (threads == 1) <= (one * 1.5 <= all_ + 1)
