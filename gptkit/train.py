@@ -700,9 +700,9 @@ def _time_dtypes(cfg: Config, budget_s: float) -> dict[str, Any]:
 def measure_cpu_threads(cfg: Config, dtype: torch.dtype, budget_s: float = 1.0) -> tuple[int, str]:
     """train.threads=0 on a CPU: all the threads torch would use, unless a step on one thread is
     more than 1.5x faster -- which it is when other work keeps a core busy: two intra-op threads
-    then wait on the one that shares its core (the speedrun baseline ran 13x slower, 1,600 against 20,000
-    tokens/s, with one of two cores taken). Timed at the run's shape at every start (load comes
-    and goes, so nothing is cached). Returns the threads and what they were chosen on."""
+    then wait on the one that shares its core (the speedrun baseline ran 13x slower, 1,600
+    against 20,000 tokens/s, with one of two cores taken). Timed at the run's shape at every
+    start (load comes and goes, so nothing is cached). Returns the threads and the reason."""
     n = torch.get_num_threads()
     ms = _time_steps(cfg, {"all": (dtype, n), "one": (dtype, 1)}, budget_s)
     # Only a clear loss is acted on: small models often run a little faster on one thread, and a
