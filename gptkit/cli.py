@@ -635,7 +635,7 @@ def _generate_batched(a: argparse.Namespace, model: Any, tok: Any, template: Any
     """--num-samples N: the samples decode together through the engine (continuous batching),
     each the text it would be alone (sample i has seed --seed + i), printed as they come in
     order."""
-    from gptkit.engine import Engine
+    from gptkit.engine import generate_many
     from gptkit.template import Message
 
     if a.chat:
@@ -644,11 +644,8 @@ def _generate_batched(a: argparse.Namespace, model: Any, tok: Any, template: Any
     else:
         ids, stop_ids, stops = tok.encode_prompt(a.prompt), (), ()
     params = [_sampling(a, i) for i in range(a.num_samples)]
-    engine = Engine(model, tok, max_batch=min(a.num_samples, 16), queue_limit=a.num_samples)
-    try:
-        texts = engine.generate_many([ids] * a.num_samples, params, stop_ids, stops)
-    finally:
-        engine.close()
+    texts = generate_many(model, tok, [ids] * a.num_samples, params, min(a.num_samples, 16),
+                          stop_ids, stops)  # fmt: skip
     for i, text in enumerate(texts):
         print(f"--- sample {i + 1} ---")
         print(("" if a.chat else a.prompt) + text)

@@ -37,6 +37,7 @@ from gptkit.generate import (
     generate_ids,
     process_logits,
     seeded_generator,
+    stop_token_ids,
 )
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import Tokenizer
@@ -257,7 +258,7 @@ class Engine:
         jobs = []
         for i, (ids, p) in enumerate(zip(prompts, params, strict=True)):
             p = p.validate()
-            ends = set(stop_ids) | (set(self.tok.eos_ids) if p.stop_at_eot else set())
+            ends = stop_token_ids(self.tok, p, stop_ids)
             jobs.append(
                 Job(
                     i,
@@ -418,11 +419,11 @@ class Engine:
     def _loop_continuous(self) -> None:
         cfg = self.model.config
         dtype = next(self.model.parameters()).dtype
-        self.pool = KVCache.empty(cfg, self.max_batch, cfg.block_size, self.device, dtype)
         # Zeroed, not just allocated: a row's masked positions still enter the attention product
         # (with weight 0), and 0 x NaN from uninitialised memory would be NaN.
-        self.pool.k.zero_()
-        self.pool.v.zero_()
+        self.pool = KVCache.empty(
+            cfg, self.max_batch, cfg.block_size, self.device, dtype, zeroed=True
+        )
         if self.static:
             self.decoder = StaticDecoder(self.model, self.max_batch, self.device, dtype, self.pool)
         while True:
@@ -685,3 +686,21 @@ class Engine:
                 self._sample(row, row_logits[None])
             except Exception as e:  # noqa: BLE001
                 self._fail(job, e)
+
+
+def generate_many(
+    model: GPT,
+    tok: Tokenizer,
+    prompts: list[list[int]],
+    params: list[SamplingParams],
+    max_batch: int,
+    stop_ids: Iterable[int] = (),
+    stops: Iterable[str] = (),
+) -> list[str]:
+    """Engine.generate_many on an engine of its own (max_batch rows at a time), closed after:
+    for callers that decode many prompts once (evaluation, `generate --num-samples`)."""
+    engine = Engine(model, tok, max_batch=max_batch, queue_limit=max(max_batch, 64))
+    try:
+        return engine.generate_many(prompts, params, stop_ids, stops)
+    finally:
+        engine.close()

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from gptkit.checkpoint import load_model
 from gptkit.data import DataSet, read_text_chunks, windows
-from gptkit.engine import Engine
+from gptkit.engine import generate_many
 from gptkit.errors import GptkitError, check_number
 from gptkit.generate import SamplingParams
 from gptkit.instructions import encode_example, example_batches, load_conversations
@@ -179,24 +179,6 @@ def evaluate_instructions(
     )
 
 
-def decode_all(
-    model: GPT,
-    tok: Tokenizer,
-    prompts: list[list[int]],
-    params: list[SamplingParams],
-    batch_size: int,
-    stop_ids: Iterable[int] = (),
-    stops: Iterable[str] = (),
-) -> list[str]:
-    """Every prompt's completion, batch_size of them decoding together at a time (continuous
-    batching through the engine, the one sampling core)."""
-    engine = Engine(model, tok, max_batch=batch_size, queue_limit=max(batch_size, 64))
-    try:
-        return engine.generate_many(prompts, params, stop_ids, stops)
-    finally:
-        engine.close()
-
-
 def evaluate_answers(
     model: GPT,
     tok: Tokenizer,
@@ -213,7 +195,7 @@ def evaluate_answers(
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
     lasts = [max(i for i, m in enumerate(c) if m.role == "assistant") for c in convs]
     prompts = [template.prompt_ids(c[:last]) for c, last in zip(convs, lasts)]
-    answers = decode_all(model, tok, prompts, [params] * len(prompts), batch_size,
+    answers = generate_many(model, tok, prompts, [params] * len(prompts), batch_size,
                          template.stop_ids, template.stop_strings)  # fmt: skip
     exact = contains = 0
     samples = []
@@ -385,7 +367,7 @@ def harness_model(
                     )
                 )
                 prompts.append(tok.encode_prompt(context)[-(block - 1) :])
-            return decode_all(model, tok, prompts, params, batch_size)
+            return generate_many(model, tok, prompts, params, batch_size)
 
     return GptkitLM()
 

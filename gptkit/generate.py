@@ -7,7 +7,7 @@ during generation it is rebuilt from the last 3/4 of the context and decoding go
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -179,10 +179,6 @@ class StaticDecoder:
         self.graph_error = ""  # why the capture failed, if it did (the steps then run eagerly)
         self.out: torch.Tensor | None = None
 
-    @property
-    def pos(self) -> int:
-        return self.cache.pos
-
     def prefill(
         self, ids: torch.Tensor, pad: torch.Tensor | None, last_only: bool = True
     ) -> torch.Tensor:
@@ -353,6 +349,11 @@ class Detokenizer:
         return delta
 
 
+def stop_token_ids(tok: Tokenizer, params: SamplingParams, extra: Iterable[int] = ()) -> set[int]:
+    """The token ids that end a sample: `extra` and, when params.stop_at_eot, end-of-text."""
+    return set(extra) | (set(tok.eos_ids) if params.stop_at_eot else set())
+
+
 class TextStream:
     """Text deltas of one sample, stopping at a stop string (not included), at a stop token
     (end-of-text by default), or after max_new_tokens. After iteration, `finish_reason` is
@@ -373,9 +374,7 @@ class TextStream:
         static: decode through a StaticDecoder (a CUDA graph on CUDA)."""
         self.model, self.tok, self.params = model, tok, params.validate()
         self.static = static
-        ids = set(stop_ids or [])
-        if params.stop_at_eot:
-            ids.update(tok.eos_ids)
+        ids = stop_token_ids(tok, params, stop_ids or [])
         self.prompt_ids = tok.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if not self.prompt_ids:  # an empty prompt starts a fresh document
             self.prompt_ids = [tok.bos_id if tok.bos_id is not None else tok.eot_id]

@@ -24,13 +24,19 @@ CPU_MATH_ATTENTION_MAX_T = 128
 
 
 @functools.cache
-def cpu_has_fast_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matmuls run several times faster than fp32 on this CPU."""
+def cpuinfo(field: str) -> str:
+    """A field of /proc/cpuinfo's first processor ("model name", "flags"); "" where none."""
     try:
         with open("/proc/cpuinfo") as f:
-            flags = next((line for line in f if line.startswith("flags")), "").split()
+            line = next((line for line in f if line.split(":", 1)[0].strip() == field), "")
     except OSError:
-        return False
+        return ""
+    return line.split(":", 1)[1].strip() if ":" in line else ""
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matmuls run several times faster than fp32 on this CPU."""
+    flags = cpuinfo("flags").split()
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 

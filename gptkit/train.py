@@ -50,6 +50,7 @@ from gptkit.quantize import refuse_quantized
 from gptkit.runtime import (
     autocast_context,
     cpu_has_fast_bf16,
+    cpuinfo,
     keep_freed_memory,
     resolve_dtype,
     user_cache_dir,
@@ -638,15 +639,15 @@ AUTO_DTYPE_CACHE = "dtype-auto.json"
 
 def measure_cpu_dtype(cfg: Config, budget_s: float = 2.0) -> tuple[torch.dtype, str]:
     """train.dtype=auto on a CPU with fast bf16 (AVX-512 BF16 / AMX): bf16 autocast is not
-    always the faster there -- 16.5k against 26.0k tokens/s in fp32 at the speedrun baseline's
-    shape on an idle machine, the other way round on a busy one -- so time training steps of
+    always the faster there (issue #22, on another such CPU: 16.5k against 26.0k tokens/s in
+    fp32 at the speedrun baseline's shape; here the main job is faster in bf16) -- so time steps of
     this run's shape (its model, batch and optimizer, on random tokens) in each precision,
     interleaved, for about budget_s, and take the faster. Cached per machine, threads, torch
     and shape in the user's cache folder. Returns the dtype and what it was chosen on."""
     tc = cfg.train
     key = json.dumps(
-        [_cpu_name(), torch.get_num_threads(), torch.__version__, dataclasses.asdict(cfg.model),
-         tc.batch_size, tc.optimizer],
+        [cpuinfo("model name"), torch.get_num_threads(), torch.__version__,
+         dataclasses.asdict(cfg.model), tc.batch_size, tc.optimizer],
         sort_keys=True,
     )  # fmt: skip
     path = user_cache_dir() / AUTO_DTYPE_CACHE
@@ -674,16 +675,6 @@ def measure_cpu_dtype(cfg: Config, budget_s: float = 2.0) -> tuple[torch.dtype, 
         f"in fp32, {how}"
     )
     return getattr(torch, got["dtype"]), note
-
-
-def _cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(
-                (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), ""
-            )
-    except OSError:
-        return ""
 
 
 def _time_dtypes(cfg: Config, budget_s: float) -> dict[str, Any]:

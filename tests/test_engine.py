@@ -62,10 +62,11 @@ def test_requests_joining_at_any_step_get_their_solo_tokens(
     # that was never written (a masked one still enters the attention product with weight 0).
     allocate = KVCache.empty.__func__
 
-    def poisoned(cls, *args: object) -> KVCache:  # noqa: ANN001
-        cache = allocate(cls, *args)
-        cache.k.fill_(float("nan"))
-        cache.v.fill_(float("nan"))
+    def poisoned(cls, *args: object, zeroed: bool = False) -> KVCache:  # noqa: ANN001
+        cache = allocate(cls, *args, zeroed=zeroed)
+        if not zeroed:  # asked for zeros (the pool): zeros; otherwise what reused memory may hold
+            cache.k.fill_(float("nan"))
+            cache.v.fill_(float("nan"))
         return cache
 
     monkeypatch.setattr(KVCache, "empty", classmethod(poisoned))
