@@ -372,7 +372,7 @@ def test_default_finetune_command_learns_held_out_tasks(tmp_path: Path, small_da
     base = tmp_path / "base"
     cfg = load_config(None, tiny_overrides(**{
         "model.n_layer": 3, "model.n_head": 4, "model.n_embd": 96, "model.block_size": 64, "model.pos_embedding": "rope",
-        "train.max_steps": 100, "train.lr": 3e-3, "train.log_interval": 50, "train.eval_interval": 100}))  # fmt: skip
+        "train.max_steps": 300, "train.lr": 3e-3, "train.log_interval": 50, "train.eval_interval": 100}))  # fmt: skip
     cfg.data.dir = str(small_data)
     train(cfg, base, progress=False, quiet=True)
     train_file, test_file = tmp_path / "train.jsonl", tmp_path / "test.jsonl"
@@ -385,7 +385,9 @@ def test_default_finetune_command_learns_held_out_tasks(tmp_path: Path, small_da
                         r.stdout)  # fmt: skip
     assert stopped, r.stdout[-2000:]
     last, best = int(stopped[1]), int(stopped[2])
-    assert best < last < 5000 and last - best == 500
+    # The weights kept are the best step's (flat = five evaluations without a 1% gain), unless the
+    # last evaluation, a little lower still, is better: then those are kept.
+    assert last < 5000 and (last - best == 500 or best == last)
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     val = {row["step"]: row["val_loss"] for row in rows if "val_loss" in row}
     # The kept step is the best by the early-stopping rule: anything lower came by less than 1%.
