@@ -8,7 +8,11 @@ process of its own, as each library's users run it (gptkit keeps freed memory, a
 loop does; transformers + PEFT is also timed with that setting). Rounds are interleaved; medians
 and ratios are reported.
 
-    python benchmarks/finetune_speed.py [--rounds 3] [--steps 2] [--batch 4] [--seq 256]
+Two kinds of labels, each timed in its own set of processes: every token has a target (as in
+pretraining), and only the second half of each row does (instruction tuning, where the prompt's
+tokens are -100 and carry no loss; both libraries get the same labels).
+
+    python benchmarks/finetune_speed.py [--rounds 3] [--steps 2] [--batch 4] [--seq 256] [--labels both]
 """
 
 from __future__ import annotations
@@ -56,20 +60,20 @@ def hf_folder(tmp: Path) -> Path:
     return tmp / "hf"
 
 
-def gptkit_step(run: Path, lora: bool, x: torch.Tensor) -> Callable[[], None]:
+def gptkit_step(run: Path, lora: bool, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     model = load_model(run)[0].train()
     adapters = apply_lora(model, LoraConfig(enabled=True, rank=8, targets=["c_attn", "c_proj", "c_fc"])) if lora else None
     (opt,) = build_optimizers(model, TrainConfig(lr=1e-4, weight_decay=0.0), torch.device("cpu"), adapters)
 
     def step() -> None:
-        model(x, x)[1].backward()
+        model(x, y)[1].backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def transformers_step(folder: Path, lora: bool, x: torch.Tensor) -> Callable[[], None]:
+def transformers_step(folder: Path, lora: bool, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(folder, attn_implementation="sdpa").train()
@@ -82,14 +86,22 @@ def transformers_step(folder: Path, lora: bool, x: torch.Tensor) -> Callable[[],
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, weight_decay=0.0, fused=True)
 
     def step() -> None:
-        model(input_ids=x, labels=x).loss.backward()
+        model(input_ids=x, labels=y).loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
     return step
 
 
-def worker(conn, who: str, folder: str, run: str, batch: int, seq: int) -> None:  # noqa: ANN001
+def labels(x: torch.Tensor, kind: str) -> torch.Tensor:
+    """All tokens as targets, or only each row's second half (the first is the prompt)."""
+    y = x.clone()
+    if kind == "response":
+        y[:, : x.size(1) // 2] = -100
+    return y
+
+
+def worker(conn, who: str, folder: str, run: str, batch: int, seq: int, kind: str) -> None:  # noqa: ANN001
     """Builds one setting in a process of its own, warms it up, then times n steps each time it
     is asked. gptkit runs as `gptkit finetune` does on a CPU (glibc keeps freed memory);
     transformers as its users run it, unless its name says it shares that setting."""
@@ -97,59 +109,60 @@ def worker(conn, who: str, folder: str, run: str, batch: int, seq: int) -> None:
         keep_freed_memory()
     x = torch.randint(0, SHAPE["vocab_size"], (batch, seq), generator=torch.Generator().manual_seed(0))
     lora = "lora" in who
-    step = gptkit_step(Path(run), lora, x) if who.startswith("gptkit") else transformers_step(Path(folder), lora, x)
+    y = labels(x, kind)
+    make = gptkit_step if who.startswith("gptkit") else transformers_step
+    step = make(Path(run) if who.startswith("gptkit") else Path(folder), lora, x, y)
     answer_timings(conn, step, cold_step=False)
 
 
-def main() -> None:
+def measure(settings: list[str], folder: Path, run: Path, a: argparse.Namespace, kind: str) -> dict[str, float]:
+    """tokens/s (of all tokens in the batch) for each setting, in processes of their own."""
     import multiprocessing as mp
 
+    ctx = mp.get_context("spawn")
+    conns = {}
+    for who in settings:  # one at a time, so that building does not overlap the timing
+        parent, child = ctx.Pipe()
+        ctx.Process(target=worker, args=(child, who, str(folder), str(run), a.batch, a.seq, kind), daemon=True).start()
+        assert parent.recv() == "ready"
+        conns[who] = parent
+    times: dict[str, list[float]] = {k: [] for k in settings}
+    for _ in range(a.rounds):
+        for who, conn in conns.items():
+            conn.send(a.steps)
+            times[who].append(conn.recv())
+    for conn in conns.values():
+        conn.send(0)
+    return {k: a.batch * a.seq / statistics.median(v) for k, v in times.items()}
+
+
+def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2, help="timed steps per round")
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--seq", type=int, default=256)
+    ap.add_argument("--labels", choices=["all", "response", "both"], default="both")
     a = ap.parse_args()
-    settings = [
-        "gptkit_full",
-        "transformers_full",
-        "gptkit_lora",
-        "transformers_peft_lora",
-        "transformers_peft_lora_same_allocator",
-    ]
+    kinds = ["all", "response"] if a.labels == "both" else [a.labels]
+    settings = ["gptkit_full", "transformers_full", "gptkit_lora", "transformers_peft_lora"]
+    summary: dict[str, object] = {"shape": "smollm2-135M", "batch": a.batch, "seq": a.seq}
     with tempfile.TemporaryDirectory() as tmp:
         folder = hf_folder(Path(tmp))
         run = import_hf(folder, Path(tmp) / "run")
-        ctx = mp.get_context("spawn")
-        conns = {}
-        for who in settings:  # one at a time, so that building does not overlap the timing
-            parent, child = ctx.Pipe()
-            ctx.Process(target=worker, args=(child, who, str(folder), str(run), a.batch, a.seq), daemon=True).start()
-            assert parent.recv() == "ready"
-            conns[who] = parent
-        times: dict[str, list[float]] = {k: [] for k in settings}
-        for _ in range(a.rounds):
-            for who, conn in conns.items():
-                conn.send(a.steps)
-                times[who].append(conn.recv())
-        for conn in conns.values():
-            conn.send(0)
-    tps = {k: a.batch * a.seq / statistics.median(v) for k, v in times.items()}
-    for name, value in tps.items():
-        print(f"{name:40s} {value:8.0f} tokens/s")
-    print(
-        json.dumps(
-            {
-                "shape": "smollm2-135M",
-                "batch": a.batch,
-                "seq": a.seq,
-                "tokens_per_s": {k: round(v) for k, v in tps.items()},
-                "ratio_full": round(tps["gptkit_full"] / tps["transformers_full"], 2),
-                "ratio_lora": round(tps["gptkit_lora"] / tps["transformers_peft_lora"], 2),
-                "ratio_lora_same_allocator": round(tps["gptkit_lora"] / tps["transformers_peft_lora_same_allocator"], 2),
-            }
-        )
-    )
+        for kind in kinds:
+            extra = ["transformers_peft_lora_same_allocator"] if kind == "all" else []
+            tps = measure(settings + extra, folder, run, a, kind)
+            print(f"labels: {kind}")
+            for name, value in tps.items():
+                print(f"  {name:40s} {value:8.0f} tokens/s")
+            suffix = "" if kind == "all" else "_response_labels"
+            summary[f"tokens_per_s{suffix}"] = {k: round(v) for k, v in tps.items()}
+            summary[f"ratio_full{suffix}"] = round(tps["gptkit_full"] / tps["transformers_full"], 2)
+            summary[f"ratio_lora{suffix}"] = round(tps["gptkit_lora"] / tps["transformers_peft_lora"], 2)
+            if extra:
+                summary["ratio_lora_same_allocator"] = round(tps["gptkit_lora"] / tps[extra[0]], 2)
+    print(json.dumps(summary))
 
 
 if __name__ == "__main__":

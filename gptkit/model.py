@@ -282,9 +282,10 @@ class GPT(nn.Module):
         cache: KVCache | None = None,
         last_only: bool = False,
         pad: torch.Tensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
         """idx: (B, T) token ids. Returns logits (B, T, V) -- (B, 1, V) with last_only -- and,
-        given targets (-100 marks positions without loss), the mean cross-entropy.
+        given targets (-100 marks positions without loss), the mean cross-entropy. In training
+        with a large vocabulary (_fused_loss) the logits are not made: (None, loss).
 
         pad (B,): rows of a batch of unequal prompts are left-padded by pad[b] tokens, which no
         position attends to and which do not count as positions, so each row computes what it
@@ -320,6 +321,13 @@ class GPT(nn.Module):
         x = self.ln_f(x)
         if last_only:
             x = x[:, -1:, :]
+        if targets is not None and self._fused_loss(x):
+            # Training with a large vocabulary: the same loss, without the (B*T, V) logits.
+            loss = linear_cross_entropy(
+                x.reshape(-1, x.size(-1)), self.lm_head.weight, targets.reshape(-1),
+                self.config.logit_softcap,
+            )  # fmt: skip
+            return None, loss
         logits = self._head(x)
         loss = None
         if targets is not None:
@@ -327,6 +335,17 @@ class GPT(nn.Module):
                 logits.float().view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100
             )
         return logits, loss
+
+    def _fused_loss(self, x: Tensor) -> bool:
+        """Whether the training loss goes through linear_cross_entropy: only when gradients are
+        wanted (so the logits are not), from a plain head, and once the logits would pass 4M
+        numbers (16 MiB in fp32), where making and freeing them costs more than it saves."""
+        return (
+            self.training
+            and torch.is_grad_enabled()
+            and type(self.lm_head) is nn.Linear
+            and x.numel() // x.size(-1) * self.config.vocab_size >= 1 << 22
+        )
 
     def _head(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.lm_head(x)
@@ -423,3 +442,83 @@ class GPT(nn.Module):
                 f"weights do not match the model: missing {missing[:5]}, unexpected "
                 f"{unexpected[:5]}"
             )
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean cross-entropy of softmax(x W^T) over the rows whose target is not -100, without the
+    (N, V) logits: rows go through in chunks, and each chunk's share of the gradients (dL/dx,
+    dL/dW) is made while its logits are at hand. At SmolLM2-135M's shape (1,024 rows, 49,152
+    words) the full logits, their log-softmax and its gradient are 200 MB each, which a CPU
+    page-faults in and out every step; rows without a target cost nothing at all."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx,
+        x: Tensor,
+        weight: Tensor,
+        targets: Tensor,
+        softcap: float,
+        dtype: torch.dtype,
+    ) -> Tensor:
+        rows = targets.ne(-100).nonzero().squeeze(1)
+        count = rows.numel()
+        dx = torch.zeros_like(x)
+        acc = torch.promote_types(dtype, torch.float32)  # the softmax's dtype: fp32 at least
+        dw = torch.zeros_like(weight, dtype=acc)
+        total = torch.zeros((), device=x.device, dtype=acc)
+        w = weight.to(dtype)
+        every_row = count == x.size(0)  # no gather/scatter needed
+        xs = (x if every_row else x[rows]).to(dtype)
+        ts = targets if every_row else targets[rows]
+        step = max(32, (1 << 24) // weight.size(0))  # a chunk's logits: 64 MiB in fp32
+        buf = torch.empty(min(step, count), weight.size(0), device=x.device, dtype=acc)
+        for lo in range(0, count, step):
+            xc, tc = xs[lo : lo + step], ts[lo : lo + step]
+            z = buf[: xc.size(0)]
+            torch.mm(xc, w.t(), out=z) if dtype == acc else z.copy_(xc @ w.t())
+            if softcap > 0:
+                z.div_(softcap).tanh_()
+                slope = 1 - z * z  # d(c tanh(h/c))/dh
+                z.mul_(softcap)
+            lse = torch.logsumexp(z, dim=1)
+            total += (lse - z.gather(1, tc[:, None]).squeeze(1)).sum()
+            z.sub_(lse[:, None]).exp_()  # softmax
+            z[torch.arange(z.size(0), device=z.device), tc] -= 1.0  # minus the one-hot target
+            if softcap > 0:
+                z.mul_(slope)
+            g = z.to(dtype)
+            part = g @ w
+            if every_row:
+                dx[lo : lo + step] = part
+            else:
+                dx[rows[lo : lo + step]] = part.to(dx.dtype)
+            if dtype == acc:
+                dw.addmm_(g.t(), xc)
+            else:
+                dw.add_(g.t() @ xc)
+        ctx.grads = (dx, dw.to(weight.dtype), count)
+        return total / count
+
+    @staticmethod
+    def backward(  # type: ignore[override]
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor, Tensor, None, None, None]:
+        if ctx.grads is None:
+            raise RuntimeError("linear_cross_entropy: backward ran through this loss twice")
+        dx, dw, count = ctx.grads
+        ctx.grads = None
+        scale = grad / count
+        return dx.mul_(scale), dw.mul_(scale), None, None, None
+
+
+def linear_cross_entropy(
+    x: Tensor, weight: Tensor, targets: Tensor, softcap: float = 0.0
+) -> Tensor:
+    """F.cross_entropy(F.linear(x, weight) [soft-capped], targets, ignore_index=-100), for
+    training: the logits are never whole in memory. Under autocast the matrix products run in
+    its dtype and the softmax in fp32, as they would through F.linear and F.cross_entropy."""
+    dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(
+        x.device.type
+    ) else x.dtype  # fmt: skip
+    with torch.autocast(x.device.type, enabled=False):
+        return _LinearCrossEntropy.apply(x, weight, targets, softcap, dtype)
