@@ -339,10 +339,14 @@ class GPT(nn.Module):
     def _fused_loss(self, x: Tensor) -> bool:
         """Whether the training loss goes through linear_cross_entropy: only when gradients are
         wanted (so the logits are not), from a plain head, and once the logits would pass 4M
-        numbers (16 MiB in fp32), where making and freeing them costs more than it saves."""
+        numbers (16 MiB in fp32), where making and freeing them costs more than it saves. On a
+        CPU only, where it was measured, and not under torch.compile, which fuses the plain
+        loss itself (and would stop at the chunks' data-dependent row count)."""
         return (
             self.training
             and torch.is_grad_enabled()
+            and x.device.type == "cpu"
+            and not torch.compiler.is_compiling()
             and type(self.lm_head) is nn.Linear
             and x.numel() // x.size(-1) * self.config.vocab_size >= 1 << 22
         )

@@ -185,59 +185,63 @@ def test_linear_cross_entropy_is_cross_entropy_of_the_logits(
 ) -> None:
     """Loss and both gradients equal F.cross_entropy(F.linear(x, w)) with -100 targets ignored
     (and logit soft-capping), whatever the rows, vocabulary and share of ignored targets."""
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    w = torch.randn(vocab, 16, generator=g, dtype=torch.float64, requires_grad=True)
-    t = torch.randint(0, vocab, (n,), generator=g)
-    t[torch.rand(n, generator=g) < masked] = -100
-    t[0] = 0  # at least one target
-    z = torch.nn.functional.linear(x, w)
-    if softcap:
-        z = softcap * torch.tanh(z / softcap)
-    ref = torch.nn.functional.cross_entropy(z, t, ignore_index=-100)
-    gx, gw = torch.autograd.grad(3 * ref, (x, w))
-    out = linear_cross_entropy(x, w, t, softcap)
-    fx, fw = torch.autograd.grad(3 * out, (x, w))
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(fx, gx)
-    torch.testing.assert_close(fw, gw)
+    with torch.device("cpu"):
+        g = torch.Generator().manual_seed(seed)
+        x = torch.randn(n, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        w = torch.randn(vocab, 16, generator=g, dtype=torch.float64, requires_grad=True)
+        t = torch.randint(0, vocab, (n,), generator=g)
+        t[torch.rand(n, generator=g) < masked] = -100
+        t[0] = 0  # at least one target
+        z = torch.nn.functional.linear(x, w)
+        if softcap:
+            z = softcap * torch.tanh(z / softcap)
+        ref = torch.nn.functional.cross_entropy(z, t, ignore_index=-100)
+        gx, gw = torch.autograd.grad(3 * ref, (x, w))
+        out = linear_cross_entropy(x, w, t, softcap)
+        fx, fw = torch.autograd.grad(3 * out, (x, w))
+        torch.testing.assert_close(out, ref)
+        torch.testing.assert_close(fx, gx)
+        torch.testing.assert_close(fw, gw)
 
 
 @pytest.mark.parametrize("variant", ["gpt2", "modern", "softcap", "untied"])
 def test_training_loss_skips_the_logits_and_keeps_the_gradients(variant: str) -> None:
     """In training with a large vocabulary the model returns no logits, and its loss and every
     parameter's gradient are those of cross-entropy over the full logits, tied head included."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(vocab_size=4096, block_size=64, n_layer=2, n_head=4, n_embd=32, **VARIANTS[variant])  # type: ignore[arg-type]
-    m = GPT(cfg).train()
-    x = torch.randint(0, 4096, (16, 64))
-    y = x.roll(-1, dims=1)
-    y[:, :20] = -100  # a prompt without loss
-    logits, loss = m(x, y)
-    assert logits is None and loss is not None
-    fused = torch.autograd.grad(loss, list(m.parameters()))
-    full, _ = m(x)
-    ref = torch.nn.functional.cross_entropy(full.reshape(-1, 4096), y.reshape(-1), ignore_index=-100)
-    torch.testing.assert_close(loss, ref)
-    for a, b in zip(fused, torch.autograd.grad(ref, list(m.parameters())), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
-    with torch.no_grad():  # evaluation still gets its logits
-        assert m(x, y)[0] is not None
+    # The fused loss is a CPU path (GPT._fused_loss): these run on the CPU under any DEVICE.
+    with torch.device("cpu"):
+        torch.manual_seed(0)
+        cfg = ModelConfig(vocab_size=4096, block_size=64, n_layer=2, n_head=4, n_embd=32, **VARIANTS[variant])  # type: ignore[arg-type]
+        m = GPT(cfg).train()
+        x = torch.randint(0, 4096, (16, 64))
+        y = x.roll(-1, dims=1)
+        y[:, :20] = -100  # a prompt without loss
+        logits, loss = m(x, y)
+        assert logits is None and loss is not None
+        fused = torch.autograd.grad(loss, list(m.parameters()))
+        full, _ = m(x)
+        ref = torch.nn.functional.cross_entropy(full.reshape(-1, 4096), y.reshape(-1), ignore_index=-100)
+        torch.testing.assert_close(loss, ref)
+        for a, b in zip(fused, torch.autograd.grad(ref, list(m.parameters())), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+        with torch.no_grad():  # evaluation still gets its logits
+            assert m(x, y)[0] is not None
 
 
 def test_linear_cross_entropy_under_bf16_autocast_matches_the_autocast_logits() -> None:
     """Under autocast the products run in bf16 and the softmax in fp32, as F.linear +
     F.cross_entropy do: the same loss to bf16 precision, gradients in the weights' dtype."""
-    torch.manual_seed(0)
-    x = torch.randn(200, 64, requires_grad=True)
-    w = (torch.randn(3000, 64) * 0.1).requires_grad_()
-    t = torch.randint(0, 3000, (200,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w).float(), t)
-        out = linear_cross_entropy(x, w, t)
-    gx, gw = torch.autograd.grad(ref, (x, w))
-    fx, fw = torch.autograd.grad(out, (x, w))
-    assert fw.dtype == torch.float32 and fx.dtype == torch.float32
-    torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
-    for a, b in ((fx, gx), (fw, gw)):
-        assert ((a - b).norm() / b.norm()).item() < 0.02
+    with torch.device("cpu"):
+        torch.manual_seed(0)
+        x = torch.randn(200, 64, requires_grad=True)
+        w = (torch.randn(3000, 64) * 0.1).requires_grad_()
+        t = torch.randint(0, 3000, (200,))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref = torch.nn.functional.cross_entropy(torch.nn.functional.linear(x, w).float(), t)
+            out = linear_cross_entropy(x, w, t)
+        gx, gw = torch.autograd.grad(ref, (x, w))
+        fx, fw = torch.autograd.grad(out, (x, w))
+        assert fw.dtype == torch.float32 and fx.dtype == torch.float32
+        torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
+        for a, b in ((fx, gx), (fw, gw)):
+            assert ((a - b).norm() / b.norm()).item() < 0.02
