@@ -1,18 +1,19 @@
-"""CPU decoding, tokens/s: gptkit fp32, gptkit int8 (`gptkit quantize`), transformers fp32, and
-llama.cpp (llama-cpp-python) on the f32 and q8_0 GGUF files `gptkit export --to-gguf` writes from
-the same weights. GPT-2 124M shape and SmolLM2-135M's, random weights, a 16-token prompt then 128
-greedy tokens (prefill included), batch 1 and 8 (llama.cpp's Python API decodes one sequence:
-batch 1 only), 2 threads everywhere. Rounds are interleaved; medians.
+"""CPU decoding, tokens/s: gptkit fp32, gptkit int8 and int4 (`gptkit quantize [--scheme int4]`),
+transformers fp32, and llama.cpp (llama-cpp-python) on the f32, q8_0 and q4_0 GGUF files
+`gptkit export --to-gguf` writes from the same weights. GPT-2 124M shape and SmolLM2-135M's,
+random weights, a 16-token prompt then 128 greedy tokens (prefill included), batch 1 and 8
+(llama.cpp's Python API decodes one sequence: batch 1 only), 2 threads everywhere. Rounds are interleaved; medians.
 
-Then the quality of int8: a byte-level BPE model trained here for a minute, its perplexity in
-int8 against fp32 on tiny Shakespeare's validation split and on a held-out text (the responses of
+Then the quality of int8 and int4: a byte-level BPE model trained here for a minute, its
+perplexity quantized against fp32 on tiny Shakespeare's validation split and on a held-out text (the responses of
 tests/data/llms_from_scratch_instruction_data.json), and the share of 20 prompts whose first 32
 greedy tokens equal fp32's.
 
     python benchmarks/cpu_decode.py [--rounds 3] [--new-tokens 128] [--shape gpt2-124M smollm2-135M]
 
 Ends with one JSON line including ratio_int8_vs_llamacpp_q8_b1 (GPT-2 124M shape),
-ratio_int8_vs_fp32_b8 and int8_ppl_change (relative).
+ratio_int8_vs_fp32_b8, int8_ppl_change (relative), and the same for int4 against llama.cpp's
+q4_0 and q8_0.
 """
 
 from __future__ import annotations
@@ -49,8 +50,9 @@ def speed(shape: str, rounds: int, n: int) -> dict:
         run = run_folder(shape, tmp)
         fp32, _, cfg = load_model(run)
         int8, _, _ = load_model(quantize_run(run, tmp / "int8"))
+        int4, _, _ = load_model(quantize_run(run, tmp / "int4", "int4"))
         theirs = AutoModelForCausalLM.from_pretrained(tmp / "hf").eval()
-        llms = {t: llama(export_gguf(run, tmp / f"{t}.gguf", t), PROMPT + n + 16, THREADS) for t in ("f32", "q8_0")}
+        llms = {t: llama(export_gguf(run, tmp / f"{t}.gguf", t), PROMPT + n + 16, THREADS) for t in ("f32", "q8_0", "q4_0")}
         vocab = min(cfg.model.vocab_size, 1000)
         prompts = {b: torch.randint(0, vocab, (b, PROMPT), generator=torch.Generator().manual_seed(b)) for b in (1, 8)}
 
@@ -79,11 +81,14 @@ def speed(shape: str, rounds: int, n: int) -> dict:
         runs = {
             ("gptkit_fp32", 1): lambda: ours(fp32, 1),
             ("gptkit_int8", 1): lambda: ours(int8, 1),
+            ("gptkit_int4", 1): lambda: ours(int4, 1),
             ("transformers_fp32", 1): lambda: hf(1),
             ("llama.cpp_f32", 1): lambda: cpp(llms["f32"]),
             ("llama.cpp_q8_0", 1): lambda: cpp(llms["q8_0"]),
+            ("llama.cpp_q4_0", 1): lambda: cpp(llms["q4_0"]),
             ("gptkit_fp32", 8): lambda: ours(fp32, 8),
             ("gptkit_int8", 8): lambda: ours(int8, 8),
+            ("gptkit_int4", 8): lambda: ours(int4, 8),
             ("transformers_fp32", 8): lambda: hf(8),
         }
         torch.set_num_threads(THREADS)
@@ -108,7 +113,7 @@ def held_out_text() -> str:
 
 
 def quality(minutes: float) -> dict:
-    """Perplexity of int8 against fp32, and greedy agreement, on a model trained here."""
+    """Perplexity of int8 and int4 against fp32, and greedy agreement, on a model trained here."""
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         text = (ROOT / "gptkit" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
@@ -121,7 +126,7 @@ def quality(minutes: float) -> dict:
         cfg.data.dir = str(tmp / "data")
         train(cfg, tmp / "run", progress=False, quiet=True)
         fp32, tok, cfg = load_model(tmp / "run")
-        int8, _, _ = load_model(quantize_run(tmp / "run", tmp / "int8"))
+        quantized = {s: load_model(quantize_run(tmp / "run", tmp / s, s))[0] for s in ("int8", "int4")}
         block = cfg.model.block_size
 
         def ppl(model: torch.nn.Module, ids: list[int]) -> float:
@@ -133,16 +138,20 @@ def quality(minutes: float) -> dict:
         texts = {"shakespeare_val": tok.encode(text[int(len(text) * 0.9) :]), "held_out": tok.encode(held_out_text())}
         out = {}
         for name, ids in texts.items():
-            a, b = ppl(fp32, ids), ppl(int8, ids)
-            out[name] = {"fp32": round(a, 3), "int8": round(b, 3), "change": round(b / a - 1, 5)}
+            a = ppl(fp32, ids)
+            out[name] = {"fp32": round(a, 3)}
+            for s, model in quantized.items():
+                b = ppl(model, ids)
+                out[name] |= {s: round(b, 3), f"{s}_change": round(b / a - 1, 5)}
         ids = texts["shakespeare_val"]
         params = SamplingParams(max_new_tokens=32, temperature=0)
-        same = 0
-        for i in range(20):
-            p = torch.tensor([ids[i * 97 : i * 97 + 16]])
-            same += [int(t) for t in generate_ids(fp32, p, params)] == [int(t) for t in generate_ids(int8, p, params)]
-        out["greedy_32_same_share"] = same / 20
-    print(f"\nint8 quality (BPE model trained {minutes} min): {json.dumps(out)}")
+        for s, model in quantized.items():
+            same = 0
+            for i in range(20):
+                p = torch.tensor([ids[i * 97 : i * 97 + 16]])
+                same += [int(t) for t in generate_ids(fp32, p, params)] == [int(t) for t in generate_ids(model, p, params)]
+            out[f"{s}_greedy_32_same_share"] = same / 20
+    print(f"\nint8/int4 quality (BPE model trained {minutes} min): {json.dumps(out)}")
     return out
 
 
@@ -161,7 +170,10 @@ def main() -> None:
     first = result[a.shape[0]]
     result["ratio_int8_vs_llamacpp_q8_b1"] = round(first["gptkit_int8_b1"] / first["llama.cpp_q8_0_b1"], 2)
     result["ratio_int8_vs_fp32_b8"] = round(first["gptkit_int8_b8"] / first["gptkit_fp32_b8"], 2)
-    result["int8_ppl_change"] = max((v["change"] for k, v in q.items() if isinstance(v, dict)), key=abs)
+    result["int8_ppl_change"] = max((v["int8_change"] for v in q.values() if isinstance(v, dict)), key=abs)
+    result["ratio_int4_vs_llamacpp_q4_b1"] = round(first["gptkit_int4_b1"] / first["llama.cpp_q4_0_b1"], 2)
+    result["ratio_int4_vs_llamacpp_q8_b1"] = round(first["gptkit_int4_b1"] / first["llama.cpp_q8_0_b1"], 2)
+    result["int4_ppl_change"] = max((v["int4_change"] for v in q.values() if isinstance(v, dict)), key=abs)
     print(json.dumps(result))
 
 

@@ -388,9 +388,9 @@ def load_model(
     ckpt = checkpoint_dir(run_dir)
     _read_info(ckpt, verify)
     tok = load_tokenizer(run_dir / "tokenizer")
-    if cfg.model.quantization != "none":  # int8 weights and their scales (quantize.py)
+    if cfg.model.quantization != "none":  # int8/int4 weights and their scales (quantize.py)
         check_device(device)
-        model = swap_linears(GPT(cfg.model), quantize=False)
+        model = swap_linears(GPT(cfg.model), quantize=False, scheme=cfg.model.quantization)
     else:
         model = finetune_start(cfg) if cfg.lora.enabled else GPT(cfg.model)
     _load_weights(model, ckpt)

@@ -189,10 +189,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--overwrite", action="store_true", help="replace what is already in the output folder"
     )
 
-    p = sub.add_parser("quantize", help="int8 weights for fast CPU inference (a new run folder)")
+    p = sub.add_parser(
+        "quantize", help="int8 or int4 weights for fast CPU inference (a new run folder)"
+    )
     p.add_argument("run", help="run folder")
     p.add_argument("--out", required=True, help="quantized run folder to write")
-    _choice(p, "--scheme", ["int8"], "per-output-channel symmetric int8 weights")
+    _choice(
+        p,
+        "--scheme",
+        ["int8", "int4"],
+        "int8: per-output-channel symmetric int8 weights; int4: groups of 32 with a scale and zero",
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace what is already in the output folder"
     )
@@ -375,7 +382,9 @@ def build_parser() -> argparse.ArgumentParser:
     to.add_argument(
         "--to-gguf", metavar="FILE", help="GGUF file to write (llama.cpp, Ollama, LM Studio)"
     )
-    _choice(p, "--outtype", ["f16", "f32", "bf16", "q8_0"], "GGUF weight type (1-D stay f32)")
+    _choice(
+        p, "--outtype", ["f16", "f32", "bf16", "q8_0", "q4_0"], "GGUF weight type (1-D stay f32)"
+    )
     p.add_argument(
         "--overwrite", action="store_true", help="replace what is already at the output path"
     )

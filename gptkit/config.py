@@ -53,7 +53,7 @@ class ModelConfig:
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
     # Weight-only quantization of every Linear, for inference (gptkit quantize; quantize.py).
-    quantization: Literal["none", "int8"] = "none"
+    quantization: Literal["none", "int8", "int4"] = "none"
 
     # Derived sizes, computed in one place.
     @property

@@ -1,8 +1,9 @@
 """GGUF export: a gptkit run as one file that llama.cpp, Ollama and LM Studio run on their own.
 
 The file is written with `gguf`, ggml's own Python writer. It carries the architecture's
-hyperparameters, the weights (f32, f16, bf16, or q8_0 from the package's own quantizer), the
-byte-level BPE tokenizer and the chat template. Two layout facts decide the tensor mapping:
+hyperparameters, the weights (f32, f16, bf16, or q8_0 and q4_0 from the package's own
+quantizer), the byte-level BPE tokenizer and the chat template. Two layout facts decide the
+tensor mapping:
 
 - ggml lists a tensor's dimensions innermost first, so a PyTorch (out, in) weight is written
   as it is and reads as {in, out}: nn.Linear needs no transpose.
@@ -37,7 +38,7 @@ from gptkit.model import rope_frequencies
 from gptkit.template import SPECIAL_TEMPLATE, jinja_source
 from gptkit.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
 
-OUTTYPES = ("f32", "f16", "bf16", "q8_0")
+OUTTYPES = ("f32", "f16", "bf16", "q8_0", "q4_0")
 DEFAULT_OUTTYPE = "f16"
 
 # The pre-tokenizer regexes of published tokenizer.json files, by llama.cpp's name for them.
@@ -313,18 +314,23 @@ _FILE_TYPES = {
     "f16": gguf.LlamaFileType.MOSTLY_F16,
     "bf16": gguf.LlamaFileType.MOSTLY_BF16,
     "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0,
+    "q4_0": gguf.LlamaFileType.MOSTLY_Q4_0,
 }
-QTYPES = {"q8_0": gguf.GGMLQuantizationType.Q8_0, "bf16": gguf.GGMLQuantizationType.BF16}
+QTYPES = {
+    "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    "q4_0": gguf.GGMLQuantizationType.Q4_0,
+    "bf16": gguf.GGMLQuantizationType.BF16,
+}
 
 
 def _add_tensor(w: gguf.GGUFWriter, name: str, t: torch.Tensor, outtype: str) -> None:
     """1-D tensors (norms, biases, rope factors) stay f32, as llama.cpp's converter keeps them;
-    matrices take the asked-for type (q8_0 falls back to f16 for a row length that is not a
-    multiple of its 32-value blocks)."""
+    matrices take the asked-for type (q8_0 and q4_0 fall back to f16 for a row length that is not
+    a multiple of their 32-value blocks)."""
     data = t.detach().to(torch.float32).contiguous().numpy()
     if data.ndim == 1 or outtype == "f32":
         w.add_tensor(name, data)
-    elif outtype == "f16" or (outtype == "q8_0" and data.shape[-1] % 32):
+    elif outtype == "f16" or (outtype in ("q8_0", "q4_0") and data.shape[-1] % 32):
         w.add_tensor(name, data.astype(np.float16))
     else:
         qtype = QTYPES[outtype]

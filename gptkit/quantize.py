@@ -1,4 +1,4 @@
-"""Int8 weight-only quantization, for fast decoding on the CPU.
+"""Int8 and int4 weight-only quantization, for fast decoding on the CPU.
 
 Decoding one token at batch 1 reads every weight once, so its speed is the speed at which the
 weights stream from memory: int8 weights are a quarter of fp32's bytes. Each output channel
@@ -8,9 +8,14 @@ per-channel scales). Embeddings, norms and biases stay fp32; the LM head, the la
 small model, is quantized too (a tied head gets its own int8 copy; the embedding lookup keeps
 the fp32 table).
 
+`--scheme int4` halves the bytes again: groups of 32 weights along a row share a bf16 scale and
+zero (w = (q - 8) * scale + zero, q in 0..15, chosen for the group's min and max), through
+PyTorch's int4-weight CPU kernel (`_weight_int4pack_mm_for_cpu`). The checkpoint keeps the 4-bit
+values two to a byte in plain row order; the kernel's own packed layout is made at load.
+
 `gptkit quantize RUN --out RUN_Q` writes a run folder whose config says `model.quantization:
-int8` and whose checkpoint holds the int8 weights and their scales, loadable without the fp32
-ones; every command that samples (generate, chat, serve, eval) loads it as it is.
+int8` (or int4) and whose checkpoint holds the quantized weights and their scales, loadable
+without the fp32 ones; every command that samples (generate, chat, serve, eval) loads it as it is.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from gptkit.config import Config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 
-SCHEMES = ("int8",)
+SCHEMES = ("int8", "int4")
+GROUP = 32  # int4: weights per scale and zero
 
 
 class Int8Linear(nn.Module):
@@ -72,16 +78,84 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8"
 
 
-def swap_linears(model: GPT, quantize: bool) -> GPT:
-    """Every nn.Linear of the model replaced by an Int8Linear: quantized from its weights
-    (quantize=True), or empty, for a quantized checkpoint to load into."""
+class Int4Linear(nn.Module):
+    """y = x W^T + b with W in groups of GROUP along each row: 4-bit values q, and per group a
+    bf16 scale and zero, w = (q - 8) * scale + zero. Rows are zero-padded to a whole number of
+    groups, and the kernel's output columns to a multiple of 16 (its tile)."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        width = -(-in_features // GROUP) * GROUP
+        # two 4-bit values a byte: column 2j in the low half, 2j+1 in the high half
+        self.register_buffer("weight", torch.zeros(out_features, width // 2, dtype=torch.uint8))
+        groups = (out_features, width // GROUP)
+        self.register_buffer("scale", torch.ones(groups, dtype=torch.bfloat16))
+        self.register_buffer("zero", torch.zeros(groups, dtype=torch.bfloat16))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int4Linear:
+        out = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        w = F.pad(linear.weight.detach().float(), (0, out.weight.size(1) * 2 - linear.in_features))
+        groups = w.view(w.size(0), -1, GROUP)
+        low, high = groups.amin(dim=2), groups.amax(dim=2)
+        # scale and zero rounded to bf16 first, so the values are chosen for the ones in use
+        scale = ((high - low) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+        zero = (low + 8 * scale).to(torch.bfloat16).float()
+        q = ((groups - zero[..., None]) / scale[..., None] + 8).round().clamp(0, 15)
+        q = q.view(w.shape).to(torch.uint8)
+        out.weight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
+        out.scale.copy_(scale)
+        out.zero.copy_(zero)
+        if linear.bias is not None:
+            out.bias.copy_(linear.bias.detach().float())
+        return out
+
+    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The kernel's packed weight and its (groups, columns, 2) scales and zeros, made once."""
+        if self._kernel is None:
+            pad = -self.out_features % 16
+            q = torch.stack([self.weight & 15, self.weight >> 4], dim=2).flatten(1)
+            q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            sz = torch.stack([self.scale, self.zero], dim=2).transpose(0, 1)
+            self._kernel = (packed, F.pad(sz, (0, 0, 0, pad)).contiguous())
+        return self._kernel
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self._kernel = None  # new weights: pack again at the next call
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, dtype = x.shape[:-1], x.dtype
+        x = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        pad = self.weight.size(1) * 2 - self.in_features
+        if pad:
+            x = F.pad(x, (0, pad))
+        packed, sz = self.kernel_weights()
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, GROUP, sz)
+        y = y[:, : self.out_features].to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
+
+
+def swap_linears(model: GPT, quantize: bool, scheme: str = "int8") -> GPT:
+    """Every nn.Linear of the model replaced by an Int8Linear (or Int4Linear): quantized from
+    its weights (quantize=True), or empty, for a quantized checkpoint to load into."""
+    kind = Int4Linear if scheme == "int4" else Int8Linear
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):
                 new = (
-                    Int8Linear.from_linear(child)
+                    kind.from_linear(child)
                     if quantize
-                    else Int8Linear(child.in_features, child.out_features, child.bias is not None)
+                    else kind(child.in_features, child.out_features, child.bias is not None)
                 )
                 setattr(module, name, new)
     return model
@@ -90,7 +164,8 @@ def swap_linears(model: GPT, quantize: bool) -> GPT:
 def quantize_run(
     run_dir: str | Path, out: str | Path, scheme: str = "int8", overwrite: bool = False
 ) -> Path:
-    """A run -> a new run folder with int8 weights (config, tokenizer, weights-only checkpoint)."""
+    """A run -> a new run folder with int8 (or int4) weights (config, tokenizer, weights-only
+    checkpoint)."""
     # checkpoint.py loads quantized runs through this module: its names are imported here, late.
     from gptkit.checkpoint import (
         load_model,
@@ -116,7 +191,7 @@ def quantize_run(
         )
     refuse_nonempty(out, overwrite)
     model, _, _ = load_model(run_dir)
-    swap_linears(model, quantize=True)
+    swap_linears(model, quantize=True, scheme=scheme)
     qcfg = cfg.updated({"model.quantization": scheme})
     with staged_folder(out) as tmp:
         qcfg.save(tmp / "config.yaml")
@@ -135,9 +210,10 @@ def refuse_quantized(cfg: Config, run_dir: Path, doing: str = "train or fine-tun
 
 
 def check_device(device: str | torch.device) -> None:
-    """The int8 kernel is a CPU one: say so, and name the fallback, on any other device."""
+    """The int8 and int4 kernels are CPU ones: say so, and name the fallback, elsewhere."""
     if torch.device(device).type != "cpu":
         raise GptkitError(
-            f"int8 runs decode on the CPU only (PyTorch's int8-weight kernel); use --device cpu, "
+            "quantized runs decode on the CPU only (PyTorch's int8/int4-weight kernels); use "
+            "--device cpu, "
             f"or the run it was quantized from on {torch.device(device).type}"
         )
