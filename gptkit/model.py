@@ -466,9 +466,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     ) -> Tensor:
         rows = targets.ne(-100).nonzero().squeeze(1)
         count = rows.numel()
+        want_dx, want_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]  # a frozen head: no dW
         dx = torch.zeros_like(x)
         acc = torch.promote_types(dtype, torch.float32)  # the softmax's dtype: fp32 at least
-        dw = torch.zeros_like(weight, dtype=acc)
+        dw = torch.zeros_like(weight, dtype=acc) if want_dw else None
         total = torch.zeros((), device=x.device, dtype=acc)
         w = weight.to(dtype)
         every_row = count == x.size(0)  # no gather/scatter needed
@@ -491,28 +492,29 @@ class _LinearCrossEntropy(torch.autograd.Function):
             if softcap > 0:
                 z.mul_(slope)
             g = z.to(dtype)
-            part = g @ w
-            if every_row:
-                dx[lo : lo + step] = part
-            else:
-                dx[rows[lo : lo + step]] = part.to(dx.dtype)
-            if dtype == acc:
+            if want_dx:
+                part = g @ w
+                if every_row:
+                    dx[lo : lo + step] = part
+                else:
+                    dx[rows[lo : lo + step]] = part.to(dx.dtype)
+            if dw is not None and dtype == acc:
                 dw.addmm_(g.t(), xc)
-            else:
+            elif dw is not None:
                 dw.add_(g.t() @ xc)
-        ctx.grads = (dx, dw.to(weight.dtype), count)
+        ctx.grads = (dx, None if dw is None else dw.to(weight.dtype), count)
         return total / count
 
     @staticmethod
     def backward(  # type: ignore[override]
         ctx: torch.autograd.function.FunctionCtx, grad: Tensor
-    ) -> tuple[Tensor, Tensor, None, None, None]:
+    ) -> tuple[Tensor, Tensor | None, None, None, None]:
         if ctx.grads is None:
             raise RuntimeError("linear_cross_entropy: backward ran through this loss twice")
         dx, dw, count = ctx.grads
         ctx.grads = None
         scale = grad / count
-        return dx.mul_(scale), dw.mul_(scale), None, None, None
+        return dx.mul_(scale), None if dw is None else dw.mul_(scale), None, None, None
 
 
 def linear_cross_entropy(

@@ -226,6 +226,14 @@ def test_training_loss_skips_the_logits_and_keeps_the_gradients(variant: str) ->
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
         with torch.no_grad():  # evaluation still gets its logits
             assert m(x, y)[0] is not None
+        # A frozen head (LoRA): the other gradients are the same, and the head gets none.
+        head = m.lm_head.weight
+        head.requires_grad_(False)
+        rest = [p for p in m.parameters() if p.requires_grad]
+        _, loss = m(x, y)
+        ref = torch.nn.functional.cross_entropy(m(x)[0].reshape(-1, 4096), y.reshape(-1), ignore_index=-100)
+        for a, b in zip(torch.autograd.grad(loss, rest), torch.autograd.grad(ref, rest), strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 
 
 def test_linear_cross_entropy_under_bf16_autocast_matches_the_autocast_logits() -> None:
