@@ -190,7 +190,8 @@ class _Prefill:
     job: Job
     ids: list[int]
     cache: KVCache
-    logits: list[torch.Tensor] = field(default_factory=list)  # each chunk's (echo needs all)
+    # echo: every chunk's logits (the prompt's log-probabilities); else the last position's
+    logits: list[torch.Tensor] = field(default_factory=list)
 
 
 class Engine:
@@ -557,7 +558,10 @@ class Engine:
                 continue
             self.prefill_tokens += n
             budget -= n
-            f.logits.append(logits if job.echo_logprobs else logits[:, -1:])
+            if job.echo_logprobs:
+                f.logits.append(logits)
+            else:
+                f.logits = [logits[:, -1:]]
             if cache.pos == len(f.ids):
                 self.filling.popleft()
                 try:

@@ -35,16 +35,52 @@ SCHEMES = ("int8", "int4")
 GROUP = 32  # int4: weights per scale and zero
 
 
-class Int8Linear(nn.Module):
-    """y = x W^T + b with W stored as int8 rows and one bf16 scale per row."""
+class QuantizedLinear(nn.Module):
+    """y = x W^T + b through one of PyTorch's weight-only CPU kernels, which take bf16
+    activations: the shape handling, the bias and the kernel-side weights made once (and made
+    again after new weights load) are here; a subclass holds its weights and computes
+    `_product` of (N, in_features) bf16 rows."""
+
+    scheme = ""
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._kernel: tuple[torch.Tensor, ...] | None = None
+
+    def _copy_bias(self, linear: nn.Linear) -> None:
+        if linear.bias is not None:
+            self.bias.copy_(linear.bias.detach().float())
+
+    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
+        self._kernel = None  # new weights: the kernel's copy is made again at the next call
+        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead, dtype = x.shape[:-1], x.dtype
+        y = self._product(x.reshape(-1, self.in_features).to(torch.bfloat16)).to(dtype)
+        if self.bias is not None:
+            y = y + self.bias.to(dtype)
+        return y.view(*lead, self.out_features)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
+
+
+class Int8Linear(QuantizedLinear):
+    """W stored as int8 rows and one bf16 scale per row."""
+
+    scheme = "int8"
+
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
+        super().__init__(in_features, out_features, bias)
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         # bf16 scales: the kernel's fast path takes bf16 activations and scales of their dtype.
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.bfloat16))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -54,46 +90,34 @@ class Int8Linear(nn.Module):
         scale = (w.abs().amax(dim=1).clamp(min=1e-12) / 127.0).to(torch.bfloat16).float()
         out.weight.copy_((w / scale[:, None]).round().clamp(-127, 127).to(torch.int8))
         out.scale.copy_(scale)
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias.detach().float())
+        out._copy_bias(linear)
         return out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, dtype = x.shape[:-1], x.dtype
-        x = x.reshape(-1, self.in_features).to(torch.bfloat16).contiguous()
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         # The kernel reads rows in blocks of 16 values: the odd widths of small models are
         # zero-padded (the weight once, the input each call).
         pad = -self.in_features % 16
-        weight = self.weight
-        if pad:
-            if getattr(self, "_padded", None) is None:
-                self._padded = F.pad(self.weight, (0, pad))
-            weight, x = self._padded, F.pad(x, (0, pad))
-        y = torch.ops.aten._weight_int8pack_mm(x, weight, self.scale).to(dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.view(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8"
+        if self._kernel is None:
+            self._kernel = (F.pad(self.weight, (0, pad)) if pad else self.weight,)
+        x = F.pad(x, (0, pad)) if pad else x
+        return torch.ops.aten._weight_int8pack_mm(x.contiguous(), self._kernel[0], self.scale)
 
 
-class Int4Linear(nn.Module):
-    """y = x W^T + b with W in groups of GROUP along each row: 4-bit values q, and per group a
-    bf16 scale and zero, w = (q - 8) * scale + zero. Rows are zero-padded to a whole number of
-    groups, and the kernel's output columns to a multiple of 16 (its tile)."""
+class Int4Linear(QuantizedLinear):
+    """W in groups of GROUP along each row: 4-bit values q, and per group a bf16 scale and
+    zero, w = (q - 8) * scale + zero. Rows are zero-padded to a whole number of groups, and the
+    kernel's output columns to a multiple of 16 (its tile)."""
+
+    scheme = f"int4 g{GROUP}"
 
     def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
+        super().__init__(in_features, out_features, bias)
         width = -(-in_features // GROUP) * GROUP
         # two 4-bit values a byte: column 2j in the low half, 2j+1 in the high half
         self.register_buffer("weight", torch.zeros(out_features, width // 2, dtype=torch.uint8))
         groups = (out_features, width // GROUP)
         self.register_buffer("scale", torch.ones(groups, dtype=torch.bfloat16))
         self.register_buffer("zero", torch.zeros(groups, dtype=torch.bfloat16))
-        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._kernel: tuple[torch.Tensor, torch.Tensor] | None = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int4Linear:
@@ -109,46 +133,28 @@ class Int4Linear(nn.Module):
         out.weight.copy_(q[:, 0::2] | (q[:, 1::2] << 4))
         out.scale.copy_(scale)
         out.zero.copy_(zero)
-        if linear.bias is not None:
-            out.bias.copy_(linear.bias.detach().float())
+        out._copy_bias(linear)
         return out
 
-    def kernel_weights(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """The kernel's packed weight and its (groups, columns, 2) scales and zeros, made once."""
-        if self._kernel is None:
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
+        if self._kernel is None:  # the kernel's packed weight and (groups, columns, 2) scales/zeros
             pad = -self.out_features % 16
             q = torch.stack([self.weight & 15, self.weight >> 4], dim=2).flatten(1)
             q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
             packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
             sz = torch.stack([self.scale, self.zero], dim=2).transpose(0, 1)
             self._kernel = (packed, F.pad(sz, (0, 0, 0, pad)).contiguous())
-        return self._kernel
-
-    def _load_from_state_dict(self, *args: object, **kwargs: object) -> None:
-        self._kernel = None  # new weights: pack again at the next call
-        super()._load_from_state_dict(*args, **kwargs)  # type: ignore[arg-type]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead, dtype = x.shape[:-1], x.dtype
-        x = x.reshape(-1, self.in_features).to(torch.bfloat16)
+        packed, sz = self._kernel
         pad = self.weight.size(1) * 2 - self.in_features
-        if pad:
-            x = F.pad(x, (0, pad))
-        packed, sz = self.kernel_weights()
+        x = F.pad(x, (0, pad)) if pad else x
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x.contiguous(), packed, GROUP, sz)
-        y = y[:, : self.out_features].to(dtype)
-        if self.bias is not None:
-            y = y + self.bias.to(dtype)
-        return y.view(*lead, self.out_features)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 g{GROUP}"
+        return y[:, : self.out_features]
 
 
 def swap_linears(model: GPT, quantize: bool, scheme: str = "int8") -> GPT:
     """Every nn.Linear of the model replaced by an Int8Linear (or Int4Linear): quantized from
     its weights (quantize=True), or empty, for a quantized checkpoint to load into."""
-    kind = Int4Linear if scheme == "int4" else Int8Linear
+    kind: type[Int8Linear | Int4Linear] = Int4Linear if scheme == "int4" else Int8Linear
     for module in list(model.modules()):
         for name, child in list(module.named_children()):
             if isinstance(child, nn.Linear):

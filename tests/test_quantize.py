@@ -188,3 +188,16 @@ def test_int4_is_close_to_fp32(int4_runs: dict, name: str) -> None:
         int(t) for t in generate_ids(q, torch.tensor([tok.encode("ROMEO:")]), SamplingParams(max_new_tokens=12, temperature=0))
     ]
     assert r.returncode == 0 and r.stdout.strip() == ("ROMEO:" + tok.decode(want)).strip(), r.stderr
+
+
+@pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
+def test_quantized_layer_computes_with_weights_loaded_after_it_ran(kind: type) -> None:
+    """The kernel-side copy of the weights (padded, packed) is made at the first call and made
+    again when other weights are loaded into the same layer."""
+    torch.manual_seed(0)
+    a, b = (kind.from_linear(torch.nn.Linear(40, 24)) for _ in range(2))  # 40: padded by both
+    x = torch.randn(3, 40)
+    first = a(x)
+    a.load_state_dict(b.state_dict())
+    assert not torch.equal(a(x), first)
+    assert torch.equal(a(x), b(x))
