@@ -3,11 +3,14 @@ transformers fp32, and llama.cpp (llama-cpp-python) on the f32, q8_0 and q4_0 GG
 `gptkit export --to-gguf` writes from the same weights. GPT-2 124M shape and SmolLM2-135M's,
 random weights, a 16-token prompt then 128 greedy tokens (prefill included), batch 1 and 8
 (llama.cpp's Python API decodes one sequence: batch 1 only), 2 threads everywhere. Rounds are interleaved; medians.
+gptkit int8 at batch 1 quantizes each token's activations to int8 too (the default); int8_bf16act
+is the same weights with weight-only products (`gptkit quantize --activations bf16`).
 
 Then the quality of int8 and int4: a byte-level BPE model trained here for a minute, its
 perplexity quantized against fp32 on tiny Shakespeare's validation split and on a held-out text (the responses of
-tests/data/llms_from_scratch_instruction_data.json), and the share of 20 prompts whose first 32
-greedy tokens equal fp32's.
+tests/data/llms_from_scratch_instruction_data.json) -- once over whole windows (batched products) and once token by
+token through the KV cache at batch 1, the path decoding takes (int8: activations quantized too) -- and the share of 20
+prompts whose first 32 greedy tokens equal fp32's.
 
     python benchmarks/cpu_decode.py [--rounds 3] [--new-tokens 128] [--shape gpt2-124M smollm2-135M]
 
@@ -35,6 +38,7 @@ from gptkit.config import load_config
 from gptkit.data import prepare
 from gptkit.generate import SamplingParams, generate_ids
 from gptkit.gguf_export import export_gguf
+from gptkit.model import KVCache
 from gptkit.quantize import quantize_run
 from gptkit.train import train
 
@@ -50,6 +54,7 @@ def speed(shape: str, rounds: int, n: int) -> dict:
         run = run_folder(shape, tmp)
         fp32, _, cfg = load_model(run)
         int8, _, _ = load_model(quantize_run(run, tmp / "int8"))
+        int8w, _, _ = load_model(quantize_run(run, tmp / "int8w", activations="bf16"))
         int4, _, _ = load_model(quantize_run(run, tmp / "int4", "int4"))
         theirs = AutoModelForCausalLM.from_pretrained(tmp / "hf").eval()
         llms = {t: llama(export_gguf(run, tmp / f"{t}.gguf", t), PROMPT + n + 16, THREADS) for t in ("f32", "q8_0", "q4_0")}
@@ -81,6 +86,7 @@ def speed(shape: str, rounds: int, n: int) -> dict:
         runs = {
             ("gptkit_fp32", 1): lambda: ours(fp32, 1),
             ("gptkit_int8", 1): lambda: ours(int8, 1),
+            ("gptkit_int8_bf16act", 1): lambda: ours(int8w, 1),
             ("gptkit_int4", 1): lambda: ours(int4, 1),
             ("transformers_fp32", 1): lambda: hf(1),
             ("llama.cpp_f32", 1): lambda: cpp(llms["f32"]),
@@ -126,7 +132,8 @@ def quality(minutes: float) -> dict:
         cfg.data.dir = str(tmp / "data")
         train(cfg, tmp / "run", progress=False, quiet=True)
         fp32, tok, cfg = load_model(tmp / "run")
-        quantized = {s: load_model(quantize_run(tmp / "run", tmp / s, s))[0] for s in ("int8", "int4")}
+        kinds = {"int8": ("int8", "int8"), "int8_bf16act": ("int8", "bf16"), "int4": ("int4", "int8")}
+        quantized = {k: load_model(quantize_run(tmp / "run", tmp / k, s, activations=a))[0] for k, (s, a) in kinds.items()}
         block = cfg.model.block_size
 
         def ppl(model: torch.nn.Module, ids: list[int]) -> float:
@@ -134,6 +141,18 @@ def quality(minutes: float) -> dict:
             with torch.no_grad():
                 logits = model(x[:, :-1])[0]
             return math.exp(torch.nn.functional.cross_entropy(logits.transpose(1, 2), x[:, 1:]).item())
+
+        def decode_ppl(model: torch.nn.Module, ids: list[int], windows: int = 16) -> float:
+            nll, count = 0.0, 0
+            with torch.no_grad():
+                for i in range(0, block * windows, block):
+                    row = torch.tensor(ids[i : i + block])
+                    cache = KVCache.empty(model.config, 1, block, torch.device("cpu"), torch.float32)
+                    for t in range(block - 1):
+                        logits = model(row[None, t : t + 1], cache=cache)[0][0, -1]
+                        nll -= logits.log_softmax(-1)[row[t + 1]].item()
+                        count += 1
+            return math.exp(nll / count)
 
         texts = {"shakespeare_val": tok.encode(text[int(len(text) * 0.9) :]), "held_out": tok.encode(held_out_text())}
         out = {}
@@ -143,6 +162,11 @@ def quality(minutes: float) -> dict:
             for s, model in quantized.items():
                 b = ppl(model, ids)
                 out[name] |= {s: round(b, 3), f"{s}_change": round(b / a - 1, 5)}
+            a = decode_ppl(fp32, ids)
+            out[name] |= {"decode_fp32": round(a, 3)}
+            for s, model in quantized.items():
+                b = decode_ppl(model, ids)
+                out[name] |= {f"decode_{s}": round(b, 3), f"decode_{s}_change": round(b / a - 1, 5)}
         ids = texts["shakespeare_val"]
         params = SamplingParams(max_new_tokens=32, temperature=0)
         for s, model in quantized.items():
@@ -170,10 +194,13 @@ def main() -> None:
     first = result[a.shape[0]]
     result["ratio_int8_vs_llamacpp_q8_b1"] = round(first["gptkit_int8_b1"] / first["llama.cpp_q8_0_b1"], 2)
     result["ratio_int8_vs_fp32_b8"] = round(first["gptkit_int8_b8"] / first["gptkit_fp32_b8"], 2)
-    result["int8_ppl_change"] = max((v["int8_change"] for v in q.values() if isinstance(v, dict)), key=abs)
+    changes = [v[k] for v in q.values() if isinstance(v, dict) for k in ("int8_change", "decode_int8_change")]
+    result["int8_ppl_change"] = max(changes, key=abs)
     result["ratio_int4_vs_llamacpp_q4_b1"] = round(first["gptkit_int4_b1"] / first["llama.cpp_q4_0_b1"], 2)
     result["ratio_int4_vs_llamacpp_q8_b1"] = round(first["gptkit_int4_b1"] / first["llama.cpp_q8_0_b1"], 2)
-    result["int4_ppl_change"] = max((v["int4_change"] for v in q.values() if isinstance(v, dict)), key=abs)
+    changes = [v[k] for v in q.values() if isinstance(v, dict) for k in ("int4_change", "decode_int4_change")]
+    result["int4_ppl_change"] = max(changes, key=abs)
+    result["ratio_int8_bf16act_vs_llamacpp_q8_b1"] = round(first["gptkit_int8_bf16act_b1"] / first["llama.cpp_q8_0_b1"], 2)
     print(json.dumps(result))
 
 

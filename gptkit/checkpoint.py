@@ -390,7 +390,12 @@ def load_model(
     tok = load_tokenizer(run_dir / "tokenizer")
     if cfg.model.quantization != "none":  # int8/int4 weights and their scales (quantize.py)
         check_device(device)
-        model = swap_linears(GPT(cfg.model), quantize=False, scheme=cfg.model.quantization)
+        model = swap_linears(
+            GPT(cfg.model),
+            quantize=False,
+            scheme=cfg.model.quantization,
+            activations=cfg.model.int8_activations,
+        )
     else:
         model = finetune_start(cfg) if cfg.lora.enabled else GPT(cfg.model)
     _load_weights(model, ckpt)

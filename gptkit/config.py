@@ -54,6 +54,9 @@ class ModelConfig:
     rope_original_context: int = 8192
     # Weight-only quantization of every Linear, for inference (gptkit quantize; quantize.py).
     quantization: Literal["none", "int8", "int4"] = "none"
+    # int8 at one row a product (batch-1 decoding): the row's activations quantized to int8 too,
+    # per row, for an int8 x int8 kernel (about twice the speed here); "bf16": weight-only always.
+    int8_activations: Literal["int8", "bf16"] = "int8"
 
     # Derived sizes, computed in one place.
     @property

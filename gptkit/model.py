@@ -92,6 +92,12 @@ class KVCache:
     # past `at` -- so it can be captured once in a CUDA graph and replayed (generate.StaticDecoder).
     at: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # One view per layer: a layer writes its own tensor, which torch.compile updates in
+        # place (a write into the shared 5-D tensor is compiled as a copy of all of it).
+        self.layer_k = [self.k[i] for i in range(self.k.size(0))]
+        self.layer_v = [self.v[i] for i in range(self.v.size(0))]
+
     @classmethod
     def empty(
         cls,
@@ -175,16 +181,16 @@ class CausalSelfAttention(nn.Module):
             k, v = cache.k[self.layer], cache.v[self.layer]
         elif cache is not None:
             past = cache.pos
-            cache.k[self.layer, :, :, past : past + T] = k
-            cache.v[self.layer, :, :, past : past + T] = v
-            k = cache.k[self.layer, :, :, : past + T]
-            v = cache.v[self.layer, :, :, : past + T]
+            ck, cv = cache.layer_k[self.layer], cache.layer_v[self.layer]
+            ck[:, :, past : past + T] = k
+            cv[:, :, past : past + T] = v
+            k, v = ck[:, :, : past + T], cv[:, :, : past + T]
 
         # softmax(Q K^T / sqrt(d) + causal mask) V: the plain causal case needs no mask tensor;
         # otherwise GPT.forward built one for all layers (attention_mask).
         kwargs = dict(
             attn_mask=mask,
-            is_causal=(mask is None and T > 1),
+            is_causal=False if T == 1 else mask is None,
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_head != self.n_head,
         )

@@ -59,6 +59,55 @@ def test_int8_is_close_to_fp32(runs: dict, name: str) -> None:
         prompt = x[i : i + 1, :16]
         same += [int(t) for t in generate_ids(full, prompt, params)] == [int(t) for t in generate_ids(q, prompt, params)]
     assert same >= 5, same
+    # Decoding (one row a product, its activations quantized to int8 too): perplexity computed
+    # token by token through the cache, as generate and serve compute, also within 1 %.
+    dec = [decode_perplexity(m, x[:2]) for m in (full, q)]
+    assert abs(dec[1] / dec[0] - 1) < 0.01, dec
+    with torch.no_grad():  # fp32 token by token is fp32 on the whole windows at once
+        whole = math.exp(torch.nn.functional.cross_entropy(full(x[:2])[0][:, :-1].transpose(1, 2), x[:2, 1:]).item())
+    assert abs(dec[0] / whole - 1) < 1e-4, (dec, whole)
+
+
+def decode_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
+    """Perplexity of each window's tokens, each predicted by a batch-1 decoding step."""
+    from gptkit.model import KVCache
+
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for row in windows:
+            cache = KVCache.empty(model.config, 1, row.numel(), torch.device("cpu"), torch.float32)
+            for t in range(row.numel() - 1):
+                logits = model(row[None, t : t + 1], cache=cache)[0][0, -1]
+                nll -= logits.log_softmax(-1)[row[t + 1]].item()
+                count += 1
+    return math.exp(nll / count)
+
+
+@settings(max_examples=30, deadline=None)
+@given(rows=st.integers(1, 70), cols=st.integers(1, 100), bias=st.booleans(), outlier=st.floats(0, 50), seed=st.integers(0, 99))
+def test_int8_single_row_quantizes_its_activations(rows: int, cols: int, bias: bool, outlier: float, seed: int) -> None:
+    """One row at a time (batch-1 decoding) the row is quantized to 8 bits over its own range,
+    zero exactly representable (x ~ (q - z) * s, q in 0..255), and multiplied with the stored
+    int8 weights: the layer's output is that product, to float rounding. With activations="bf16"
+    the row gets what it gets inside a batch (the weight-only kernel)."""
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(cols, rows, bias=bias)
+    q = Int8Linear.from_linear(lin)
+    x = torch.randn(1, cols)
+    x[0, seed % cols] += outlier
+    lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
+    s = max((hi - lo) / 255, 1e-12)
+    z = round(-lo / s)
+    xq = ((x / s).round() + z).clamp(0, 255).sub(z).mul(s)
+    w = q.weight.float() * q.scale.float()[:, None]
+    b = lin.bias.detach() if bias else 0
+    want = xq @ w.t() + b
+    got = q(x)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * (want.abs().max().item() + 1))
+    # the error is the activations' quantization: at most half a step per value
+    assert ((got - (x @ w.t() + b)).abs() <= s / 2 * w.abs().sum(1) + 1e-4).all()
+    q.int8_activations = False
+    torch.testing.assert_close(q(x), q(torch.cat([x, x]))[:1], rtol=1e-6, atol=1e-6)
 
 
 def test_int8_checkpoint_holds_int8_weights_only(runs: dict) -> None:
@@ -110,6 +159,7 @@ def test_quantized_runs_are_for_inference(runs: dict, tmp_path: Path) -> None:
         (("export", str(q), "--to-hf", str(tmp_path / "hf")), "quantized"),
         (("export", str(q), "--to-gguf", str(tmp_path / "m.gguf")), "quantized"),
         (("quantize", str(fp32_run), "--out", str(tmp_path / "s"), "--scheme", "int3"), "invalid choice"),
+        (("quantize", str(fp32_run), "--out", str(tmp_path / "s"), "--activations", "fp8"), "invalid choice"),
         (("quantize", str(fp32_run), "--out", str(q)), "--overwrite"),
     ]:
         r = cli(*args)
@@ -191,12 +241,13 @@ def test_int4_is_close_to_fp32(int4_runs: dict, name: str) -> None:
 
 
 @pytest.mark.parametrize("kind", [Int8Linear, Int4Linear])
-def test_quantized_layer_computes_with_weights_loaded_after_it_ran(kind: type) -> None:
-    """The kernel-side copy of the weights (padded, packed) is made at the first call and made
-    again when other weights are loaded into the same layer."""
+@pytest.mark.parametrize("batch", [1, 3])
+def test_quantized_layer_computes_with_weights_loaded_after_it_ran(kind: type, batch: int) -> None:
+    """The kernel-side copies of the weights (padded, packed; int8's single-row one too) are
+    made at the first call and made again when other weights are loaded into the same layer."""
     torch.manual_seed(0)
     a, b = (kind.from_linear(torch.nn.Linear(40, 24)) for _ in range(2))  # 40: padded by both
-    x = torch.randn(3, 40)
+    x = torch.randn(batch, 40)
     first = a(x)
     a.load_state_dict(b.state_dict())
     assert not torch.equal(a(x), first)
