@@ -139,6 +139,11 @@ def attention_mask(
     return mask
 
 
+def _dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    # Decoding runs hundreds of these a token: skip the call itself when it does nothing.
+    return F.dropout(x, p, training) if training and p > 0 else x
+
+
 class CausalSelfAttention(nn.Module):
     def __init__(self, cfg: ModelConfig, layer: int) -> None:
         super().__init__()
@@ -197,7 +202,7 @@ class CausalSelfAttention(nn.Module):
         with attention_kernels(x.device, T):
             y = F.scaled_dot_product_attention(q, k, v, **kwargs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
-        return F.dropout(self.c_proj(y), self.dropout, self.training)
+        return _dropout(self.c_proj(y), self.dropout, self.training)
 
 
 class MLP(nn.Module):
@@ -221,7 +226,7 @@ class MLP(nn.Module):
         else:
             gate, up = h.chunk(2, dim=-1)
             h = F.silu(gate) * up
-        return F.dropout(self.c_proj(h), self.dropout, self.training)
+        return _dropout(self.c_proj(h), self.dropout, self.training)
 
 
 class Block(nn.Module):

@@ -52,7 +52,7 @@ class QuantizedLinear(nn.Module):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
-        self._kernel: tuple[Any, ...] | None = None
+        self._kernel: Any = None  # the kernel-side weights, made at the first call
 
     def _copy_bias(self, linear: nn.Linear) -> None:
         if linear.bias is not None:
@@ -102,32 +102,43 @@ class Int8Linear(QuantizedLinear):
         out._copy_bias(linear)
         return out
 
-    def _product(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # One row (batch-1 decoding): straight to the int8 x int8 kernel, bias included, with
+        # no reshaping around it -- at 121 products a token, each call's overhead counts.
+        if self.int8_activations and x.numel() == self.in_features and x.dtype == torch.float32:
+            if self._kernel is None:
+                self._make_kernel()
+            if self._kernel[1] is None:
+                self._kernel[1] = _fbgemm_pack(self.weight, self.scale, self.bias)
+            if self._kernel[1] is not False:
+                return torch.ops.quantized.linear_dynamic(x.contiguous(), self._kernel[1])
+        return super().forward(x)
+
+    def _make_kernel(self) -> None:
         # The weight-only kernel reads rows in blocks of 16 values: the odd widths of small
         # models are zero-padded (the weight once, the input each call).
         pad = -self.in_features % 16
+        # [padded weight, fbgemm's packed weight: made at the first single row, or False]
+        self._kernel = [F.pad(self.weight, (0, pad)) if pad else self.weight, None]
+
+    def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is None:
-            # [padded weight, fbgemm's packed weight: made at the first single row, or False]
-            self._kernel = [F.pad(self.weight, (0, pad)) if pad else self.weight, None]
-        if x.size(0) == 1 and self.int8_activations:
-            if self._kernel[1] is None:
-                self._kernel[1] = _fbgemm_pack(self.weight, self.scale)
-            if self._kernel[1] is not False:
-                return torch.ops.quantized.linear_dynamic(x.float().contiguous(), self._kernel[1])
+            self._make_kernel()
+        pad = -self.in_features % 16
         x = F.pad(x, (0, pad)) if pad else x
         x = x.to(torch.bfloat16).contiguous()
         return torch.ops.aten._weight_int8pack_mm(x, self._kernel[0], self.scale)
 
 
-def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor) -> Any:
-    """The same int8 weights and scales in the layout of PyTorch's int8 x int8 CPU kernel, or
-    False where this build has none (the weight-only kernel is used then)."""
+def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    """The same int8 weights, scales and bias in the layout of PyTorch's int8 x int8 CPU kernel,
+    or False where this build has none (the weight-only kernel is used then)."""
     try:
         with warnings.catch_warnings():  # PyTorch's quantized tensors are marked deprecated
             warnings.simplefilter("ignore")
             zeros = torch.zeros(weight.size(0), dtype=torch.long)
             q = torch._make_per_channel_quantized_tensor(weight, scale.double(), zeros, 0)
-            return torch.ops.quantized.linear_prepack(q, None)
+            return torch.ops.quantized.linear_prepack(q, bias)
     except (RuntimeError, AttributeError, NotImplementedError):
         return False
 
