@@ -4,9 +4,10 @@ The recipe (nanoGPT's Shakespeare-char CPU example): 4 layers x 4 heads x 128 wi
 batch 12, no dropout, no biases, AdamW lr 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices),
 100 warm-up steps then cosine to 1e-4 over 2000 steps, gradient clipping at 1.0, fp32, on the
 bundled tiny Shakespeare, characters. gptkit runs it with `gptkit.train.train` (benchmarks/
-speedrun.py's BASELINE); the reference is this file's own loop: a GPT as a reader of the
-textbook would write it (nn.Embedding, nn.LayerNorm, F.scaled_dot_product_attention, GELU MLP,
-tied head, torch.optim.AdamW with its defaults on a CPU), random windows of the same data.
+speedrun.py's BASELINE with nanoGPT's exact GELU, `model.mlp=gelu_exact`); the reference is this
+file's own loop: a GPT as a reader of the textbook would write it (nn.Embedding, nn.LayerNorm,
+F.scaled_dot_product_attention, GELU MLP, tied head, torch.optim.AdamW with its defaults on a
+CPU), random windows of the same data.
 They alternate, ABAB (--pairs), in fresh processes; each reports its training time (evaluation
 excluded) and its validation loss over the whole split at the end.
 
@@ -132,7 +133,9 @@ def ours(steps: int, data_dir: Path, run_dir: Path) -> dict:
     from gptkit.config import load_config
     from gptkit.train import train
 
-    cfg = load_config(None, BASELINE + [f"train.max_steps={steps}", "train.sample_tokens=0"])
+    # nanoGPT's GELU, as the reference's: the exact one (gptkit's GPT-2 default is the tanh form,
+    # twice its cost on a CPU), so both sides train the same model.
+    cfg = load_config(None, BASELINE + ["model.mlp=gelu_exact", f"train.max_steps={steps}", "train.sample_tokens=0"])
     cfg.data.dir = str(data_dir)
     res = train(cfg, run_dir, progress=False, quiet=True)
     return {"train_s": res.train_s, "val_loss": res.val["loss"]}

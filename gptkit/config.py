@@ -35,7 +35,7 @@ class ModelConfig:
     rope_base: float = 10000.0
     norm: Literal["layernorm", "rmsnorm"] = "layernorm"
     qk_norm: bool = False
-    mlp: Literal["gelu", "relu2", "swiglu"] = "gelu"
+    mlp: Literal["gelu", "gelu_exact", "relu2", "swiglu"] = "gelu"
     mlp_ratio: float = 4.0
     tie_embeddings: bool = True
     zero_init_head: bool = False  # only for an untied head

@@ -40,10 +40,10 @@ def _hf_config_to_ours(hf: dict, source: Path) -> Config:
             "convert"
         )
     act = hf.get("activation_function", "gelu_new")
-    if act not in ("gelu_new", "gelu_pytorch_tanh"):
+    if act not in ("gelu_new", "gelu_pytorch_tanh", "gelu"):
         raise GptkitError(
-            f"{source}: activation_function {act!r} is not GPT-2's tanh GELU; cannot convert "
-            "exactly"
+            f"{source}: activation_function {act!r} is neither GPT-2's tanh GELU nor the exact "
+            "one; cannot convert exactly"
         )
     for flag in ("scale_attn_by_inverse_layer_idx", "reorder_and_upcast_attn"):
         if hf.get(flag):
@@ -59,6 +59,7 @@ def _hf_config_to_ours(hf: dict, source: Path) -> Config:
     m.n_layer, m.n_head, m.n_embd = hf["n_layer"], hf["n_head"], hf["n_embd"]
     inner = hf.get("n_inner") or 4 * m.n_embd
     m.mlp_ratio = inner / m.n_embd
+    m.mlp = "gelu_exact" if act == "gelu" else "gelu"
     m.tie_embeddings = hf.get("tie_word_embeddings", True)
     m.dropout = 0.0
     cfg.validate()
@@ -234,7 +235,7 @@ def export_family(cfg: Config) -> str:
     # (what breaks GPT-2's architecture, the setting that restores it)
     rules = [
         (m.norm != "layernorm", "model.norm=layernorm"),
-        (m.mlp != "gelu", "model.mlp=gelu"),
+        (m.mlp not in ("gelu", "gelu_exact"), "model.mlp=gelu"),
         (m.qk_norm, "model.qk_norm=false"),
         (m.logit_softcap, "model.logit_softcap=0"),
         (m.kv_heads != m.n_head, "model.n_kv_head=0"),
@@ -328,7 +329,7 @@ def _export_gpt2(tmp: Path, ckpt: Path, cfg: Config, tok: Tokenizer | None) -> N
         "n_layer": m.n_layer,
         "n_head": m.n_head,
         "n_inner": m.mlp_hidden,
-        "activation_function": "gelu_new",
+        "activation_function": "gelu" if m.mlp == "gelu_exact" else "gelu_new",
         "resid_pdrop": m.dropout,
         "embd_pdrop": m.dropout,
         "attn_pdrop": m.dropout,

@@ -63,6 +63,11 @@ def export_gguf(
         raise GptkitError(f"unknown --outtype {outtype!r}; choose one of {', '.join(OUTTYPES)}")
     cfg = load_run_config(run_dir)
     family = export_family(cfg)
+    if cfg.model.mlp == "gelu_exact":
+        raise GptkitError(
+            "this run uses the exact GELU (model.mlp=gelu_exact); llama.cpp's GPT-2 computes the "
+            "tanh one, so the file would not compute this model: export it with --to-hf instead"
+        )
     ckpt = checkpoint_dir(run_dir)
     tok = _gguf_tokenizer(run_dir)
     if out.is_dir():

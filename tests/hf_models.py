@@ -102,7 +102,7 @@ def hf_model(
     return folder
 
 
-def gpt2_model(folder: Path, **shape: int) -> tuple[object, Path]:
+def gpt2_model(folder: Path, **shape: int | str) -> tuple[object, Path]:
     """A random GPT2LMHeadModel saved in `folder`, every tensor (biases, gains) perturbed so that
     every tensor's mapping is checked."""
     import transformers

@@ -98,6 +98,46 @@ def test_import_export_parity_and_round_trip(tmp_path: Path, shape: str) -> None
     assert tok_back("Hello world")["input_ids"] == [15496, 995]
 
 
+def test_exact_gelu_gpt2_imports_and_exports(tmp_path: Path) -> None:
+    """A GPT-2 with transformers' exact GELU (activation_function "gelu") imports as
+    model.mlp=gelu_exact with the same logits, exports back as "gelu" with the same logits, and
+    GGUF export (llama.cpp's GPT-2 computes the tanh form) is refused in one line."""
+    from .hf_models import gpt2_model
+
+    theirs, folder = gpt2_model(tmp_path / "hf", **SHAPES["tiny"], activation_function="gelu")
+    with torch.no_grad():  # pre-activations of order 1, where the two GELUs differ (by 5e-4 at most), and
+        for block in theirs.transformer.h:  # an MLP that dominates the residual, so the logits show it
+            block.mlp.c_fc.weight.mul_(40)
+            block.mlp.c_proj.weight.mul_(40)
+        theirs.transformer.wte.weight.mul_(30)  # (the tied head) logits of order 10: the forms differ by 1e-3 there
+    theirs.save_pretrained(folder)
+    run = import_hf(folder, tmp_path / "run", tokenizer=str(GPT2_FILES))
+    ours, _, cfg = load_model(run)
+    assert cfg.model.mlp == "gelu_exact"
+    ids = torch.tensor([OURS_GPT2.encode("To be, or not to be, that is the question:")])
+    with torch.no_grad():
+        ref = theirs(ids).logits
+        same_diff = (ours(ids)[0] - ref).abs().max().item()
+    assert same_diff < 1e-4, same_diff
+    out = export_hf(run, tmp_path / "back")
+    assert json.loads((out / "config.json").read_text())["activation_function"] == "gelu"
+    back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    with torch.no_grad():
+        assert (back(ids).logits - ref).abs().max().item() < 1e-4
+    # the tanh form is a different function: the same weights give other logits
+    cfg_tanh = json.loads((folder / "config.json").read_text()) | {"activation_function": "gelu_new"}
+    (folder / "config.json").write_text(json.dumps(cfg_tanh))
+    tanh_run = import_hf(folder, tmp_path / "tanh", tokenizer=str(GPT2_FILES))
+    with torch.no_grad():
+        tanh_diff = (load_model(tanh_run)[0](ids)[0] - ref).abs().max().item()
+    assert tanh_diff > 5e-4, tanh_diff  # (measured 1.2e-3; the same form: 0.0)
+    from gptkit.gguf_export import export_gguf
+
+    with pytest.raises(GptkitError, match="--to-hf"):
+        export_gguf(run, tmp_path / "m.gguf")
+    assert not (tmp_path / "m.gguf").exists()
+
+
 def test_greedy_generation_matches_transformers(tmp_path: Path) -> None:
     _, folder = hf_model(tmp_path, "hf", **SHAPES["tiny"])
     run = import_hf(folder, tmp_path / "run", tokenizer=str(GPT2_FILES))
