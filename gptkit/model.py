@@ -193,6 +193,13 @@ class CausalSelfAttention(nn.Module):
 
         # softmax(Q K^T / sqrt(d) + causal mask) V: the plain causal case needs no mask tensor;
         # otherwise GPT.forward built one for all layers (attention_mask).
+        if T == 1 and self.n_kv_head != self.n_head and not self.training:
+            # One query a head (decoding) with grouped keys: each key/value head's queries are
+            # its rows -- enable_gqa's numbers, without repeating the keys and values.
+            group = self.n_head // self.n_kv_head
+            q = q.reshape(B, self.n_kv_head, group, self.head_dim)
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return self.c_proj(y.reshape(B, 1, self.n_head * self.head_dim))
         kwargs = dict(
             attn_mask=mask,
             is_causal=False if T == 1 else mask is None,
