@@ -85,7 +85,7 @@ def test_override_keeps_types() -> None:
     [
         ("model.pos_embedding", "alibi", "learned or rope"),
         ("model.norm", "batchnorm", "layernorm or rmsnorm"),
-        ("model.mlp", "geglu", "gelu, relu2 or swiglu"),
+        ("model.mlp", "geglu", "gelu, gelu_exact, relu2 or swiglu"),
         ("train.schedule", "linear", "cosine, wsd or constant"),
         ("train.optimizer", "sgd", "adamw or muon"),
         ("train.dtype", "fp8", "auto, float32, bfloat16 or float16"),
