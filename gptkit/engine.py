@@ -338,7 +338,7 @@ class Engine:
                     self.active -= len(batch) - len(retry)
                     self.queue.extendleft(reversed(retry))
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _run(self, jobs: list[Job]) -> None:
         self.batches += 1
         self.rows += len(jobs)
@@ -416,7 +416,7 @@ class Engine:
 
     # --- continuous batching ---
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def _loop_continuous(self) -> None:
         cfg = self.model.config
         dtype = next(self.model.parameters()).dtype
