@@ -169,14 +169,23 @@ def quality(minutes: float) -> dict:
                 out[name] |= {f"decode_{s}": round(b, 3), f"decode_{s}_change": round(b / a - 1, 5)}
         ids = texts["shakespeare_val"]
         params = SamplingParams(max_new_tokens=32, temperature=0)
+        prompts = [torch.tensor([ids[i * 97 : i * 97 + 16]]) for i in range(20)]
+
+        def greedy(model: torch.nn.Module, p: torch.Tensor) -> list[int]:
+            return [int(t) for t in generate_ids(model, p, params)]
+
+        reference = [greedy(fp32, p) for p in prompts]  # fp32's once, for every scheme
         for s, model in quantized.items():
-            same = 0
-            for i in range(20):
-                p = torch.tensor([ids[i * 97 : i * 97 + 16]])
-                same += [int(t) for t in generate_ids(fp32, p, params)] == [int(t) for t in generate_ids(model, p, params)]
+            same = sum(greedy(model, p) == want for p, want in zip(prompts, reference))
             out[f"{s}_greedy_32_same_share"] = same / 20
     print(f"\nint8/int4 quality (BPE model trained {minutes} min): {json.dumps(out)}")
     return out
+
+
+def largest_change(q: dict, scheme: str) -> float:
+    """The perplexity change of largest size, over both texts, whole windows and decoding."""
+    keys = (f"{scheme}_change", f"decode_{scheme}_change")
+    return max((v[k] for v in q.values() if isinstance(v, dict) for k in keys), key=abs)
 
 
 def main() -> None:
@@ -194,12 +203,10 @@ def main() -> None:
     first = result[a.shape[0]]
     result["ratio_int8_vs_llamacpp_q8_b1"] = round(first["gptkit_int8_b1"] / first["llama.cpp_q8_0_b1"], 2)
     result["ratio_int8_vs_fp32_b8"] = round(first["gptkit_int8_b8"] / first["gptkit_fp32_b8"], 2)
-    changes = [v[k] for v in q.values() if isinstance(v, dict) for k in ("int8_change", "decode_int8_change")]
-    result["int8_ppl_change"] = max(changes, key=abs)
+    result["int8_ppl_change"] = largest_change(q, "int8")
     result["ratio_int4_vs_llamacpp_q4_b1"] = round(first["gptkit_int4_b1"] / first["llama.cpp_q4_0_b1"], 2)
     result["ratio_int4_vs_llamacpp_q8_b1"] = round(first["gptkit_int4_b1"] / first["llama.cpp_q8_0_b1"], 2)
-    changes = [v[k] for v in q.values() if isinstance(v, dict) for k in ("int4_change", "decode_int4_change")]
-    result["int4_ppl_change"] = max(changes, key=abs)
+    result["int4_ppl_change"] = largest_change(q, "int4")
     result["ratio_int8_bf16act_vs_llamacpp_q8_b1"] = round(first["gptkit_int8_bf16act_b1"] / first["llama.cpp_q8_0_b1"], 2)
     print(json.dumps(result))
 

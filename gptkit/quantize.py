@@ -82,11 +82,12 @@ class Int8Linear(QuantizedLinear):
 
     scheme = "int8"
 
-    def __init__(
-        self, in_features: int, out_features: int, bias: bool, int8_activations: bool = True
-    ) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool) -> None:
         super().__init__(in_features, out_features, bias)
-        self.int8_activations = int8_activations
+        self.int8_activations = True  # swap_linears sets the run's choice
+        # The weight-only kernel reads rows in blocks of 16 values: the odd widths of small
+        # models are zero-padded (the weight once, the input each call).
+        self.pad = -in_features % 16
         self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
         # bf16 scales: the kernel's fast path takes bf16 activations and scales of their dtype.
         self.register_buffer("scale", torch.ones(out_features, dtype=torch.bfloat16))
@@ -115,17 +116,13 @@ class Int8Linear(QuantizedLinear):
         return super().forward(x)
 
     def _make_kernel(self) -> None:
-        # The weight-only kernel reads rows in blocks of 16 values: the odd widths of small
-        # models are zero-padded (the weight once, the input each call).
-        pad = -self.in_features % 16
         # [padded weight, fbgemm's packed weight: made at the first single row, or False]
-        self._kernel = [F.pad(self.weight, (0, pad)) if pad else self.weight, None]
+        self._kernel = [F.pad(self.weight, (0, self.pad)) if self.pad else self.weight, None]
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is None:
             self._make_kernel()
-        pad = -self.in_features % 16
-        x = F.pad(x, (0, pad)) if pad else x
+        x = F.pad(x, (0, self.pad)) if self.pad else x
         x = x.to(torch.bfloat16).contiguous()
         return torch.ops.aten._weight_int8pack_mm(x, self._kernel[0], self.scale)
 
