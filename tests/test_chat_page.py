@@ -28,6 +28,7 @@ from selenium.webdriver.common.keys import Keys  # noqa: E402
 from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
 
 DESKTOP, PHONE = (1280, 860), (390, 844)
+LONG = 200_000  # max_tokens of a reply that must still be running when the test acts on it
 
 
 @pytest.fixture(scope="module")
@@ -59,8 +60,9 @@ def rambling_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def base_server(rambling_run: Path) -> Iterator[Server]:
     """The rambling base model, one sample at a time: long replies to stop, and a queue that one
-    request fills."""
-    s = Server(rambling_run, "--max-tokens-cap", "4000", "--queue-limit", "1", "--max-request-work", "4000")
+    request fills. The caps allow replies that last a minute or more on any machine (a 2-layer
+    model decodes thousands of tokens a second: 4000 could end before a slow browser had asked)."""
+    s = Server(rambling_run, "--max-tokens-cap", str(LONG), "--queue-limit", "1", "--max-request-work", str(LONG))
     yield s
     s.stop()
 
@@ -233,7 +235,7 @@ def test_stop_aborts_the_reply_and_the_server_frees_it(browser: Callable, base_s
     open_page(d, base_server)
     # A low temperature: the rambling model's one rare newline (which ends a plain-template turn)
     # stays out of reach, and the reply runs until it is stopped.
-    set_settings(d, max_tokens=4000, temperature=0.3)
+    set_settings(d, max_tokens=LONG, temperature=0.3)
     say(d, "ROMEO:", wait_done=False)
     wait(d, lambda d: len(d.find_element(By.CSS_SELECTOR, "#log .msg.assistant .body").text) > 20)
     assert health(base_server)["active_samples"] == 1
@@ -245,7 +247,7 @@ def test_stop_aborts_the_reply_and_the_server_frees_it(browser: Callable, base_s
     assert health(base_server)["active_samples"] == 0  # the request's slot is free again
     tokens = health(base_server)["tokens"]
     time.sleep(0.5)
-    assert health(base_server)["tokens"] == tokens < 4000  # and nothing decodes on for it
+    assert health(base_server)["tokens"] == tokens < LONG  # and nothing decodes on for it
     stats = d.find_element(By.CSS_SELECTOR, "#log .msg.assistant .stats").text
     assert "stopped" in stats
     assert messages(d)[-1][0] == "assistant" and len(messages(d)[-1][1]) > 20  # the partial reply is kept
@@ -359,7 +361,7 @@ def test_errors_show_in_the_conversation_and_keep_the_typed_text(browser: Callab
     release = threading.Event()
 
     def hold() -> None:  # a completion: it ends at end-of-text only, which this model never writes
-        body = json.dumps({"model": base_server.name, "prompt": "x", "max_tokens": 4000, "stream": True}).encode()
+        body = json.dumps({"model": base_server.name, "prompt": "x", "max_tokens": LONG, "stream": True}).encode()
         req = urllib.request.Request(base_server.url + "/v1/completions", data=body, method="POST")
         req.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(req, timeout=60) as r:
@@ -369,13 +371,14 @@ def test_errors_show_in_the_conversation_and_keep_the_typed_text(browser: Callab
             held.set()
             release.wait(30)
 
+    d2 = browser()  # the browser first: its start-up is not spent while the place is held
+    open_page(d2, base_server)
     t = threading.Thread(target=hold)
     t.start()
     try:
         assert held.wait(30)
-        d2 = browser()
-        open_page(d2, base_server)
         say(d2, "Anyone home?")
+        assert health(base_server)["active_samples"] == 1  # the place was still taken when it asked
         role, text = messages(d2)[-1]
         assert role == "error" and "429" in text and "busy" in text, text
         assert d2.find_element(By.ID, "msg").get_attribute("value") == "Anyone home?"
