@@ -5,8 +5,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+import gptkit.runtime as runtime
 from gptkit.config import ModelConfig
-from gptkit.model import GPT, KVCache, linear_cross_entropy
+from gptkit.model import GPT, KVCache, causal_attention, linear_cross_entropy
 
 pytestmark = [pytest.mark.cuda, pytest.mark.usefixtures("on_device")]
 
@@ -253,3 +254,58 @@ def test_linear_cross_entropy_under_bf16_autocast_matches_the_autocast_logits() 
         torch.testing.assert_close(out, ref, rtol=1e-3, atol=1e-3)
         for a, b in ((fx, gx), (fw, gw)):
             assert ((a - b).norm() / b.norm()).item() < 0.02
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    b=st.integers(1, 3),
+    kv=st.integers(1, 3),
+    group=st.integers(1, 3),
+    t=st.integers(1, 40),
+    d=st.sampled_from([4, 8, 16, 32]),
+    seed=st.integers(0, 2**16),
+)
+def test_causal_attention_is_sdpa_causal(b: int, kv: int, group: int, t: int, d: int, seed: int) -> None:
+    """The written-out softmax(QK^T/sqrt(d) + causal bias) V equals SDPA's causal attention, with
+    grouped keys too, in its values and in all three gradients."""
+    with torch.device("cpu"):
+        g = torch.Generator().manual_seed(seed)
+        q = torch.randn(b, kv * group, t, d, generator=g, requires_grad=True)
+        k, v = (torch.randn(b, kv, t, d, generator=g, requires_grad=True) for _ in range(2))
+        up = torch.randn(b, kv * group, t, d, generator=g)
+        ours = causal_attention(q, k, v)
+        ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=group > 1)
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+        for a, r in zip(torch.autograd.grad(ours, (q, k, v), up), torch.autograd.grad(ref, (q, k, v), up)):
+            torch.testing.assert_close(a, r, rtol=1e-4, atol=1e-5)
+
+
+def _bf16_step(model: GPT, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor], set[str]]:
+    """Loss, gradients and the ops run of one bf16-autocast training step on the CPU."""
+    model.zero_grad(set_to_none=True)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(x, x)[1]
+            loss.backward()
+    return loss.detach(), [p.grad.clone() for p in model.parameters()], {e.key for e in prof.key_averages()}
+
+
+@pytest.mark.parametrize("variant", ["gpt2", "gqa", "modern"])
+def test_bf16_cpu_training_writes_attention_out_with_sdpas_numbers(variant: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """bf16 training on a CPU with a short context takes the written-out formula (no SDPA call),
+    and its loss and gradients are SDPA math kernel's to bf16 precision; in fp32 SDPA runs."""
+    with torch.device("cpu"):
+        model = make(**VARIANTS[variant]).train()
+        x = torch.randint(0, 50, (3, 24))
+        loss, grads, ops = _bf16_step(model, x)  # the default
+        assert "aten::baddbmm" in ops and not any("scaled_dot_product" in op for op in ops)
+        monkeypatch.setattr(runtime, "CPU_TRAIN_ATTENTION", "math")
+        ref_loss, ref_grads, ref_ops = _bf16_step(model, x)
+        assert "aten::scaled_dot_product_attention" in ref_ops and "aten::baddbmm" not in ref_ops
+        torch.testing.assert_close(loss, ref_loss, rtol=2e-2, atol=2e-2)
+        for a, r in zip(grads, ref_grads):
+            assert ((a - r).norm() / r.norm().clamp_min(1e-12)).item() < 0.05
+        model.zero_grad(set_to_none=True)
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            model(x, x)[1].backward()  # fp32: SDPA
+        assert any("scaled_dot_product" in e.key for e in prof.key_averages())
