@@ -19,9 +19,9 @@ from gptkit.errors import GptkitError
 # Attention in bf16 training on a CPU with contexts up to CPU_SHORT_CONTEXT tokens: "formula"
 # writes softmax(QK^T/sqrt(d) + causal bias) V out as two batched matmuls and a softmax
 # (model.causal_attention), faster there than SDPA's flash kernel (its backward) and its math
-# kernel (which adds checks for fully masked rows): whole steps 1.18x flash's at context 256 and
-# 1.13x at 512, even at 1024 (benchmarks/attention_backend.py). "math" and "flash" restrict
-# SDPA to that kernel. In fp32, or with longer contexts, SDPA chooses.
+# kernel (which adds checks for fully masked rows): whole steps 1.28x math's at context 128,
+# 1.18x flash's at 256 and 1.15x at 512; at 1024 flash is ahead (benchmarks/attention_backend.py).
+# "math" and "flash" restrict SDPA to that kernel. In fp32, or with longer contexts, SDPA chooses.
 CPU_TRAIN_ATTENTION = "formula"
 CPU_SHORT_CONTEXT = 512
 

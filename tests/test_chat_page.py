@@ -366,8 +366,9 @@ def test_errors_show_in_the_conversation_and_keep_the_typed_text(browser: Callab
         req.add_header("Content-Type", "application/json")
         with urllib.request.urlopen(req, timeout=60) as r:
             r.readline()
-            while health(base_server)["active_samples"] < 1:  # admitted: the one place is taken
-                time.sleep(0.01)
+            deadline = time.monotonic() + 30
+            while health(base_server)["active_samples"] < 1 and time.monotonic() < deadline:
+                time.sleep(0.01)  # admitted: the one place is taken
             held.set()
             release.wait(30)
 

@@ -275,7 +275,12 @@ async function send() {
   }
   const tokens = usage?.completion_tokens ?? null;
   reply.stats = { tokens: tokens ?? "?", ttft_ms: first === null ? null : first - t0, finish, stopped };
-  if (tokens && first !== null && end - first > 0 && tokens > 1) reply.stats.tps = (tokens - 1) / ((end - first) / 1000);
+  // Decoding speed: the tokens after the first over the time after it; when the whole reply came in one read
+  // (a fast model, a short reply) that time is zero, and the rate is taken over the whole reply from the request.
+  if (tokens && first !== null) {
+    const span = tokens > 1 && end - first > 0 ? [tokens - 1, end - first] : [tokens, end - t0];
+    if (span[1] > 0) reply.stats.tps = span[0] / (span[1] / 1000);
+  }
   paint(); st.textContent = statsText(reply.stats);
   c.messages.push(reply); touch(); draw();
   if (failed) showError(failed);
