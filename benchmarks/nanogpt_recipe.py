@@ -160,14 +160,15 @@ def ours(steps: int, data_dir: Path, run_dir: Path, dtype: str, seed: int) -> di
     cfg = load_config(None, BASELINE + sets)
     cfg.data.dir = str(data_dir)
     res = train(cfg, run_dir, progress=False, quiet=True)
-    chosen = dtype
+    chosen, timing = dtype, ""
     if dtype == "auto":  # what its start-up timing chose: the one entry of its fresh cache
         from gptkit.runtime import user_cache_dir
         from gptkit.train import AUTO_DTYPE_CACHE
 
         (got,) = json.loads((user_cache_dir() / AUTO_DTYPE_CACHE).read_text()).values()
-        chosen = f"{got['dtype']}, {got['bfloat16_ms']:.0f} against {got['float32_ms']:.0f} ms in fp32"
-    return {"train_s": res.train_s, "wall_s": time.perf_counter() - t_call, "val_loss": res.val["loss"], "dtype": chosen}
+        chosen, timing = got["dtype"], f"{got['bfloat16_ms']:.0f} against {got['float32_ms']:.0f} ms in fp32"
+    return {"train_s": res.train_s, "wall_s": time.perf_counter() - t_call, "val_loss": res.val["loss"], "dtype": chosen,
+            "timing": timing}  # fmt: skip
 
 
 SIDES = {"gptkit": "auto", "gptkit_fp32": "float32", "reference": "float32", "reference_bf16": "bfloat16"}
@@ -205,7 +206,8 @@ def main() -> None:
                 out = subprocess.run(cmd, capture_output=True, text=True, check=True, env=env).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 results[who].append(r)
-                print(f"round {i + 1} (seed {1337 + i}) {who:>14} ({r['dtype']}): training {r['train_s']:.1f} s, "
+                how = r["dtype"] + (f", {r['timing']}" if r.get("timing") else "")
+                print(f"round {i + 1} (seed {1337 + i}) {who:>14} ({how}): training {r['train_s']:.1f} s, "
                       f"whole call {r['wall_s']:.1f} s, "
                       f"val {r['val_loss']:.4f}", flush=True)  # fmt: skip
 
@@ -231,8 +233,8 @@ def main() -> None:
         "gptkit_fp32_val_loss": med("gptkit_fp32", "val_loss"),
         "reference_val_loss": med("reference", "val_loss"),
         "reference_bf16_val_loss": med("reference_bf16", "val_loss"),
-        "auto_dtype": sorted({r["dtype"].split(",")[0] for r in results["gptkit"]}),
-        "auto_timings": [r["dtype"] for r in results["gptkit"]],
+        "auto_dtype": sorted({r["dtype"] for r in results["gptkit"]}),
+        "auto_timings": [r["timing"] for r in results["gptkit"]],
         "steps": a.steps,
     }
     print(f"training: gptkit (dtype=auto: {', '.join(summary['auto_dtype'])}) {summary['gptkit_s']:.1f} s, val "

@@ -237,8 +237,7 @@ class CausalSelfAttention(nn.Module):
                 dropout_p=dropout,
                 enable_gqa=self.n_kv_head != self.n_head,
             )
-            # (with a mask, bf16 training's fastest SDPA kernel at short contexts is math)
-            with sdpa_kernels("math" if kind == "formula" else kind):
+            with sdpa_kernels(kind):
                 y = F.scaled_dot_product_attention(q, k, v, **kwargs)
         y = y.transpose(1, 2).contiguous().view(B, T, self.n_head * self.head_dim)
         return _dropout(self.c_proj(y), self.dropout, self.training)

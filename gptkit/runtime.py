@@ -129,7 +129,8 @@ def cpu_train_attention(device: torch.device, seq_len: int) -> str | None:
 
 
 def sdpa_kernels(kind: str | None) -> Any:
-    """The SDPA kernels to allow: the one cpu_train_attention named, or all of them."""
+    """The SDPA kernels to allow: the one cpu_train_attention named, or all of them (None, or
+    "formula" where the formula does not apply)."""
     if kind == "math":
         return sdpa_kernel([SDPBackend.MATH])
     if kind == "flash":
