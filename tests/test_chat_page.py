@@ -360,7 +360,16 @@ def test_errors_show_in_the_conversation_and_keep_the_typed_text(browser: Callab
     held = threading.Event()
     release = threading.Event()
 
-    def hold() -> None:  # a completion: it ends at end-of-text only, which this model never writes
+    failure: list[BaseException] = []
+
+    def hold() -> None:
+        try:
+            hold_place()
+        except BaseException as e:  # shown by the assertion below: why the place was never held
+            failure.append(e)
+            raise
+
+    def hold_place() -> None:  # a completion: it ends at end-of-text only, which this model never writes
         body = json.dumps({"model": base_server.name, "prompt": "x", "max_tokens": LONG, "stream": True}).encode()
         req = urllib.request.Request(base_server.url + "/v1/completions", data=body, method="POST")
         req.add_header("Content-Type", "application/json")
@@ -377,7 +386,7 @@ def test_errors_show_in_the_conversation_and_keep_the_typed_text(browser: Callab
     t = threading.Thread(target=hold)
     t.start()
     try:
-        assert held.wait(30)
+        assert held.wait(60), f"the holding completion never took the place: {failure!r}"
         say(d2, "Anyone home?")
         assert health(base_server)["active_samples"] == 1  # the place was still taken when it asked
         role, text = messages(d2)[-1]
