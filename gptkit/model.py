@@ -68,17 +68,22 @@ def rope_frequencies(cfg: ModelConfig) -> torch.Tensor:
 
 
 def rope_tables(cfg: ModelConfig, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of position * frequency, shape (length, head_dim / 2)."""
+    """cos and sin of position * frequency, shape (length, head_dim): dimensions i and i + D/2
+    are a pair rotated by the same angle, so each half repeats the frequencies; the sin table
+    carries the rotation's signs (-sin on the first half, +sin on the second) for apply_rope."""
     angles = torch.outer(torch.arange(length, dtype=torch.float32), rope_frequencies(cfg))
-    return angles.cos(), angles.sin()
+    cos, sin = angles.cos(), angles.sin()
+    return torch.cat([cos, cos], dim=-1), torch.cat([-sin, sin], dim=-1)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate each pair (x1_i, x2_i) of the head dimension by its position's angle; x: (B, T, H, D),
-    cos and sin: (T, 1, D / 2), or (B, T, 1, D / 2) when positions differ by row."""
-    x1, x2 = x.chunk(2, dim=-1)
+    """Rotate each pair (x1_i, x2_i) = (x_i, x_{i+D/2}) of the head dimension by its position's
+    angle: (x1 cos - x2 sin, x2 cos + x1 sin). With rope_tables' signed sin that is
+    x * cos + swap_halves(x) * sin, and swapping the halves is a roll by D/2: four kernels
+    where splitting and concatenating the halves takes eight. x: (B, T, H, D), cos and sin:
+    (T, 1, D), or (B, T, 1, D) when positions differ by row."""
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return x * cos + x.roll(x.size(-1) // 2, dims=-1) * sin
 
 
 @dataclass
@@ -358,10 +363,10 @@ class GPT(nn.Module):
         if self.wpe is not None:
             x = x + self.wpe(pos)
         elif pad is None:
-            # (T, 1, D/2)
+            # (T, 1, D)
             rope = (self.rope_cos[past : past + T, None], self.rope_sin[past : past + T, None])
         else:
-            # (B, T, 1, D/2)
+            # (B, T, 1, D)
             rope = (self.rope_cos[pos][:, :, None], self.rope_sin[pos][:, :, None])
         x = self.drop(x)
         mask = attention_mask(past, T, pad, idx.device)

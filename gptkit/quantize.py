@@ -23,8 +23,10 @@ without the fp32 ones; every command that samples (generate, chat, serve, eval) 
 
 from __future__ import annotations
 
+import functools
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -112,7 +114,7 @@ class Int8Linear(QuantizedLinear):
             if self._kernel[1] is None:
                 self._kernel[1] = _fbgemm_pack(self.weight, self.scale, self.bias)
             if self._kernel[1] is not False:
-                return torch.ops.quantized.linear_dynamic(x.contiguous(), self._kernel[1])
+                return _int8_product()(x.contiguous(), self._kernel[1])
         return super().forward(x)
 
     def _make_kernel(self) -> None:
@@ -125,6 +127,27 @@ class Int8Linear(QuantizedLinear):
         x = F.pad(x, (0, self.pad)) if self.pad else x
         x = x.to(torch.bfloat16).contiguous()
         return torch.ops.aten._weight_int8pack_mm(x, self._kernel[0], self.scale)
+
+
+def _scripted_product(
+    x: torch.Tensor, w: torch.classes.quantized.LinearPackedParamsBase
+) -> torch.Tensor:
+    return torch.ops.quantized.linear_dynamic(x, w)
+
+
+@functools.cache
+def _int8_product() -> Callable[[torch.Tensor, Any], torch.Tensor]:
+    """fbgemm's int8 x int8 product, called through TorchScript where this build has it.
+    Called from Python, the op's handling of its packed-weight argument (a TorchScript object)
+    costs about 13 us a call, most of it unwinding C++ exceptions (perf); a scripted function
+    takes the argument typed. Measured: 5 against 18 us a call for a 16 x 16 matrix; a decode
+    step 10.3 -> 9.4 ms at GPT-2's shape (49 products), 22.0 -> 19.2 ms at SmolLM2's (121)."""
+    try:
+        with warnings.catch_warnings():  # torch.jit.script is marked deprecated
+            warnings.simplefilter("ignore")
+            return torch.jit.script(_scripted_product)
+    except Exception:  # no TorchScript here: the plain call, the same numbers
+        return torch.ops.quantized.linear_dynamic
 
 
 def _fbgemm_pack(weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:
