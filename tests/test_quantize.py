@@ -88,8 +88,11 @@ def decode_perplexity(model: torch.nn.Module, windows: torch.Tensor) -> float:
 def test_int8_single_row_quantizes_its_activations(rows: int, cols: int, bias: bool, outlier: float, seed: int) -> None:
     """One row at a time (batch-1 decoding) the row is quantized to 8 bits over its own range,
     zero exactly representable (x ~ (q - z) * s, q in 0..255), and multiplied with the stored
-    int8 weights: the layer's output is that product, to float rounding. With activations="bf16"
-    the row gets what it gets inside a batch (the weight-only kernel)."""
+    int8 weights: the layer's output is that product, to float rounding -- where a value sits
+    within 1e-3 of a step's midpoint either neighbouring level is a correct rounding (the kernel
+    multiplies by 1/s where this divides by s; CI saw such a value round the other way), so those
+    values may each add one step times their weights. With activations="bf16" the row gets what
+    it gets inside a batch (the weight-only kernel)."""
     torch.manual_seed(seed)
     lin = torch.nn.Linear(cols, rows, bias=bias)
     q = Int8Linear.from_linear(lin)
@@ -98,12 +101,15 @@ def test_int8_single_row_quantizes_its_activations(rows: int, cols: int, bias: b
     lo, hi = min(x.min().item(), 0.0), max(x.max().item(), 0.0)
     s = max((hi - lo) / 255, 1e-12)
     z = round(-lo / s)
-    xq = ((x / s).round() + z).clamp(0, 255).sub(z).mul(s)
+    level = x / s + z
+    xq = level.round().clamp(0, 255).sub(z).mul(s)
     w = q.weight.float() * q.scale.float()[:, None]
     b = lin.bias.detach() if bias else 0
     want = xq @ w.t() + b
     got = q(x)
-    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4 * (want.abs().max().item() + 1))
+    tie = ((level - level.floor() - 0.5).abs() < 1e-3)[0]
+    slack = s * w.abs()[:, tie].sum(1) + 1e-4 * (want.abs().max().item() + 1) + 1e-4 * want.abs()[0]
+    assert ((got - want).abs()[0] <= slack).all(), ((got - want).abs().max().item(), tie.sum().item())
     # the error is the activations' quantization: at most half a step per value
     assert ((got - (x @ w.t() + b)).abs() <= s / 2 * w.abs().sum(1) + 1e-4).all()
     q.int8_activations = False
