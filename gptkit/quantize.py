@@ -140,8 +140,9 @@ def _int8_product() -> Callable[[torch.Tensor, Any], torch.Tensor]:
     """fbgemm's int8 x int8 product, called through TorchScript where this build has it.
     Called from Python, the op's handling of its packed-weight argument (a TorchScript object)
     costs about 13 us a call, most of it unwinding C++ exceptions (perf); a scripted function
-    takes the argument typed. Measured: 5 against 18 us a call for a 16 x 16 matrix; a decode
-    step 10.3 -> 9.4 ms at GPT-2's shape (49 products), 22.0 -> 19.2 ms at SmolLM2's (121)."""
+    takes the argument typed. Measured: 5 against 18 us a call for a 16 x 16 matrix (one
+    thread); a decode step 10.3 -> 9.4 ms at GPT-2's shape (49 products), 22.0 -> 19.2 ms at
+    SmolLM2's (121)."""
     try:
         with warnings.catch_warnings():  # torch.jit.script is marked deprecated
             warnings.simplefilter("ignore")

@@ -362,24 +362,21 @@ def test_errors_show_in_the_conversation_and_keep_the_typed_text(browser: Callab
 
     failure: list[BaseException] = []
 
-    def hold() -> None:
-        try:
-            hold_place()
-        except BaseException as e:  # shown by the assertion below: why the place was never held
-            failure.append(e)
-            raise
-
-    def hold_place() -> None:  # a completion: it ends at end-of-text only, which this model never writes
+    def hold() -> None:  # a completion: it ends at end-of-text only, which this model never writes
         body = json.dumps({"model": base_server.name, "prompt": "x", "max_tokens": LONG, "stream": True}).encode()
         req = urllib.request.Request(base_server.url + "/v1/completions", data=body, method="POST")
         req.add_header("Content-Type", "application/json")
-        with urllib.request.urlopen(req, timeout=60) as r:
-            r.readline()
-            deadline = time.monotonic() + 30
-            while health(base_server)["active_samples"] < 1 and time.monotonic() < deadline:
-                time.sleep(0.01)  # admitted: the one place is taken
-            held.set()
-            release.wait(30)
+        try:
+            with urllib.request.urlopen(req, timeout=60) as r:
+                r.readline()
+                deadline = time.monotonic() + 30
+                while health(base_server)["active_samples"] < 1 and time.monotonic() < deadline:
+                    time.sleep(0.01)  # admitted: the one place is taken
+                held.set()
+                release.wait(30)
+        except BaseException as e:  # shown by the assertion below: why the place was never held
+            failure.append(e)
+            raise
 
     d2 = browser()  # the browser first: its start-up is not spent while the place is held
     open_page(d2, base_server)

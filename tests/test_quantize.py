@@ -89,9 +89,9 @@ def test_int8_single_row_quantizes_its_activations(rows: int, cols: int, bias: b
     """One row at a time (batch-1 decoding) the row is quantized to 8 bits over its own range,
     zero exactly representable (x ~ (q - z) * s, q in 0..255), and multiplied with the stored
     int8 weights: the layer's output is that product, to float rounding -- where a value sits
-    within 1e-3 of a step's midpoint either neighbouring level is a correct rounding (the kernel
-    multiplies by 1/s where this divides by s; CI saw such a value round the other way), so those
-    values may each add one step times their weights. With activations="bf16" the row gets what
+    within 1e-3 of a step's midpoint either neighbouring level is a correct rounding, and the
+    kernel's own float arithmetic may take the other one (2 of 3000 random rows with one thread
+    here), so those values may each add one step times their weights. With activations="bf16" the row gets what
     it gets inside a batch (the weight-only kernel)."""
     torch.manual_seed(seed)
     lin = torch.nn.Linear(cols, rows, bias=bias)
