@@ -28,7 +28,7 @@ from common import training_step
 from gptkit.config import load_config
 from gptkit.data import bundled_corpus, prepare
 from gptkit.runtime import keep_freed_memory  # noqa: E402
-from gptkit.train import train
+from gptkit.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = {

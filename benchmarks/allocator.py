@@ -1,4 +1,4 @@
-"""What `gptkit.train.keep_freed_memory` buys: training steps with glibc's default trimming and
+"""What `gptkit.training.train.keep_freed_memory` buys: training steps with glibc's default trimming and
 with freed memory kept, toggled between interleaved rounds in one process.
 
 "Default" here is glibc's starting thresholds (128 KiB) set explicitly, which also switches off

@@ -31,12 +31,12 @@ def matmul_peak(dtype: torch.dtype, n: int = 1024, repeats: int = 10) -> float:
 
 
 def training_step(cfg, vocab: int = 65, device: str = "cpu") -> Callable[[], None]:  # noqa: ANN001
-    """One training step of a gptkit config as `gptkit.train` runs it (its optimizers, autocast,
+    """One training step of a gptkit config as `gptkit.training.train` runs it (its optimizers, autocast,
     clipping, torch.compile when train.compile), on a fixed random batch: for timing
     configurations against each other. The config is not modified."""
     from gptkit.model import GPT
-    from gptkit.optim import build_optimizers
     from gptkit.runtime import autocast_context, resolve_dtype
+    from gptkit.training.optim import build_optimizers
 
     dev = torch.device(device)
     torch.manual_seed(0)
@@ -80,7 +80,7 @@ def run_folder(shape: str, tmp: Path) -> Path:
     """A gptkit run at `shape` with random weights, made through `gptkit convert` from a
     transformers model (GPT-2's tokenizer for GPT-2; a small byte-level BPE for SmolLM2's shape,
     its other rows unused)."""
-    from gptkit.convert import import_hf
+    from gptkit.formats.hf import import_hf
 
     torch.manual_seed(0)
     if shape == "gpt2-124M":

@@ -23,9 +23,9 @@ import torch
 # from the parent across fork + exec.
 CODE = """
 import sys
-import torch, gptkit.convert, gptkit.checkpoint
+import torch, gptkit.formats.hf, gptkit.checkpoint
 if sys.argv[1] == "convert":
-    gptkit.convert.import_hf(sys.argv[2], sys.argv[3])
+    gptkit.formats.hf.import_hf(sys.argv[2], sys.argv[3])
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM"))
 print(int(hwm.split()[1]) * 1024)
 """

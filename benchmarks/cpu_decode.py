@@ -33,14 +33,14 @@ from pathlib import Path
 import torch
 from common import ROOT, llama, run_folder
 
-from gptkit.checkpoint import load_model
 from gptkit.config import load_config
 from gptkit.data import prepare
-from gptkit.generate import SamplingParams, generate_ids
-from gptkit.gguf_export import export_gguf
+from gptkit.formats.gguf import export_gguf
+from gptkit.inference.generate import SamplingParams, generate_ids
+from gptkit.inference.quantize import quantize_run
+from gptkit.loader import load_model
 from gptkit.model import KVCache
-from gptkit.quantize import quantize_run
-from gptkit.train import train
+from gptkit.training.train import train
 
 PROMPT = 16
 THREADS = 2

@@ -25,9 +25,9 @@ import torch
 from common import ROOT
 from eval_tasks import TASKS, task_yaml
 
-from gptkit.checkpoint import load_model
-from gptkit.convert import export_hf, import_hf
-from gptkit.evaluate import harness_model
+from gptkit.evaluate.harness import harness_model
+from gptkit.formats.hf import export_hf, import_hf
+from gptkit.loader import load_model
 
 
 def main() -> None:

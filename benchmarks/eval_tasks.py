@@ -23,7 +23,7 @@ from pathlib import Path
 
 from common import ROOT
 
-from gptkit.evaluate import evaluate_tasks
+from gptkit.evaluate.harness import evaluate_tasks
 
 TASKS = {
     "shakespeare_cloze": """output_type: multiple_choice

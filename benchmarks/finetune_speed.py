@@ -27,12 +27,12 @@ from pathlib import Path
 import torch
 from common import answer_timings
 
-from gptkit.checkpoint import load_model
 from gptkit.config import LoraConfig, TrainConfig
-from gptkit.convert import import_hf
-from gptkit.lora import apply_lora
-from gptkit.optim import build_optimizers
+from gptkit.formats.hf import import_hf
+from gptkit.loader import load_model
+from gptkit.peft.lora import apply_lora
 from gptkit.runtime import keep_freed_memory
+from gptkit.training.optim import build_optimizers
 
 SHAPE = dict(
     vocab_size=49152,

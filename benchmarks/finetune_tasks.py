@@ -1,6 +1,6 @@
 """Instruction fine-tuning, shown to work: synthetic tasks and real instruction files.
 
-1. Synthetic tasks (gptkit/tasks.py): 4,000 training examples of five tasks, 250 held-out ones
+1. Synthetic tasks (gptkit/finetune/tasks.py): 4,000 training examples of five tasks, 250 held-out ones
    over words the fine-tune never saw. Exact match of greedy answers for the base (with the
    template's tokens added, untrained), after full fine-tuning and after LoRA.
 2. Real files from ../shared/data: held-out response loss before and after fine-tuning on
@@ -22,12 +22,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from gptkit.checkpoint import finetune_start, load_model  # noqa: E402
-from gptkit.evaluate import evaluate_answers, evaluate_instructions, sum_losses  # noqa: E402
-from gptkit.finetune import finetune, finetune_config  # noqa: E402
-from gptkit.instructions import InstructionData, load_conversations  # noqa: E402
-from gptkit.lora import parameter_counts  # noqa: E402
-from gptkit.tasks import write_tasks  # noqa: E402
+from gptkit.evaluate.instructions import evaluate_answers, evaluate_instructions  # noqa: E402
+from gptkit.evaluate.loss import sum_losses  # noqa: E402
+from gptkit.finetune.instruct import finetune, finetune_config  # noqa: E402
+from gptkit.finetune.instructions import InstructionData, load_conversations  # noqa: E402
+from gptkit.finetune.tasks import write_tasks  # noqa: E402
+from gptkit.loader import finetune_start, load_model  # noqa: E402
+from gptkit.peft.lora import parameter_counts  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from gptkit.config import ModelConfig
-from gptkit.generate import SamplingParams, generate_ids
+from gptkit.inference.generate import SamplingParams, generate_ids
 from gptkit.model import GPT
 
 PROMPT = 16
@@ -38,8 +38,8 @@ def build(shape: str) -> tuple[GPT, torch.nn.Module, int]:
         return ours, GPT2LMHeadModel(GPT2Config()).eval(), 50257
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from gptkit.checkpoint import load_model
-    from gptkit.convert import import_hf
+    from gptkit.formats.hf import import_hf
+    from gptkit.loader import load_model
 
     config = LlamaConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
                          num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, max_position_embeddings=2048,

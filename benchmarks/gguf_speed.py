@@ -27,9 +27,9 @@ import numpy as np
 import torch
 from common import llama, run_folder
 
-from gptkit.checkpoint import load_model
-from gptkit.generate import SamplingParams, generate_ids
-from gptkit.gguf_export import export_gguf
+from gptkit.formats.gguf import export_gguf
+from gptkit.inference.generate import SamplingParams, generate_ids
+from gptkit.loader import load_model
 
 PROMPT = 16
 THREADS = 2

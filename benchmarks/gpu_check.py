@@ -214,7 +214,7 @@ def part_decode(dry: bool, device: torch.device, budget: float) -> dict:
     from transformers.utils import logging
 
     from gptkit.config import ModelConfig
-    from gptkit.generate import SamplingParams, StaticDecoder, generate_ids
+    from gptkit.inference.generate import SamplingParams, StaticDecoder, generate_ids
     from gptkit.model import GPT
 
     logging.set_verbosity_error()
@@ -291,7 +291,7 @@ def part_speedrun(dry: bool, device: torch.device, budget: float) -> dict:
 
     from gptkit.config import load_config
     from gptkit.data import bundled_corpus, prepare
-    from gptkit.train import train
+    from gptkit.training.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data"

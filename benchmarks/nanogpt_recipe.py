@@ -3,7 +3,7 @@
 The recipe (nanoGPT's Shakespeare-char CPU example): 4 layers x 4 heads x 128 wide, context 64,
 batch 12, no dropout, no biases, AdamW lr 1e-3 (betas 0.9/0.99, weight decay 0.1 on matrices),
 100 warm-up steps then cosine to 1e-4 over 2000 steps, gradient clipping at 1.0, fp32, on the
-bundled tiny Shakespeare, characters. gptkit runs it with `gptkit.train.train` (benchmarks/
+bundled tiny Shakespeare, characters. gptkit runs it with `gptkit.training.train.train` (benchmarks/
 speedrun.py's BASELINE with nanoGPT's exact GELU, `model.mlp=gelu_exact`); the reference is this
 file's own loop: a GPT as a reader of the textbook would write it (nn.Embedding, nn.LayerNorm,
 F.scaled_dot_product_attention, GELU MLP, tied head, GPT-2's initialisation as nanoGPT has it,
@@ -150,7 +150,7 @@ def ours(steps: int, data_dir: Path, run_dir: Path, dtype: str, seed: int) -> di
     from speedrun import BASELINE
 
     from gptkit.config import load_config
-    from gptkit.train import train
+    from gptkit.training.train import train
 
     t_call = time.perf_counter()
     # nanoGPT's GELU, as the reference's: the exact one (gptkit's GPT-2 default is the tanh form,
@@ -163,7 +163,7 @@ def ours(steps: int, data_dir: Path, run_dir: Path, dtype: str, seed: int) -> di
     chosen, timing = dtype, ""
     if dtype == "auto":  # what its start-up timing chose: the one entry of its fresh cache
         from gptkit.runtime import user_cache_dir
-        from gptkit.train import AUTO_DTYPE_CACHE
+        from gptkit.training.train import AUTO_DTYPE_CACHE
 
         (got,) = json.loads((user_cache_dir() / AUTO_DTYPE_CACHE).read_text()).values()
         chosen, timing = got["dtype"], f"{got['bfloat16_ms']:.0f} against {got['float32_ms']:.0f} ms in fp32"

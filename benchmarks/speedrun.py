@@ -38,7 +38,7 @@ from common import matmul_peak
 
 from gptkit.config import load_config
 from gptkit.data import bundled_corpus, prepare
-from gptkit.train import train
+from gptkit.training.train import train
 
 ROOT = Path(__file__).resolve().parents[1]
 BASELINE = [

@@ -6,7 +6,7 @@ torch.compile with --compile).
 
 Each library trains the way its own training code does, in a process of its own (allocator and
 thread settings are per process):
-- gptkit: the step of `gptkit.train` -- the optimizers from `build_optimizers` (fused AdamW)
+- gptkit: the step of `gptkit.training.train` -- the optimizers from `build_optimizers` (fused AdamW)
   and glibc told to keep freed memory (`keep_freed_memory`), as `gptkit train` does on a CPU;
 - transformers: `torch.optim.AdamW(fused=True)`, the optimizer the `Trainer` picks by default
   with this PyTorch, and the default allocator;
@@ -18,7 +18,7 @@ per-round ratios.
 
     python benchmarks/train_throughput.py [--steps 10] [--rounds 9] [--compile] [--shape speedrun-baseline-4x128]
 
-With --loop, also runs `gptkit.train.train()` itself for --loop-steps steps at the same shape
+With --loop, also runs `gptkit.training.train.train()` itself for --loop-steps steps at the same shape
 on the bundled Shakespeare data, and reports its tokens/s from its own log (data sampling,
 learning-rate schedule and logging included).
 
@@ -98,9 +98,9 @@ def worker(conn, who: str, shape: tuple[int, ...], dtype_name: str, compile_: bo
 
 
 def loop_tokens_per_s(shape: tuple[int, ...], steps: int) -> float:
-    """tokens/s that `gptkit.train.train()` itself logs, median over its log intervals (the first dropped)."""
+    """tokens/s that `gptkit.training.train.train()` itself logs, median over its log intervals (the first dropped)."""
     from gptkit.data import bundled_corpus, prepare
-    from gptkit.train import train
+    from gptkit.training.train import train
 
     with tempfile.TemporaryDirectory() as tmp:
         prepare([str(bundled_corpus())], Path(tmp) / "data", "char", progress=False)

@@ -28,17 +28,46 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from gptkit.config import Config, load_config, model_config_from_base
+from gptkit.config import Config, load_config
 from gptkit.errors import GptkitError
-from gptkit.lora import adapter_state, apply_lora, has_lora, load_adapter_state, merge_lora
 from gptkit.model import GPT
-from gptkit.quantize import check_device, refuse_quantized, swap_linears
-from gptkit.tokenizer import Tokenizer, load_tokenizer
+from gptkit.peft.lora import adapter_state, has_lora, load_adapter_state
 
 CKPT = "checkpoint"
 MODEL_FILE = "model.safetensors"
 ADAPTER_FILE = "adapter.safetensors"
 STATE_FILE = "optimizer.safetensors"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """Every path of a run folder, named once (the layout is in this module's docstring)."""
+
+    root: Path
+
+    @property
+    def config(self) -> Path:
+        return Path(self.root) / "config.yaml"
+
+    @property
+    def tokenizer(self) -> Path:
+        return Path(self.root) / "tokenizer"
+
+    @property
+    def checkpoint(self) -> Path:
+        return Path(self.root) / CKPT
+
+    @property
+    def metrics(self) -> Path:
+        return Path(self.root) / "metrics.jsonl"
+
+    @property
+    def loss_plot(self) -> Path:
+        return Path(self.root) / "loss.png"
+
+    @property
+    def tensorboard(self) -> Path:
+        return Path(self.root) / "tensorboard"
 
 
 def refuse_nonempty(out: Path, overwrite: bool, choose: str = "choose another --out") -> None:
@@ -64,7 +93,7 @@ def staged_folder(out: Path) -> Iterator[Path]:
 
 
 def is_run(folder: Path) -> bool:
-    return (folder / "config.yaml").is_file() or (folder / CKPT).is_dir()
+    return RunFolder(folder).config.is_file() or (folder / CKPT).is_dir()
 
 
 def has_checkpoint(folder: Path) -> bool:
@@ -186,19 +215,7 @@ def save_checkpoint(
         need = sum(
             t.numel() * t.element_size() for d in (weights, opt_tensors, extra) for t in d.values()
         )
-        kept = "no earlier checkpoint exists"
-        if has_checkpoint(run_dir):
-            kept = (
-                f"the checkpoint of step {_read_info(checkpoint_dir(run_dir), False)['step']} is "
-                "intact"
-            )
-        raise GptkitError(
-            f"no space left on the device for the checkpoint in {run_dir}: it needs about "
-            f"{need / 1e6:.1f} MB, "
-            f"{shutil.disk_usage(run_dir).free / 1e6:.1f} MB are free; {kept}. Free some space and "
-            "run again "
-            "(with --resume to continue)"
-        ) from None
+        raise _no_space(run_dir, need) from None
     # Swap: the old checkpoint stays whole until the new one is in place.
     if final.exists():
         if old.exists():
@@ -209,6 +226,19 @@ def save_checkpoint(
     if old.exists():
         shutil.rmtree(old)
     return final
+
+
+def _no_space(run_dir: Path, need: int) -> GptkitError:
+    """A full disk at a checkpoint: what it needs, what is free, and what is still on disk."""
+    kept = "no earlier checkpoint exists"
+    if has_checkpoint(run_dir):
+        step = read_info(checkpoint_dir(run_dir), False)["step"]
+        kept = f"the checkpoint of step {step} is intact"
+    return GptkitError(
+        f"no space left on the device for the checkpoint in {run_dir}: it needs about "
+        f"{need / 1e6:.1f} MB, {shutil.disk_usage(run_dir).free / 1e6:.1f} MB are free; {kept}. "
+        "Free some space and run again (with --resume to continue)"
+    )
 
 
 def weights_to_save(
@@ -280,7 +310,7 @@ def checkpoint_dir(run_dir: Path) -> Path:
     raise GptkitError(f"{run_dir}: no checkpoint in this run folder (expected {run_dir / CKPT}/)")
 
 
-def _read_info(ckpt: Path, verify: bool) -> dict[str, Any]:
+def read_info(ckpt: Path, verify: bool) -> dict[str, Any]:
     try:
         info = json.loads((ckpt / "state.json").read_text())
         files = info["files"]
@@ -312,7 +342,7 @@ def _load_tensors(path: Path, device: str = "cpu") -> dict[str, torch.Tensor]:
 
 
 def load_run_config(run_dir: Path) -> Config:
-    f = Path(run_dir) / "config.yaml"
+    f = RunFolder(run_dir).config
     if not Path(run_dir).is_dir():
         raise GptkitError(f"{run_dir}: no such run folder")
     if not f.is_file():
@@ -320,7 +350,7 @@ def load_run_config(run_dir: Path) -> Config:
     return load_config(f)
 
 
-def _load_weights(model: GPT, ckpt: Path, device: str | torch.device = "cpu") -> None:
+def load_weights(model: GPT, ckpt: Path, device: str | torch.device = "cpu") -> None:
     """The checkpoint's full weights, or its adapter into a model that already holds the base."""
     name = ADAPTER_FILE if has_lora(model) else MODEL_FILE
     if not (ckpt / name).is_file():
@@ -342,7 +372,7 @@ def _load_weights(model: GPT, ckpt: Path, device: str | torch.device = "cpu") ->
 def checkpoint_info(run_dir: str | Path) -> dict[str, Any]:
     """The latest checkpoint's state.json (step, tokens seen, file sizes and checksums), checked
     for completeness but not re-hashed."""
-    return _read_info(checkpoint_dir(Path(run_dir)), verify=False)
+    return read_info(checkpoint_dir(Path(run_dir)), verify=False)
 
 
 def weights_sha256(run_dir: str | Path) -> str:
@@ -356,78 +386,13 @@ def weights_sha256(run_dir: str | Path) -> str:
     return info["files"][MODEL_FILE]["sha256"]
 
 
-def finetune_start(cfg: Config, seed: int = 0) -> GPT:
-    """The model a fine-tuning run starts from: its base run's weights (context cut to
-    cfg.model.block_size), the embedding grown to cfg.model.vocab_size, and LoRA adapters when
-    cfg.lora.enabled. Loading a LoRA run rebuilds this, then reads the adapter over it."""
-    base, lineage = cfg.finetune.base, cfg.lineage
-    if lineage.base_sha256 and weights_sha256(base) != lineage.base_sha256:
-        raise GptkitError(
-            f"the base run {base} has changed since this fine-tune started (its weights' checksum "
-            "differs); "
-            "the adapter belongs to the old weights"
-        )
-    model = load_for_finetune(base, cfg.model.block_size, cfg.model.dropout)
-    model.grow_vocab(cfg.model.vocab_size, seed)
-    if cfg.lora.enabled:
-        apply_lora(model, cfg.lora, lineage.base_vocab_size or None)
-    return model
-
-
-def load_model(
-    run_dir: str | Path,
-    device: str | torch.device = "cpu",
-    verify: bool = True,
-    merge_adapters: bool = False,
-) -> tuple[GPT, Tokenizer, Config]:
-    """The trained model (in eval mode), its tokenizer and its config, from a run folder.
-    merge_adapters folds a LoRA run's adapters into plain weights: the same logits, and faster
-    to sample from (generate, chat, serve, instruction eval)."""
-    run_dir = Path(run_dir)
-    cfg = load_run_config(run_dir)
-    ckpt = checkpoint_dir(run_dir)
-    _read_info(ckpt, verify)
-    tok = load_tokenizer(run_dir / "tokenizer")
-    if cfg.model.quantization != "none":  # int8/int4 weights and their scales (quantize.py)
-        check_device(device)
-        model = swap_linears(
-            GPT(cfg.model),
-            quantize=False,
-            scheme=cfg.model.quantization,
-            activations=cfg.model.int8_activations,
-        )
-    else:
-        model = finetune_start(cfg) if cfg.lora.enabled else GPT(cfg.model)
-    _load_weights(model, ckpt)
-    if merge_adapters:
-        merge_lora(model)
-    return model.to(device).eval(), tok, cfg
-
-
-def load_for_finetune(
-    run_dir: str | Path, block_size: int | None = None, dropout: float = 0.0
-) -> GPT:
-    """A run's weights in a fresh model for further training, optionally with a shorter context
-    (the first block_size position embeddings are kept) and a different dropout."""
-    refuse_quantized(load_run_config(Path(run_dir)), Path(run_dir))
-    # a LoRA run as a base: its adapter folded in
-    base, _, cfg = load_model(run_dir, "cpu", merge_adapters=True)
-    mcfg = model_config_from_base(cfg.model, block_size or 0, dropout)
-    model = GPT(mcfg)
-    sd = base.state_dict_for_save()
-    if "wpe.weight" in sd:
-        sd["wpe.weight"] = sd["wpe.weight"][: mcfg.block_size]
-    model.load_saved_state(sd)
-    return model.train()
-
-
 def read_training_state(run_dir: Path, model: GPT) -> tuple[TrainingState, list[dict[str, Any]]]:
     """Load the checkpoint's weights into model (unwrapped, before any sharding) and return the
     training state with the optimizers' whole, index-keyed state dicts."""
     ckpt = checkpoint_dir(run_dir)
-    info = _read_info(ckpt, verify=True)
+    info = read_info(ckpt, verify=True)
     device = next(model.parameters()).device
-    _load_weights(model, ckpt, device)
+    load_weights(model, ckpt, device)
     tensors = _load_tensors(ckpt / STATE_FILE)
     opt_tensors = {
         k: v.to(device) if not k.endswith(".step") else v

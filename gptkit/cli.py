@@ -337,7 +337,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--limit", type=int, default=None, help="for --instructions: only the first N conversations"
     )
 
-    p = sub.add_parser("convert", help="import a Hugging Face GPT-2 model folder as a gptkit run")
+    p = sub.add_parser(
+        "convert",
+        help="import a Hugging Face model folder (GPT-2, Llama, Qwen2, Qwen3) as a gptkit run",
+    )
     p.add_argument(
         "--from-hf",
         required=True,
@@ -415,9 +418,9 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    from gptkit.checkpoint import load_model
-    from gptkit.generate import SamplingParams, generate
-    from gptkit.train import new_run_config, resume_config, train
+    from gptkit.inference.generate import SamplingParams, generate
+    from gptkit.loader import load_model
+    from gptkit.training.train import new_run_config, resume_config, train
 
     if a.resume and a.init_from:
         raise GptkitError("--init-from starts a new run; it cannot be combined with --resume")
@@ -430,7 +433,7 @@ def cmd_train(a: argparse.Namespace) -> None:
         run_dir = Path(a.resume)
         cfg = resume_config(run_dir, a.set + (["train.fsdp=true"] if a.fsdp else []))
         if cfg.finetune.base:  # a fine-tuning run resumes through its own entry point
-            from gptkit.finetune import resume_finetune
+            from gptkit.finetune.instruct import resume_finetune
 
             _exit_if_interrupted(resume_finetune(run_dir, cfg, progress=not a.no_progress))
             return
@@ -472,7 +475,7 @@ def _exit_if_interrupted(result: object) -> None:
 
 
 def _sampling(a: argparse.Namespace, seed_offset: int = 0) -> object:
-    from gptkit.generate import SamplingParams
+    from gptkit.inference.generate import SamplingParams
 
     seed = None if a.seed is None else a.seed + seed_offset
     return SamplingParams(
@@ -483,7 +486,7 @@ def _sampling(a: argparse.Namespace, seed_offset: int = 0) -> object:
 def _load_for_sampling(a: argparse.Namespace) -> tuple:
     import torch
 
-    from gptkit.checkpoint import load_model
+    from gptkit.loader import load_model
     from gptkit.runtime import resolve_device
 
     _check_cuda_graph(a)
@@ -494,8 +497,8 @@ def _load_for_sampling(a: argparse.Namespace) -> tuple:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
-    from gptkit.finetune import finetune, finetune_config, resume_finetune
-    from gptkit.train import resume_config
+    from gptkit.finetune.instruct import finetune, finetune_config, resume_finetune
+    from gptkit.training.train import resume_config
 
     if a.resume:
         if a.base or a.data or a.out or a.config:
@@ -534,21 +537,21 @@ def cmd_finetune(a: argparse.Namespace) -> None:
 
 
 def cmd_merge(a: argparse.Namespace) -> None:
-    from gptkit.finetune import merge
+    from gptkit.finetune.instruct import merge
 
     out = merge(a.run, a.out, a.overwrite)
     print(f"gptkit: merged {a.run} -> {out}")
 
 
 def cmd_quantize(a: argparse.Namespace) -> None:
-    from gptkit.quantize import quantize_run
+    from gptkit.inference.quantize import quantize_run
 
     out = quantize_run(a.run, a.out, a.scheme, a.overwrite, a.activations)
     print(f"gptkit: quantized {a.run} -> {out} ({a.scheme}); try: gptkit generate {quote(out)}")
 
 
 def cmd_chat(a: argparse.Namespace) -> None:
-    from gptkit.chat import ChatSession, run_chat
+    from gptkit.inference.chat import ChatSession, run_chat
 
     model, tok, _ = _load_for_sampling(a)
     session = ChatSession(model, tok, _sampling(a), a.system)
@@ -563,7 +566,8 @@ def cmd_chat(a: argparse.Namespace) -> None:
 
 def cmd_serve(a: argparse.Namespace) -> None:
     try:
-        from gptkit.serve import ServeConfig, serve
+        from gptkit.serve.guard import ServeConfig
+        from gptkit.serve.server import serve
     except ImportError as e:
         raise GptkitError(
             f"serving needs FastAPI and uvicorn ({e.name} is missing): pip install 'gptkit[serve]'"
@@ -612,7 +616,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
 
 
 def cmd_make_tasks(a: argparse.Namespace) -> None:
-    from gptkit.tasks import write_tasks
+    from gptkit.finetune.tasks import write_tasks
 
     if a.n < 1:
         raise GptkitError(f"--n must be >= 1, got {a.n}")
@@ -621,7 +625,7 @@ def cmd_make_tasks(a: argparse.Namespace) -> None:
 
 def cmd_generate(a: argparse.Namespace) -> None:
 
-    from gptkit.generate import TextStream
+    from gptkit.inference.generate import TextStream
     from gptkit.template import ChatTemplate, Message
 
     if a.num_samples < 1:
@@ -651,7 +655,7 @@ def _generate_batched(a: argparse.Namespace, model: Any, tok: Any, template: Any
     """--num-samples N: the samples decode together through the engine (continuous batching),
     each the text it would be alone (sample i has seed --seed + i), printed as they come in
     order."""
-    from gptkit.engine import generate_many
+    from gptkit.inference.engine import generate_many
     from gptkit.template import Message
 
     if a.chat:
@@ -668,10 +672,10 @@ def _generate_batched(a: argparse.Namespace, model: Any, tok: Any, template: Any
 
 
 def cmd_eval(a: argparse.Namespace) -> None:
-    from gptkit.evaluate import evaluate
+    from gptkit.evaluate.loss import evaluate
 
     if a.tasks:
-        from gptkit.evaluate import evaluate_tasks
+        from gptkit.evaluate.harness import evaluate_tasks
 
         if a.data or a.text or a.instructions:
             raise GptkitError(
@@ -704,7 +708,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
         )
         return
     if a.instructions:
-        from gptkit.evaluate import evaluate_instructions
+        from gptkit.evaluate.instructions import evaluate_instructions
 
         if a.data or a.text:
             raise GptkitError(
@@ -729,7 +733,7 @@ def cmd_eval(a: argparse.Namespace) -> None:
 
 
 def cmd_convert(a: argparse.Namespace) -> None:
-    from gptkit.convert import import_hf
+    from gptkit.formats.hf import import_hf
 
     out = import_hf(a.from_hf, a.out, a.tokenizer, a.overwrite)
     print(
@@ -739,10 +743,10 @@ def cmd_convert(a: argparse.Namespace) -> None:
 
 
 def cmd_export(a: argparse.Namespace) -> None:
-    from gptkit.convert import export_hf
+    from gptkit.formats.hf import export_hf
 
     if a.to_gguf:
-        from gptkit.gguf_export import export_gguf
+        from gptkit.formats.gguf import export_gguf
 
         out = export_gguf(a.run, a.to_gguf, a.outtype, a.overwrite)
         size = out.stat().st_size / 2**20

@@ -254,6 +254,57 @@ def _unknown_key(key: str, source: str) -> GptkitError:
     return GptkitError(f"{source}: unknown config key '{key}'{hint}")
 
 
+_NO = object()  # a converter's "this value is not of my type"
+_TRUE, _FALSE = ("true", "yes", "1", "on"), ("false", "no", "0", "off")
+
+
+def _as_bool(value: Any) -> Any:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in _TRUE + _FALSE:
+        return value.lower() in _TRUE
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    return _NO
+
+
+def _as_int(value: Any) -> Any:
+    if isinstance(value, bool):
+        return _NO
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str):
+        try:
+            f = float(value.replace("_", ""))  # 5_000 and 1e4 as YAML and shells write them
+        except ValueError:
+            return _NO
+        return int(f) if f.is_integer() else _NO
+    return _NO
+
+
+def _as_float(value: Any) -> Any:
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return _NO
+    return _NO
+
+
+def _as_str(value: Any) -> Any:
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        return str(value)
+    return _NO
+
+
+_CONVERTERS = {bool: _as_bool, int: _as_int, float: _as_float, str: _as_str}
+_KINDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}
+
+
 def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
     """Turn a YAML value or a --set string into the field's type, or say why it cannot be."""
     if typing.get_origin(typ) is Literal:
@@ -262,46 +313,7 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
             return value
         choices = ", ".join(allowed[:-1]) + f" or {allowed[-1]}"
         raise GptkitError(f"{source}: {key} must be {choices}, got {value!r}")
-    if typ is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in (
-            "true",
-            "yes",
-            "1",
-            "on",
-            "false",
-            "no",
-            "0",
-            "off",
-        ):
-            return value.lower() in ("true", "yes", "1", "on")
-        if isinstance(value, int) and value in (0, 1):
-            return bool(value)
-    elif typ is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, float) and value.is_integer():
-            return int(value)
-        if isinstance(value, str):
-            try:
-                f = float(value.replace("_", ""))
-                if f.is_integer():
-                    return int(f)
-            except ValueError:
-                pass
-    elif typ is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
-            try:
-                return float(value)
-            except ValueError:
-                pass
-    elif typ is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    elif typing.get_origin(typ) is list:
+    if typing.get_origin(typ) is list:
         if isinstance(value, str):  # --set lora.targets=c_attn,c_fc
             value = [v.strip() for v in value.split(",") if v.strip()]
         if isinstance(value, (list, tuple)) and all(
@@ -312,10 +324,11 @@ def _coerce(value: Any, typ: Any, key: str, source: str) -> Any:
             f"{source}: {key} must be a list of strings (YAML list or comma-separated), got "
             f"{value!r}"
         )
-    kind = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
-        typ, str(typ)
-    )
-    raise GptkitError(f"{source}: {key} must be {kind}, got {value!r}")
+    converter = _CONVERTERS.get(typ)
+    out = converter(value) if converter is not None else _NO
+    if out is _NO:
+        raise GptkitError(f"{source}: {key} must be {_KINDS.get(typ, str(typ))}, got {value!r}")
+    return out
 
 
 def set_key(
@@ -383,45 +396,91 @@ def _check(ok: bool, msg: str) -> None:
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 
 
-def validate(cfg: Config) -> None:
-    m, t, d = cfg.model, cfg.train, cfg.data
-    # nan and inf pass every comparison below one way or the other; refuse them once, for every key.
-    for key in all_keys(cfg, internal=True):
+# Bounds on single keys, one rule each: "> 0", ">= 0", or an interval such as "[0, 1)". The note
+# says what the edge value means or what is usual, and goes into the error message.
+BOUNDS: list[tuple[str, str, str]] = [
+    ("model.block_size", "> 0", ""),
+    ("model.n_layer", "> 0", ""),
+    ("model.n_head", "> 0", ""),
+    ("model.n_embd", "> 0", ""),
+    ("model.vocab_size", ">= 0", "0 = from the tokenizer"),
+    ("model.dropout", "[0, 1)", ""),
+    ("model.logit_softcap", ">= 0", "0 = off"),
+    ("model.rope_base", "> 1", "10000 is usual"),
+    ("model.head_size", ">= 0", ""),
+    ("model.mlp_size", ">= 0", ""),
+    ("model.rope_original_context", ">= 0", ""),
+    ("model.norm_eps", "> 0", "1e-5 is usual"),
+    ("train.eval_batches", ">= 0", "0 = the whole split"),
+    ("train.min_delta", "[0, 1)", ""),
+    ("train.patience", ">= 0", "0 = no early stopping"),
+    ("train.eval_every_s", ">= 0", "0 = off"),
+    ("train.max_steps", "> 0", ""),
+    ("train.batch_size", "> 0", ""),
+    ("train.grad_accum", "> 0", ""),
+    ("train.eval_interval", "> 0", ""),
+    ("train.log_interval", "> 0", ""),
+    ("train.checkpoint_interval", "> 0", ""),
+    ("train.lr", "> 0", ""),
+    ("train.muon_lr", "> 0", ""),
+    ("train.muon_momentum", "[0, 1)", ""),
+    ("train.warmup_steps", ">= 0", ""),
+    ("train.min_lr_ratio", "[0, 1]", ""),
+    ("train.warmdown_frac", "[0, 1]", ""),
+    ("train.weight_decay", ">= 0", ""),
+    ("train.beta1", "[0, 1)", ""),
+    ("train.beta2", "[0, 1)", ""),
+    ("train.grad_clip", ">= 0", "0 = off"),
+    ("train.max_time_s", ">= 0", "0 = no limit"),
+    ("train.threads", ">= 0", ""),
+    ("data.val_fraction", "(0, 1)", ""),
+    ("finetune.val_fraction", "[0, 1)", ""),
+    ("finetune.epochs", ">= 0", "0 = train.max_steps decides"),
+    ("finetune.block_size", ">= 0", "0 = the base's context"),
+    ("lora.rank", "> 0", ""),
+    ("lora.alpha", "> 0", ""),
+    ("lora.dropout", "[0, 1)", ""),
+]
+
+
+def _within(value: float, rule: str) -> bool:
+    if rule.startswith(">="):
+        return value >= float(rule[2:])
+    if rule.startswith(">"):
+        return value > float(rule[1:])
+    lo, hi = (float(x) for x in rule[1:-1].split(","))
+    above = value >= lo if rule[0] == "[" else value > lo
+    return above and (value <= hi if rule[-1] == "]" else value < hi)
+
+
+def _check_bounds(cfg: Config) -> None:
+    for key, rule, note in BOUNDS:
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
-        if isinstance(value, float):
-            _check(math.isfinite(value), f"{key} must be a finite number, got {value}")
-    for key in ("block_size", "n_layer", "n_head", "n_embd"):
-        _check(getattr(m, key) > 0, f"model.{key} must be positive, got {getattr(m, key)}")
-    _check(
-        m.vocab_size >= 0,
-        f"model.vocab_size must be >= 0 (0 = from the tokenizer), got {m.vocab_size}",
-    )
+        what = "positive" if rule == "> 0" else rule if rule[0] in "<>" else f"in {rule}"
+        _check(
+            _within(value, rule), f"{key} must be {what}{f' ({note})' if note else ''}, got {value}"
+        )
+
+
+def _check_model(m: ModelConfig) -> None:
+    """The rules between model keys."""
     _check(
         m.head_size > 0 or m.n_embd % m.n_head == 0,
         f"model.n_embd ({m.n_embd}) must be divisible by model.n_head ({m.n_head}); "
         f"e.g. n_embd={m.n_head * max(1, round(m.n_embd / m.n_head))}",
     )
-    _check(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout}")
     _check(
         m.mlp_ratio > 0 and m.mlp_hidden >= 1,
         f"model.mlp_ratio ({m.mlp_ratio}) gives an MLP of {max(m.mlp_hidden, 0)} units at "
-        f"n_embd={m.n_embd}; "
-        "use 4 (GPT-2) or about 2.7 (SwiGLU)",
+        f"n_embd={m.n_embd}; use 4 (GPT-2) or about 2.7 (SwiGLU)",
     )
-    _check(
-        m.logit_softcap >= 0, f"model.logit_softcap must be >= 0 (0 = off), got {m.logit_softcap}"
-    )
-    _check(m.rope_base > 1, f"model.rope_base must be > 1 (10000 is usual), got {m.rope_base}")
     _check(
         0 < m.kv_heads <= m.n_head and m.n_head % m.kv_heads == 0,
         f"model.n_kv_head ({m.n_kv_head}) must divide model.n_head ({m.n_head})",
     )
     if m.pos_embedding == "rope":
         _check(m.head_dim % 2 == 0, "RoPE needs an even head size (n_embd / n_head)")
-    for key in ("head_size", "mlp_size", "rope_original_context"):
-        _check(getattr(m, key) >= 0, f"model.{key} must be >= 0, got {getattr(m, key)}")
-    _check(m.norm_eps > 0, f"model.norm_eps must be positive (1e-5 is usual), got {m.norm_eps}")
     _check(not m.qk_norm_weight or m.qk_norm, "model.qk_norm_weight needs model.qk_norm=true")
     if m.rope_scaling != "none":
         _check(m.pos_embedding == "rope", "model.rope_scaling needs model.pos_embedding=rope")
@@ -430,39 +489,19 @@ def validate(cfg: Config) -> None:
             m.rope_high_freq_factor > m.rope_low_freq_factor > 0,
             "model.rope_high_freq_factor must exceed model.rope_low_freq_factor, both positive",
         )
-    _check(
-        t.eval_batches >= 0,
-        f"train.eval_batches must be >= 0 (0 = the whole split), got {t.eval_batches}",
-    )
-    _check(0 <= t.min_delta < 1, f"train.min_delta must be in [0, 1), got {t.min_delta}")
-    _check(
-        t.patience >= 0, f"train.patience must be >= 0 (0 = no early stopping), got {t.patience}"
-    )
-    _check(t.eval_every_s >= 0, f"train.eval_every_s must be >= 0 (0 = off), got {t.eval_every_s}")
-    for key in (
-        "max_steps",
-        "batch_size",
-        "grad_accum",
-        "eval_interval",
-        "log_interval",
-        "checkpoint_interval",
-    ):
-        _check(getattr(t, key) > 0, f"train.{key} must be positive, got {getattr(t, key)}")
-    _check(t.lr > 0, f"train.lr must be positive, got {t.lr}")
-    _check(t.muon_lr > 0, f"train.muon_lr must be positive, got {t.muon_lr}")
-    _check(
-        0 <= t.muon_momentum < 1, f"train.muon_momentum must be in [0, 1), got {t.muon_momentum}"
-    )
-    _check(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0, got {t.warmup_steps}")
-    _check(0 <= t.min_lr_ratio <= 1, f"train.min_lr_ratio must be in [0, 1], got {t.min_lr_ratio}")
-    _check(
-        0 <= t.warmdown_frac <= 1, f"train.warmdown_frac must be in [0, 1], got {t.warmdown_frac}"
-    )
-    _check(t.weight_decay >= 0, f"train.weight_decay must be >= 0, got {t.weight_decay}")
-    _check(0 <= t.beta1 < 1 and 0 <= t.beta2 < 1, "train.beta1 and train.beta2 must be in [0, 1)")
-    _check(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 = off), got {t.grad_clip}")
-    _check(t.max_time_s >= 0, f"train.max_time_s must be >= 0 (0 = no limit), got {t.max_time_s}")
-    _check(t.threads >= 0, f"train.threads must be >= 0, got {t.threads}")
+
+
+def validate(cfg: Config) -> None:
+    # nan and inf pass every comparison below one way or the other; refuse them once, for every key.
+    for key in all_keys(cfg, internal=True):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if isinstance(value, float):
+            _check(math.isfinite(value), f"{key} must be a finite number, got {value}")
+    _check_bounds(cfg)
+    # Bounds first: the rules between keys divide by some of them.
+    _check_model(cfg.model)
+    t, d = cfg.train, cfg.data
     _check(
         DEVICE_PATTERN.fullmatch(t.device) is not None,
         f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}",
@@ -475,22 +514,7 @@ def validate(cfg: Config) -> None:
         d.vocab_size >= 256 or d.tokenizer != "bpe",
         f"data.vocab_size must be >= 256 for a byte-level BPE, got {d.vocab_size}",
     )
-    _check(0 < d.val_fraction < 1, f"data.val_fraction must be in (0, 1), got {d.val_fraction}")
-    f, lo = cfg.finetune, cfg.lora
     _check(
-        0 <= f.val_fraction < 1, f"finetune.val_fraction must be in [0, 1), got {f.val_fraction}"
-    )
-    _check(
-        f.epochs >= 0, f"finetune.epochs must be >= 0 (0 = train.max_steps decides), got {f.epochs}"
-    )
-    _check(
-        f.block_size >= 0,
-        f"finetune.block_size must be >= 0 (0 = the base's context), got {f.block_size}",
-    )
-    _check(lo.rank > 0, f"lora.rank must be positive, got {lo.rank}")
-    _check(lo.alpha > 0, f"lora.alpha must be positive, got {lo.alpha}")
-    _check(0 <= lo.dropout < 1, f"lora.dropout must be in [0, 1), got {lo.dropout}")
-    _check(
-        bool(lo.targets),
+        bool(cfg.lora.targets),
         "lora.targets must name at least one Linear layer, e.g. c_attn,c_proj,c_fc",
     )

@@ -15,6 +15,7 @@ import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -189,78 +190,14 @@ def prepare(
     files = resolve_inputs(inputs)
     if all(f.stat().st_size == 0 for f in files):
         raise GptkitError(f"corpus is empty: {', '.join(map(str, files))}")
-
-    # Pass 1: count characters and documents, train the tokenizer on the way.
-    counts = {"chars": 0, "docs": 0}
-
-    def counted_chunks() -> Iterator[str]:
-        for doc in iter_documents(files, errors):
-            counts["docs"] += 1
-            for chunk in doc:
-                counts["chars"] += len(chunk)
-                yield chunk
-
-    if isinstance(tokenizer, Tokenizer):
-        tok = tokenizer
-        for _ in counted_chunks():
-            pass
-    elif tokenizer.startswith(("gpt2:", "run:")):
-        tok = build_tokenizer(tokenizer)
-        for _ in counted_chunks():
-            pass
-    else:
-        tok = build_tokenizer(tokenizer, counted_chunks(), vocab_size)
-    total = counts["chars"]
+    tok, total, docs = _first_pass(files, errors, tokenizer, vocab_size)
     if total == 0:
         raise GptkitError(f"corpus is empty: {', '.join(map(str, inputs))}")
-    split_at = int(total * (1 - val_fraction))
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
-
-    # Pass 2: tokenize in batches and append to the shards, written under temporary names
-    # so that a failure leaves no half-made data set behind.
     out.mkdir(parents=True, exist_ok=True)
-    tmp = {s: out / f".{s}.bin.tmp" for s in ("train", "val")}
-    n_tokens = {"train": 0, "val": 0}
-    multi_doc = counts["docs"] > 1
-    eot = np.asarray([tok.eot_id], dtype=np.int64)
-    try:
-        with (
-            open(tmp["train"], "wb") as ftrain,
-            open(tmp["val"], "wb") as fval,
-            _progress(progress, total) as bar,
-        ):
-            sinks = {"train": ftrain, "val": fval}
-            pending: list[tuple[str, str, bool]] = []  # (split, text, ends_document)
-
-            def flush() -> None:
-                ids = tok.encode_batch([t for _, t, _ in pending])
-                for (split, text, ends_doc), arr in zip(pending, ids):
-                    if ends_doc and multi_doc:
-                        arr = np.concatenate([arr, eot])
-                    arr.astype(dtype).tofile(sinks[split])
-                    n_tokens[split] += arr.size
-                    bar(len(text))
-                pending.clear()
-
-            pos = 0
-            for doc in iter_documents(files, errors):
-                for chunk, last in _with_last_flag(doc):
-                    if pos < split_at < pos + len(chunk):
-                        cut = split_at - pos
-                        pending.append(("train", chunk[:cut], False))
-                        pending.append(("val", chunk[cut:], last))
-                    else:
-                        pending.append(("train" if pos < split_at else "val", chunk, last))
-                    pos += len(chunk)
-                    if len(pending) >= ENCODE_BATCH:
-                        flush()
-            if pending:
-                flush()
-        for s in ("train", "val"):
-            os.replace(tmp[s], out / f"{s}.bin")
-    finally:
-        for f in tmp.values():
-            f.unlink(missing_ok=True)
+    with _progress(progress, total) as bar:
+        shards = _ShardWriter(out, tok, dtype, docs > 1, bar)
+        n_tokens = shards.write(files, errors, split_at=int(total * (1 - val_fraction)))
     tok_dir = out / "tokenizer"
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
@@ -276,6 +213,77 @@ def prepare(
     )
     meta.save(out)
     return meta
+
+
+def _first_pass(
+    files: list[Path], errors: str, tokenizer: str | Tokenizer, vocab_size: int
+) -> tuple[Tokenizer, int, int]:
+    """Pass 1 over the corpus: the tokenizer (trained on the way when it learns from the text),
+    the number of characters and of documents."""
+    counts = {"chars": 0, "docs": 0}
+
+    def counted_chunks() -> Iterator[str]:
+        for doc in iter_documents(files, errors):
+            counts["docs"] += 1
+            for chunk in doc:
+                counts["chars"] += len(chunk)
+                yield chunk
+
+    if isinstance(tokenizer, Tokenizer) or tokenizer.startswith(("gpt2:", "run:")):
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) else build_tokenizer(tokenizer)
+        for _ in counted_chunks():
+            pass
+    else:
+        tok = build_tokenizer(tokenizer, counted_chunks(), vocab_size)
+    return tok, counts["chars"], counts["docs"]
+
+
+class _ShardWriter:
+    """Pass 2: the corpus tokenized in batches and appended to train.bin / val.bin, written under
+    temporary names so that a failure leaves no half-made data set behind. The split is at
+    character split_at; documents end with the end-of-text token when there are several."""
+
+    def __init__(self, out: Path, tok: Tokenizer, dtype: Any, multi_doc: bool, bar: Any) -> None:
+        self.out, self.tok, self.dtype, self.multi_doc, self.bar = out, tok, dtype, multi_doc, bar
+        self.eot = np.asarray([tok.eot_id], dtype=np.int64)
+        self.n_tokens = {"train": 0, "val": 0}
+        self.pending: list[tuple[str, str, bool]] = []  # (split, text, ends_document)
+
+    def write(self, files: list[Path], errors: str, split_at: int) -> dict[str, int]:
+        tmp = {s: self.out / f".{s}.bin.tmp" for s in ("train", "val")}
+        try:
+            with open(tmp["train"], "wb") as ftrain, open(tmp["val"], "wb") as fval:
+                sinks = {"train": ftrain, "val": fval}
+                pos = 0
+                for doc in iter_documents(files, errors):
+                    for chunk, last in _with_last_flag(doc):
+                        if pos < split_at < pos + len(chunk):
+                            cut = split_at - pos
+                            self.pending.append(("train", chunk[:cut], False))
+                            self.pending.append(("val", chunk[cut:], last))
+                        else:
+                            self.pending.append(("train" if pos < split_at else "val", chunk, last))
+                        pos += len(chunk)
+                        if len(self.pending) >= ENCODE_BATCH:
+                            self.flush(sinks)
+                if self.pending:
+                    self.flush(sinks)
+            for s in ("train", "val"):
+                os.replace(tmp[s], self.out / f"{s}.bin")
+        finally:
+            for f in tmp.values():
+                f.unlink(missing_ok=True)
+        return self.n_tokens
+
+    def flush(self, sinks: dict[str, Any]) -> None:
+        ids = self.tok.encode_batch([t for _, t, _ in self.pending])
+        for (split, text, ends_doc), arr in zip(self.pending, ids):
+            if ends_doc and self.multi_doc:
+                arr = np.concatenate([arr, self.eot])
+            arr.astype(self.dtype).tofile(sinks[split])
+            self.n_tokens[split] += arr.size
+            self.bar(len(text))
+        self.pending.clear()
 
 
 def _with_last_flag(chunks: Iterator[str]) -> Iterator[tuple[str, bool]]:

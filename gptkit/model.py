@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -25,9 +25,6 @@ from torch import Tensor
 
 from gptkit.config import ModelConfig
 from gptkit.runtime import cpu_train_attention, sdpa_kernels
-
-if TYPE_CHECKING:
-    from gptkit.lora import Adapters
 
 Rope = tuple[Tensor, Tensor]  # cos and sin tables of the positions in a forward pass
 
@@ -298,7 +295,9 @@ class GPT(nn.Module):
                 "model.vocab_size must be set (from the tokenizer) before building the model"
             )
         self.config = cfg
-        self.adapters: Adapters | None = None  # set by lora.apply_lora
+        # What a fine-tuning method did to this model (gptkit.peft.lora.Adapters), set by the method
+        # itself: the model knows nothing of the methods that wrap it.
+        self.adapters: Any = None
         self.wte = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.wpe = (
             nn.Embedding(cfg.block_size, cfg.n_embd) if cfg.pos_embedding == "learned" else None

@@ -27,7 +27,7 @@ from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gptkit.errors import GptkitError
-from gptkit.generate import SamplingParams, TextStream
+from gptkit.inference.generate import SamplingParams, TextStream
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
 

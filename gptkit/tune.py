@@ -21,9 +21,9 @@ from gptkit.checkpoint import load_run_config
 from gptkit.config import Config, load_config, set_key
 from gptkit.data import prepare, preset
 from gptkit.errors import DivergedError, GptkitError
-from gptkit.finetune import finetune
-from gptkit.instructions import load_conversations
-from gptkit.train import train
+from gptkit.finetune.instruct import finetune
+from gptkit.finetune.instructions import load_conversations
+from gptkit.training.train import train
 
 
 @dataclass
@@ -282,77 +282,19 @@ def tune(
     finetune_base, each trial fine-tunes that run on the instruction files (the fine-tuning
     preset is the base config) and the objective is the held-out response loss."""
     try:
-        import optuna
+        import optuna  # noqa: F401
     except ImportError:
         raise GptkitError("gptkit tune needs Optuna: pip install 'gptkit[tune]'") from None
-    from optuna.trial import TrialState
-
-    if trials < 1:
-        raise GptkitError(f"--trials must be >= 1, got {trials}")
-    if workers < 1:
-        raise GptkitError(f"--workers must be >= 1, got {workers}")
-    if objective not in ("loss", "bits_per_byte"):
-        raise GptkitError(f"--objective must be loss or bits_per_byte, got {objective!r}")
+    _check_arguments(trials, workers, objective, finetune_base, instructions)
     space = load_space(space_file)
     parsed = parse_budget(budget)
-    if finetune_base is not None:
-        if not instructions:
-            raise GptkitError(
-                "--finetune BASE needs --instructions FILE (JSON or JSONL, Alpaca or chat)"
-            )
-        if objective == "bits_per_byte":
-            raise GptkitError(
-                "--objective bits_per_byte is for pretraining; a fine-tune minimises its response "
-                "loss"
-            )
-        load_run_config(
-            Path(finetune_base)
-        )  # a clear error for a wrong folder before the study starts
-        load_conversations([str(f) for f in instructions])
     base = load_config(config or (preset("finetune") if finetune_base else None), overrides or [])
     _pruner(pruner)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    if text is not None:
-        data_dir = out / "data"
-        if not (data_dir / "meta.json").exists():
-            prepare(
-                [text],
-                data_dir,
-                base.data.tokenizer,
-                base.data.vocab_size,
-                base.data.val_fraction,
-                progress=False,
-            )
-    elif data is not None:
-        data_dir = Path(data).resolve()
-    elif finetune_base is not None:
-        data_dir = None
-    else:
-        raise GptkitError(
-            "no data: pass --text FILE, --data DATA_DIR or --finetune BASE --instructions FILE"
-        )
+    data_dir = _data_dir(out, base, text, data, finetune_base)
     url = storage or f"sqlite:///{(out / 'study.db').resolve()}"
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study = optuna.create_study(
-        study_name="gptkit",
-        storage=_storage(url),
-        direction="minimize",
-        load_if_exists=True,
-        pruner=_pruner(pruner),
-    )
-    # A seeded sampler makes a fresh search repeatable; offset by the trials already run, so a
-    # resumed study does not propose its first points again.
-    study.sampler = optuna.samplers.TPESampler(seed=base.train.seed + len(study.trials))
-    if storage is None:
-        # Our own SQLite file: nobody else runs trials in it, so a trial left RUNNING was killed
-        # with an earlier run of this command. Close it and run its parameters again.
-        killed = list(study.user_attrs.get(INTERRUPTED, []))
-        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            study.tell(t.number, state=TrialState.FAIL)
-            killed.append(t.number)
-            study.enqueue_trial(t.params, skip_if_exists=False)
-        study.set_user_attr(INTERRUPTED, killed)
+    study = _open_study(url, pruner, base.train.seed, own_storage=storage is None)
     job = TuneJob(
         base,
         space,
@@ -367,17 +309,95 @@ def tune(
     if workers == 1:
         _optimize(study, job, trials)
     else:
-        job.threads = max(1, (mp.cpu_count() or 1) // workers)
-        ctx = mp.get_context("spawn")
-        seeds = [
-            base.train.seed + 1000 * (k + 1) + len(study.trials) for k in range(workers)
-        ]  # one stream each
-        procs = [ctx.Process(target=_worker, args=(job, url, trials, seed)) for seed in seeds]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join()
+        _run_workers(study, job, url, trials, workers, base.train.seed)
     return _report(study, job, keep_top)
+
+
+def _check_arguments(
+    trials: int,
+    workers: int,
+    objective: str,
+    finetune_base: str | None,
+    instructions: list[str] | None,
+) -> None:
+    """Every argument the study needs, checked before it starts."""
+    if trials < 1:
+        raise GptkitError(f"--trials must be >= 1, got {trials}")
+    if workers < 1:
+        raise GptkitError(f"--workers must be >= 1, got {workers}")
+    if objective not in ("loss", "bits_per_byte"):
+        raise GptkitError(f"--objective must be loss or bits_per_byte, got {objective!r}")
+    if finetune_base is None:
+        return
+    if not instructions:
+        raise GptkitError(
+            "--finetune BASE needs --instructions FILE (JSON or JSONL, Alpaca or chat)"
+        )
+    if objective == "bits_per_byte":
+        raise GptkitError(
+            "--objective bits_per_byte is for pretraining; a fine-tune minimises its response loss"
+        )
+    load_run_config(Path(finetune_base))  # a clear error for a wrong folder before the study
+    load_conversations([str(f) for f in instructions])
+
+
+def _data_dir(
+    out: Path, base: Config, text: str | None, data: str | None, finetune_base: str | None
+) -> Path | None:
+    """The prepared data every trial reads: --text prepared once into out/data, or --data."""
+    if text is not None:
+        data_dir = out / "data"
+        if not (data_dir / "meta.json").exists():
+            d = base.data
+            prepare([text], data_dir, d.tokenizer, d.vocab_size, d.val_fraction, progress=False)
+        return data_dir
+    if data is not None:
+        return Path(data).resolve()
+    if finetune_base is not None:
+        return None
+    raise GptkitError(
+        "no data: pass --text FILE, --data DATA_DIR or --finetune BASE --instructions FILE"
+    )
+
+
+def _open_study(url: str, pruner: str, seed: int, own_storage: bool) -> Any:
+    import optuna
+    from optuna.trial import TrialState
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(
+        study_name="gptkit",
+        storage=_storage(url),
+        direction="minimize",
+        load_if_exists=True,
+        pruner=_pruner(pruner),
+    )
+    # A seeded sampler makes a fresh search repeatable; offset by the trials already run, so a
+    # resumed study does not propose its first points again.
+    study.sampler = optuna.samplers.TPESampler(seed=seed + len(study.trials))
+    if own_storage:
+        # Our own SQLite file: nobody else runs trials in it, so a trial left RUNNING was killed
+        # with an earlier run of this command. Close it and run its parameters again.
+        killed = list(study.user_attrs.get(INTERRUPTED, []))
+        for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            study.tell(t.number, state=TrialState.FAIL)
+            killed.append(t.number)
+            study.enqueue_trial(t.params, skip_if_exists=False)
+        study.set_user_attr(INTERRUPTED, killed)
+    return study
+
+
+def _run_workers(study: Any, job: TuneJob, url: str, trials: int, workers: int, seed: int) -> None:
+    """Trials in `workers` processes sharing the study's storage, the cores split among them."""
+    job.threads = max(1, (mp.cpu_count() or 1) // workers)
+    ctx = mp.get_context("spawn")
+    # one sampler stream each
+    seeds = [seed + 1000 * (k + 1) + len(study.trials) for k in range(workers)]
+    procs = [ctx.Process(target=_worker, args=(job, url, trials, s)) for s in seeds]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
 
 
 def _report(study: Any, job: TuneJob, keep_top: int) -> dict[str, Any]:

@@ -76,7 +76,7 @@ def small_data(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> Pa
 def trained_run(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> Path:
     """A tiny run trained for 150 steps, shared by the read-only tests."""
     from gptkit.config import load_config
-    from gptkit.train import train
+    from gptkit.training.train import train
 
     run = tmp_path_factory.mktemp("runs") / "tiny"
     cfg = load_config(
@@ -98,7 +98,7 @@ def bpe_runs(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> dict
     ("gpt2") and the Llama one ("llama"), and their data folder ("data"); shared read-only."""
     from gptkit.config import load_config
     from gptkit.data import prepare
-    from gptkit.train import train
+    from gptkit.training.train import train
 
     tmp = tmp_path_factory.mktemp("bpe-runs")
     prepare([str(small_text)], tmp / "data", "bpe", vocab_size=512, progress=False)

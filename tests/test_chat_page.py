@@ -1,4 +1,4 @@
-"""The chat page (gptkit/static/chat.html, chat.js) in headless Chromium against a real
+"""The chat page (gptkit/serve/static/chat.html, chat.js) in headless Chromium against a real
 `gptkit serve`: long conversations, settings, stop, regenerate, edit, conversations kept across
 reloads, Markdown rendered safely, the API key, and errors that keep the typed text."""
 
@@ -13,6 +13,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from gptkit.tokenizer import load_tokenizer
 
 from .test_serve import KEY, Server, _chromium, chat_run  # noqa: F401 -- chat_run is a fixture
 
@@ -44,7 +46,7 @@ def rambling_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
     almost never writes the newline that ends a turn of the plain chat template."""
     from gptkit.config import load_config
     from gptkit.data import prepare
-    from gptkit.train import train
+    from gptkit.training.train import train
 
     from .conftest import SHAKESPEARE, tiny_overrides
 
@@ -253,8 +255,10 @@ def test_stop_aborts_the_reply_and_the_server_frees_it(browser: Callable, base_s
     assert messages(d)[-1][0] == "assistant" and len(messages(d)[-1][1]) > 20  # the partial reply is kept
 
 
-XSS = ('<img src=x onerror="window.__xss=1"> and <script>window.__xss=2</script> then '
-       "[a link](javascript:window.__xss=3)")  # a Markdown link to a script: kept as a link, without it
+XSS = (
+    '<img src=x onerror="window.__xss=1"> and <script>window.__xss=2</script> then '
+    "[a link](javascript:window.__xss=3)"
+)  # a Markdown link to a script: kept as a link, without it
 MARKDOWN = "Here is a list:\n\n- one\n- **two**\n\n```python\nprint('hi')\n```\n\n" + XSS
 
 
@@ -362,8 +366,14 @@ def test_errors_show_in_the_conversation_and_keep_the_typed_text(browser: Callab
 
     failure: list[BaseException] = []
 
-    def hold() -> None:  # a completion: it ends at end-of-text only, which this model never writes
-        body = json.dumps({"model": base_server.name, "prompt": "x", "max_tokens": LONG, "stream": True}).encode()
+    # A completion that cannot end before it is released: it ends at end-of-text only, and
+    # greedy decoding with end-of-text banned (logit_bias -100) never writes it.
+    eot = load_tokenizer(base_server.run / "tokenizer").eot_id
+    hold_request = {"model": base_server.name, "prompt": "x", "max_tokens": LONG, "stream": True,
+                    "temperature": 0, "logit_bias": {str(eot): -100}}  # fmt: skip
+
+    def hold() -> None:
+        body = json.dumps(hold_request).encode()
         req = urllib.request.Request(base_server.url + "/v1/completions", data=body, method="POST")
         req.add_header("Content-Type", "application/json")
         try:

@@ -12,10 +12,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptkit.checkpoint import load_model
-from gptkit.convert import export_hf, import_hf
 from gptkit.errors import GptkitError
-from gptkit.generate import SamplingParams, generate_ids
+from gptkit.formats.hf import export_hf, import_hf
+from gptkit.inference.generate import SamplingParams, generate_ids
+from gptkit.loader import load_model
 from gptkit.tokenizer import HFTokenizer
 
 from .conftest import DATA, DEVICE, SHAKESPEARE
@@ -131,7 +131,7 @@ def test_exact_gelu_gpt2_imports_and_exports(tmp_path: Path) -> None:
     with torch.no_grad():
         tanh_diff = (load_model(tanh_run)[0](ids)[0] - ref).abs().max().item()
     assert tanh_diff > 5e-4, tanh_diff  # (measured 1.2e-3; the same form: 0.0)
-    from gptkit.gguf_export import export_gguf
+    from gptkit.formats.gguf import export_gguf
 
     with pytest.raises(GptkitError, match="--to-hf"):
         export_gguf(run, tmp_path / "m.gguf")
@@ -213,7 +213,7 @@ def test_bad_hf_folders(tmp_path: Path, problem: str) -> None:
 
 def test_export_refuses_modern_architecture(tmp_path: Path, small_data: Path) -> None:
     from gptkit.config import load_config
-    from gptkit.train import train
+    from gptkit.training.train import train
 
     from .conftest import tiny_overrides
 
@@ -409,7 +409,7 @@ def test_export_chooses_the_family_from_the_options(tmp_path: Path, small_data: 
     """A run trained here with RoPE + RMSNorm + SwiGLU + GQA (untied) exports as Llama, with
     learned QK-norm as Qwen3, and transformers computes the same logits."""
     from gptkit.config import load_config
-    from gptkit.train import train
+    from gptkit.training.train import train
 
     from .conftest import tiny_overrides
 
@@ -444,7 +444,7 @@ def test_imported_model_trains_fine_tunes_merges_samples_and_exports(families: d
     LoRA fine-tuning on q/k/v/o and gate/up/down (c_attn, c_proj, c_fc) through the model's own
     chat template, merge, generate, chat, eval and eval --instructions; the LoRA run, merged and
     exported, gives transformers the same logits as gptkit."""
-    from gptkit.tasks import write_tasks
+    from gptkit.finetune.tasks import write_tasks
 
     folder, run = families[family]
     text = tmp_path / "corpus.txt"
@@ -500,7 +500,7 @@ def test_imported_model_serves_chat_through_its_own_template(families: dict) -> 
 
 
 def test_imported_model_fine_tunes_under_torchrun(families: dict, tmp_path: Path) -> None:
-    from gptkit.tasks import write_tasks
+    from gptkit.finetune.tasks import write_tasks
 
     from .test_distributed import torchrun
 

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 
 from gptkit.config import load_config
-from gptkit.train import train
+from gptkit.training.train import train
 from tests.conftest import tiny_overrides
 
 SETS = {

@@ -14,9 +14,9 @@ import psutil
 import pytest
 import torch
 
-from gptkit.checkpoint import load_model
-from gptkit.engine import Engine, Job
-from gptkit.generate import SamplingParams, generate_ids, seeded_generator
+from gptkit.inference.engine import Engine, Job
+from gptkit.inference.generate import SamplingParams, generate_ids, seeded_generator
+from gptkit.loader import load_model
 from gptkit.model import KVCache
 
 from .conftest import DEVICE
@@ -145,7 +145,7 @@ def test_the_next_turn_reuses_the_last_ones_keys_and_values(trained_run: Path) -
 
 
 def test_prefix_cache_keeps_the_longest_and_stays_bounded() -> None:
-    from gptkit.engine import PrefixCache
+    from gptkit.inference.engine import PrefixCache
 
     kv = lambda n: (torch.zeros(1, 1, 1, n, 2), torch.zeros(1, 1, 1, n, 2))  # noqa: E731
     c = PrefixCache(max_tokens=20)

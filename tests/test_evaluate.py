@@ -8,10 +8,11 @@ import numpy as np
 import pytest
 import torch
 
-from gptkit.checkpoint import load_model, load_run_config
+from gptkit.checkpoint import load_run_config
 from gptkit.data import DataSet
 from gptkit.errors import GptkitError
-from gptkit.evaluate import evaluate, token_losses
+from gptkit.evaluate.loss import evaluate, token_losses
+from gptkit.loader import load_model
 
 from .conftest import DATA, SHAKESPEARE
 
@@ -101,7 +102,7 @@ def test_lm_eval_over_the_api_equals_its_hf_backend_on_the_export(tmp_path: Path
     pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
     from lm_eval.tasks import TaskManager
 
-    from gptkit.convert import export_hf
+    from gptkit.formats.hf import export_hf
 
     from .test_serve import Server
 
@@ -137,7 +138,7 @@ def test_lm_eval_over_the_api_equals_its_hf_backend_on_the_export(tmp_path: Path
     assert api["results"]["gptkit_mc"]["acc,none"] == local["results"]["gptkit_mc"]["acc,none"]
     # In process (`gptkit eval --tasks`): the same per-example numbers, and on a rolling
     # (perplexity) task the same windows and totals as the hf backend.
-    from gptkit.evaluate import harness_model
+    from gptkit.evaluate.harness import harness_model
 
     model, tok, _ = load_model(trained_run)
     both = ["gptkit_mc", "gptkit_rolling"]
@@ -207,9 +208,9 @@ def test_generate_until_and_chat_template_three_ways(tmp_path: Path, trained_run
     pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
     from lm_eval.tasks import TaskManager
 
-    from gptkit.convert import export_hf
-    from gptkit.evaluate import harness_model
-    from gptkit.finetune import finetune, finetune_config
+    from gptkit.evaluate.harness import harness_model
+    from gptkit.finetune.instruct import finetune, finetune_config
+    from gptkit.formats.hf import export_hf
 
     from .test_serve import Server
 
@@ -258,7 +259,7 @@ def test_generate_until_and_chat_template_three_ways(tmp_path: Path, trained_run
 def eval_models(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, bpe_runs: dict[str, Path]) -> dict[str, Path]:
     """The char-level run, a small BPE run (conftest's), and a GPT-2-shaped random model imported
     from transformers."""
-    from gptkit.convert import import_hf
+    from gptkit.formats.hf import import_hf
 
     from .hf_models import gpt2_model
 
@@ -280,8 +281,8 @@ def test_rolling_perplexity_three_ways(tmp_path: Path, eval_models: dict, name: 
     pytest.importorskip("tenacity", reason="lm-eval's API models need lm-eval[api]")
     from lm_eval.tasks import TaskManager
 
-    from gptkit.convert import export_hf
-    from gptkit.evaluate import harness_model
+    from gptkit.evaluate.harness import harness_model
+    from gptkit.formats.hf import export_hf
 
     from .test_serve import Server
 

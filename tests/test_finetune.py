@@ -9,12 +9,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gptkit.checkpoint import load_model, load_run_config
+from gptkit.checkpoint import load_run_config
 from gptkit.errors import GptkitError
-from gptkit.finetune import finetune, finetune_config, resume_finetune
-from gptkit.instructions import InstructionData, encode_example, load_conversations, pad_batch, read_records
+from gptkit.finetune.instruct import finetune, finetune_config, resume_finetune
+from gptkit.finetune.instructions import InstructionData, encode_example, load_conversations, pad_batch, read_records
+from gptkit.finetune.tasks import make_tasks, write_tasks
+from gptkit.loader import load_model
 from gptkit.model import GPT
-from gptkit.tasks import make_tasks, write_tasks
 from gptkit.template import ChatTemplate, Message
 from tests.conftest import DATA, DEVICE
 
@@ -196,7 +197,7 @@ def test_full_finetune_grows_vocab_and_learns(full_run: Path, trained_run: Path)
 def test_lora_trains_only_adapters_and_new_rows(lora_run: Path, trained_run: Path) -> None:
     from safetensors.torch import load_file
 
-    from gptkit.lora import has_lora, parameter_counts
+    from gptkit.peft.lora import has_lora, parameter_counts
 
     model, tok, cfg = load_model(lora_run)
     base, _, base_cfg = load_model(trained_run)
@@ -222,7 +223,7 @@ def test_lora_trains_only_adapters_and_new_rows(lora_run: Path, trained_run: Pat
 
 @pytest.mark.cuda
 def test_merge_gives_equal_logits(lora_run: Path, tmp_path: Path) -> None:
-    from gptkit.finetune import merge
+    from gptkit.finetune.instruct import merge
 
     model, tok, _ = load_model(lora_run, DEVICE)
     merged_dir = merge(lora_run, tmp_path / "merged")
@@ -237,7 +238,7 @@ def test_merge_gives_equal_logits(lora_run: Path, tmp_path: Path) -> None:
 
 @pytest.mark.cuda
 def test_lora_resume_equals_straight_run(trained_run: Path, tasks_file: Path, tmp_path: Path) -> None:
-    from gptkit.lora import adapter_state
+    from gptkit.peft.lora import adapter_state
 
     sets = FT_SET + ["train.max_steps=12", "train.checkpoint_interval=100", "lora.dropout=0.1", "train.lr=5e-3"]
     straight, paused = tmp_path / "straight", tmp_path / "paused"
@@ -312,8 +313,8 @@ def test_generate_chat_uses_the_template(full_run: Path) -> None:
 
 
 def test_chat_history_is_trimmed_from_the_oldest(full_run: Path) -> None:
-    from gptkit.chat import ChatSession
-    from gptkit.generate import SamplingParams
+    from gptkit.inference.chat import ChatSession
+    from gptkit.inference.generate import SamplingParams
 
     model, tok, cfg = load_model(full_run)
     session = ChatSession(model, tok, SamplingParams(max_new_tokens=8, temperature=0), system="hi")
@@ -363,10 +364,10 @@ def test_default_finetune_command_learns_held_out_tasks(tmp_path: Path, small_da
     """`gptkit finetune BASE --data FILE --out RUN` with nothing else: early stopping on the whole
     held-out loss decides how long, the best weights are kept, and greedy answers to held-out
     prompts are right at least 90% of the time (from at most 5% before)."""
-    from gptkit.checkpoint import finetune_start
     from gptkit.config import load_config
-    from gptkit.evaluate import evaluate_answers
-    from gptkit.train import train
+    from gptkit.evaluate.instructions import evaluate_answers
+    from gptkit.loader import finetune_start
+    from gptkit.training.train import train
     from tests.conftest import tiny_overrides
 
     base = tmp_path / "base"
@@ -406,8 +407,8 @@ def test_gpt2_lora_finetune_merges_and_exports_to_transformers(tmp_path: Path) -
     """A GPT-2 (tiny, random) imported from transformers, LoRA-tuned on a real instruction file,
     merged and exported back: transformers gives the same logits and knows the template's tokens."""
     transformers = pytest.importorskip("transformers")
-    from gptkit.convert import export_hf, import_hf
-    from gptkit.finetune import merge
+    from gptkit.finetune.instruct import merge
+    from gptkit.formats.hf import export_hf, import_hf
 
     torch.manual_seed(0)
     hf_cfg = transformers.GPT2Config(vocab_size=50257, n_positions=64, n_embd=32, n_layer=2, n_head=4)

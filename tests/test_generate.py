@@ -8,9 +8,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gptkit.checkpoint import load_model
 from gptkit.errors import GptkitError
-from gptkit.generate import (
+from gptkit.inference.generate import (
     SamplingParams,
     TextStream,
     generate,
@@ -19,6 +18,7 @@ from gptkit.generate import (
     sample_next,
     seeded_generator,
 )
+from gptkit.loader import load_model
 
 from .conftest import DEVICE
 
@@ -167,7 +167,7 @@ def test_cuda_graph_is_captured_and_the_cli_samples_the_same_text(model_tok, tra
     import subprocess
     import sys
 
-    from gptkit.generate import StaticDecoder
+    from gptkit.inference.generate import StaticDecoder
 
     model, tok = model_tok
     decoder = StaticDecoder(model, 1, DEVICE, torch.float32)

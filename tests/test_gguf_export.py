@@ -17,14 +17,14 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from gptkit.checkpoint import load_model
 from gptkit.config import load_config
-from gptkit.convert import import_hf
-from gptkit.finetune import finetune, finetune_config
-from gptkit.generate import SamplingParams, generate_ids
-from gptkit.gguf_export import export_gguf
+from gptkit.finetune.instruct import finetune, finetune_config
+from gptkit.formats.gguf import export_gguf
+from gptkit.formats.hf import import_hf
+from gptkit.inference.generate import SamplingParams, generate_ids
+from gptkit.loader import load_model
 from gptkit.template import ChatTemplate, Message
-from gptkit.train import train
+from gptkit.training.train import train
 
 from .conftest import DATA, SHAKESPEARE, tiny_overrides
 from .hf_models import gpt2_model, hf_model
@@ -238,7 +238,7 @@ def test_tokenizers_llama_cpp_cannot_read_are_named() -> None:
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
 
     from gptkit.errors import GptkitError
-    from gptkit.gguf_export import llama_cpp_pre
+    from gptkit.formats.gguf import llama_cpp_pre
     from gptkit.tokenizer import HFTokenizer
 
     sentencepiece = Tokenizer(models.BPE(byte_fallback=True, unk_token="<unk>"))

@@ -4,7 +4,7 @@ import torch
 
 from gptkit.config import ModelConfig, TrainConfig
 from gptkit.model import GPT
-from gptkit.optim import Muon, build_optimizers, newton_schulz
+from gptkit.training.optim import Muon, build_optimizers, newton_schulz
 
 
 def test_newton_schulz_orthogonalises() -> None:
@@ -72,7 +72,7 @@ def test_lora_new_rows_take_no_weight_decay() -> None:
     """apply_lora returns what it adapted; build_optimizers takes it and keeps the embedding, of
     which only the new rows train, out of weight decay (decay would move the frozen rows)."""
     from gptkit.config import LoraConfig
-    from gptkit.lora import apply_lora
+    from gptkit.peft.lora import apply_lora
 
     model = GPT(ModelConfig(vocab_size=40, block_size=16, n_layer=1, n_head=2, n_embd=16))
     frozen = model.wte.weight[:36].detach().clone()

@@ -14,12 +14,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
 
-from gptkit.checkpoint import load_model
 from gptkit.config import load_config
 from gptkit.errors import GptkitError
-from gptkit.generate import SamplingParams, generate_ids
-from gptkit.quantize import GROUP, Int4Linear, Int8Linear, quantize_run
-from gptkit.train import train
+from gptkit.inference.generate import SamplingParams, generate_ids
+from gptkit.inference.qlinear import GROUP, Int4Linear, Int8Linear
+from gptkit.inference.quantize import quantize_run
+from gptkit.loader import load_model
+from gptkit.training.train import train
 
 from .conftest import DATA, SHAKESPEARE, tiny_overrides
 from .test_serve import Server
@@ -176,7 +177,7 @@ def test_quantized_runs_are_for_inference(runs: dict, tmp_path: Path) -> None:
     cfg = load_config(None, tiny_overrides(**{"model.quantization": "int8"}))
     with pytest.raises(GptkitError, match="gptkit quantize"):
         train(cfg, tmp_path / "new", progress=False, quiet=True)
-    from gptkit.finetune import finetune, finetune_config
+    from gptkit.finetune.instruct import finetune, finetune_config
 
     sets = ["train.max_steps=2", "train.batch_size=4", "train.dtype=float32", "train.tensorboard=false", "train.eval_interval=2"]
     finetune(fp32_run, [str(DATA / "self_instruct_seed_tasks.chat.jsonl")], tmp_path / "lora", finetune_config(None, sets),

@@ -41,6 +41,7 @@ class Server:
             raise RuntimeError(f"server did not start: {line!r} {self.proc.stderr.read()}")
         self.url = m.group(1)
         self.name = run.name
+        self.run = run
 
     def request(self, method: str, path: str, body: Any = None, key: str | None = KEY, raw: bytes | None = None,
                 timeout: float = 60) -> tuple[int, Any]:  # fmt: skip
@@ -74,8 +75,8 @@ class Server:
 @pytest.fixture(scope="module")
 def chat_run(tmp_path_factory: pytest.TempPathFactory, trained_run: Path) -> Path:
     """The tiny run, briefly fine-tuned so that it has the chat template."""
-    from gptkit.finetune import finetune, finetune_config
-    from gptkit.tasks import write_tasks
+    from gptkit.finetune.instruct import finetune, finetune_config
+    from gptkit.finetune.tasks import write_tasks
 
     data = write_tasks(tmp_path_factory.mktemp("serve") / "tasks.jsonl", 100)
     out = tmp_path_factory.mktemp("serve") / "chatty"
@@ -362,9 +363,9 @@ def test_engine_failure_in_one_row_fails_that_row_alone(chat_run: Path) -> None:
     """A row that breaks the batched forward pass (a token id past the vocabulary, which the
     HTTP layer refuses but the engine's Python callers could send) fails alone: its neighbours,
     retried one by one, finish with their text, and the culprit gets an error, not text."""
-    from gptkit.checkpoint import load_model
-    from gptkit.engine import Engine, Job
-    from gptkit.generate import SamplingParams
+    from gptkit.inference.engine import Engine, Job
+    from gptkit.inference.generate import SamplingParams
+    from gptkit.loader import load_model
 
     model, tok, _ = load_model(chat_run)
     engine = Engine(model, tok, max_batch=8, queue_limit=8)
@@ -673,7 +674,7 @@ def test_schema_fuzzer_default_checks(case: Any, server: Server) -> None:
 def _model_logprobs(run: Path, ids: list[int]) -> Any:
     import torch
 
-    from gptkit.checkpoint import load_model
+    from gptkit.loader import load_model
 
     model, _, _ = load_model(run)
     with torch.no_grad():
@@ -683,7 +684,7 @@ def _model_logprobs(run: Path, ids: list[int]) -> Any:
 def test_completion_logprobs_score_a_prompt_with_echo(server: Server, chat_run: Path) -> None:
     """echo + max_tokens 0 + logprobs: each prompt token's log-probability under the model given
     the tokens before it (the first has none), as the official client reads it."""
-    from gptkit.checkpoint import load_model
+    from gptkit.loader import load_model
 
     tok = load_model(chat_run)[1]
     client = server.client()
@@ -711,7 +712,7 @@ def test_completion_logprobs_score_a_prompt_with_echo(server: Server, chat_run: 
 def test_generated_tokens_carry_the_logprobs_they_were_drawn_with(server: Server, chat_run: Path) -> None:
     """Greedy: each generated token is the most likely one and its log-probability is the
     model's for it given everything before; the same streamed, chunk by chunk."""
-    from gptkit.checkpoint import load_model
+    from gptkit.loader import load_model
 
     tok = load_model(chat_run)[1]
     client = server.client()
@@ -765,10 +766,10 @@ def test_bad_logprob_requests_are_400(server: Server) -> None:
 
 
 def test_chat_truncate_oldest_turns_is_the_chat_rule(server: Server, chat_run: Path) -> None:
-    """"truncate": "oldest_turns" fits a conversation that outgrew the context as `gptkit chat`
+    """ "truncate": "oldest_turns" fits a conversation that outgrew the context as `gptkit chat`
     does (ChatTemplate.fit: whole exchanges from the oldest, the system message kept) and says
     how many messages it left out, in the response and in every chunk of a stream."""
-    from gptkit.checkpoint import load_model
+    from gptkit.loader import load_model
     from gptkit.template import ChatTemplate, Message
 
     convo = [{"role": "system", "content": "Be kind."}]

@@ -14,12 +14,13 @@ import safetensors.torch
 import torch
 
 from gptkit import checkpoint as ckpt_mod
-from gptkit.checkpoint import load_model, load_run_config
+from gptkit.checkpoint import load_run_config
 from gptkit.config import load_config
 from gptkit.errors import DivergedError, GptkitError
-from gptkit.optim import lr_factor
+from gptkit.loader import load_model
 from gptkit.runtime import cpu_has_fast_bf16
-from gptkit.train import train
+from gptkit.training.optim import lr_factor
+from gptkit.training.train import train
 
 from .conftest import tiny_overrides
 
@@ -184,7 +185,7 @@ def test_time_boxed_run_warms_up_and_ends_annealed(tmp_path: Path, small_data: P
 
 
 def test_progress_follows_the_limit_that_comes_first() -> None:
-    from gptkit.train import progress_fraction
+    from gptkit.training.train import progress_fraction
 
     tc = load_config(None, ["train.max_steps=5000", "train.max_time_s=260"]).train
     assert progress_fraction(47, 259.0, tc) == pytest.approx(259 / 260)  # the bar once showed 47/5000, ETA hours
@@ -208,7 +209,7 @@ def test_evaluation_time_does_not_count_against_the_budget_across_resumes(tmp_pa
 
 @pytest.mark.cuda
 def test_resume_with_more_steps_goes_past_a_spent_time_budget(tmp_path: Path, small_data: Path) -> None:
-    from gptkit.train import resume_config
+    from gptkit.training.train import resume_config
 
     run = tmp_path / "r"
     first = train(cfg_for(small_data, **{"train.max_steps": 10**6, "train.max_time_s": 1}), run, progress=False, quiet=True)
@@ -223,7 +224,7 @@ def test_resume_with_more_steps_goes_past_a_spent_time_budget(tmp_path: Path, sm
 
 
 def test_resume_refuses_a_new_model_shape_before_writing(tmp_path: Path, small_data: Path) -> None:
-    from gptkit.train import resume_config
+    from gptkit.training.train import resume_config
 
     run = tmp_path / "r"
     train(cfg_for(small_data, **{"train.max_steps": 4}), run, progress=False, quiet=True)
@@ -360,7 +361,7 @@ def test_keep_freed_memory_stops_page_faults_per_step() -> None:
 def test_dtype_auto_times_both_precisions_once_per_shape(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """train.dtype=auto on a CPU with fast bf16 takes the precision whose training steps were
     faster at the run's shape, says what it measured, and measures a shape once per machine."""
-    from gptkit.train import AUTO_DTYPE_CACHE, measure_cpu_dtype
+    from gptkit.training.train import AUTO_DTYPE_CACHE, measure_cpu_dtype
 
     monkeypatch.setenv("GPTKIT_CACHE_DIR", str(tmp_path / "cache"))
     cfg = load_config(None, tiny_overrides())
@@ -388,7 +389,7 @@ def test_dtype_auto_start_up_line_shows_the_measurement(tmp_path: Path, small_da
 def test_threads_zero_times_one_thread_against_all_and_says_so() -> None:
     """train.threads=0 on a CPU: one thread only when a step was over 1.5x faster with it at the
     run's shape -- the case when other work keeps a core busy; torch's own setting is left as it was."""
-    from gptkit.train import measure_cpu_threads
+    from gptkit.training.train import measure_cpu_threads
 
     cfg = load_config(None, tiny_overrides())
     cfg.model.vocab_size = 65

@@ -173,8 +173,8 @@ def test_search_over_a_fine_tune_of_an_imported_model(tmp_path: Path) -> None:
     imported Llama through its own chat template (the fine-tuning preset, LoRA switched by the
     space), scored on its held-out response loss."""
     pytest.importorskip("transformers")
-    from gptkit.convert import import_hf
-    from gptkit.tasks import write_tasks
+    from gptkit.finetune.tasks import write_tasks
+    from gptkit.formats.hf import import_hf
 
     from .hf_models import hf_model
 

@@ -19,10 +19,10 @@ from typing import Any
 import torch
 
 from gptkit.data import Batch
-from gptkit.distributed import DistContext
 from gptkit.errors import GptkitError
 from gptkit.template import ChatTemplate, Message, check_messages
 from gptkit.tokenizer import Tokenizer
+from gptkit.training.distributed import DistContext
 
 # --- reading instruction files ---
 

@@ -17,6 +17,7 @@ from safetensors.torch import save_file
 
 from gptkit.checkpoint import (
     MODEL_FILE,
+    RunFolder,
     checkpoint_dir,
     load_run_config,
     refuse_nonempty,
@@ -135,26 +136,13 @@ def _our_name(hf_name: str) -> str | None:
 def import_hf(
     folder: str | Path, out: str | Path, tokenizer: str | None = None, overwrite: bool = False
 ) -> Path:
-    """A Hugging Face GPT2LMHeadModel folder -> a gptkit run folder (config, weights, tokenizer)."""
+    """A Hugging Face folder (GPT-2, Llama, Qwen2, Qwen3) -> a gptkit run folder (config, weights,
+    tokenizer)."""
     folder, out = Path(folder), Path(out)
     if not (folder / "config.json").is_file():
         raise GptkitError(f"{folder}: no config.json; expected a Hugging Face model folder")
     refuse_nonempty(out, overwrite)
-    try:
-        hf_cfg = json.loads((folder / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise GptkitError(f"{folder / 'config.json'}: not valid JSON ({e})") from None
-    kind = hf_cfg.get("model_type") if isinstance(hf_cfg, dict) else None
-    if kind != "gpt2" and kind not in LLAMA_FAMILY:
-        raise GptkitError(
-            f"{folder / 'config.json'}: model_type {kind!r} is not supported; gptkit converts "
-            "gpt2, "
-            "llama (SmolLM2, TinyLlama, Llama 3), qwen2 (Qwen2.5) and qwen3"
-        )
-    if kind == "gpt2":
-        cfg = _hf_config_to_ours(hf_cfg, folder / "config.json")
-    else:
-        cfg = llama_config_to_ours(hf_cfg, folder / "config.json")
+    kind, cfg = _read_hf_config(folder / "config.json")
     with torch.device("meta"):  # shapes only, nothing allocated
         expected = {k: tuple(v.shape) for k, v in GPT(cfg.model).state_dict().items()}
     if cfg.model.tie_embeddings:
@@ -165,36 +153,60 @@ def import_hf(
             f"{folder}: the tokenizer has {tok.vocab_size} tokens but the model only "
             f"{cfg.model.vocab_size} embeddings"
         )
-
     with staged_folder(out) as tmp:
-        sd: dict[str, torch.Tensor] = {}
-        tensors = _open_hf_weights(folder)
-        mapped = _gpt2_weights(tensors, cfg) if kind == "gpt2" else fuse_llama_weights(tensors, cfg)
-        for name, hf_name, t in mapped:
-            if name not in expected:
-                raise GptkitError(
-                    f"tensor {hf_name!r} has no place in the model described by config.json"
-                )
-            if tuple(t.shape) != expected[name]:
-                raise GptkitError(
-                    f"tensor {hf_name!r} has shape {tuple(t.shape)}, expected {expected[name]} "
-                    "from config.json"
-                )
-            sd[name] = t.contiguous()
-        missing = sorted(set(expected) - set(sd))
-        if missing:
-            raise GptkitError(f"{folder}: weights are missing tensors, e.g. {missing[:3]}")
+        sd = _checked_weights(folder, kind, cfg, expected)
         if kind == "gpt2":
             spec = f"gpt2:{tokenizer or folder}" if tok is not None else "gpt2:"
         else:
             spec = f"run:{out.resolve()}"  # the run's own tokenizer, for preparing data with it
         cfg = cfg.updated({"train.dtype": "float32", "data.tokenizer": spec})
-        cfg.save(tmp / "config.yaml")
+        cfg.save(RunFolder(tmp).config)
         if tok is not None:
-            tok.save(tmp / "tokenizer")
+            tok.save(RunFolder(tmp).tokenizer)
         write_weights_only(tmp, sd)
         del sd
     return out
+
+
+def _read_hf_config(path: Path) -> tuple[str, Config]:
+    """A transformers config.json -> (its model_type, the gptkit config of the same model)."""
+    try:
+        hf_cfg = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise GptkitError(f"{path}: not valid JSON ({e})") from None
+    kind = hf_cfg.get("model_type") if isinstance(hf_cfg, dict) else None
+    if kind != "gpt2" and kind not in LLAMA_FAMILY:
+        raise GptkitError(
+            f"{path}: model_type {kind!r} is not supported; gptkit converts gpt2, "
+            "llama (SmolLM2, TinyLlama, Llama 3), qwen2 (Qwen2.5) and qwen3"
+        )
+    if kind == "gpt2":
+        return kind, _hf_config_to_ours(hf_cfg, path)
+    return kind, llama_config_to_ours(hf_cfg, path)
+
+
+def _checked_weights(
+    folder: Path, kind: str, cfg: Config, expected: dict[str, tuple[int, ...]]
+) -> dict[str, torch.Tensor]:
+    """The folder's tensors under gptkit's names, each checked against the config's shapes."""
+    sd: dict[str, torch.Tensor] = {}
+    tensors = _open_hf_weights(folder)
+    mapped = _gpt2_weights(tensors, cfg) if kind == "gpt2" else fuse_llama_weights(tensors, cfg)
+    for name, hf_name, t in mapped:
+        if name not in expected:
+            raise GptkitError(
+                f"tensor {hf_name!r} has no place in the model described by config.json"
+            )
+        if tuple(t.shape) != expected[name]:
+            raise GptkitError(
+                f"tensor {hf_name!r} has shape {tuple(t.shape)}, expected {expected[name]} "
+                "from config.json"
+            )
+        sd[name] = t.contiguous()
+    missing = sorted(set(expected) - set(sd))
+    if missing:
+        raise GptkitError(f"{folder}: weights are missing tensors, e.g. {missing[:3]}")
+    return sd
 
 
 def _import_tokenizer(folder: Path, tokenizer: str | None, kind: str) -> Tokenizer | None:
@@ -261,7 +273,11 @@ def export_hf(run_dir: str | Path, out: str | Path, overwrite: bool = False) -> 
     family = export_family(cfg)
     ckpt = checkpoint_dir(run_dir)
     refuse_nonempty(out, overwrite, "choose another folder")
-    tok = load_tokenizer(run_dir / "tokenizer") if (run_dir / "tokenizer").is_dir() else None
+    tok = (
+        load_tokenizer(RunFolder(run_dir).tokenizer)
+        if RunFolder(run_dir).tokenizer.is_dir()
+        else None
+    )
     with staged_folder(out) as tmp:
         if family == "gpt2":
             _export_gpt2(tmp, ckpt, cfg, tok)

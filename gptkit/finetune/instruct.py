@@ -1,5 +1,5 @@
 """Instruction fine-tuning: start from a base run, render instruction records with the chat
-template (gptkit/instructions.py) and train with the one training loop, fully or with LoRA.
+template (gptkit/finetune/instructions.py) and train with the one training loop, fully or with LoRA.
 
 A fine-tuning run's config records its base run (finetune.base) and, as bookkeeping, the base's
 vocabulary size and weights' checksum (lineage), so that a LoRA run can always rebuild its base
@@ -17,10 +17,9 @@ from typing import Any
 import torch
 
 from gptkit.checkpoint import (
+    RunFolder,
     TrainingState,
     checkpoint_info,
-    finetune_start,
-    load_model,
     load_run_config,
     refuse_nonempty,
     save_checkpoint,
@@ -30,12 +29,13 @@ from gptkit.checkpoint import (
 from gptkit.config import Config, apply_overrides, load_config, model_config_from_base
 from gptkit.data import preset
 from gptkit.errors import GptkitError
-from gptkit.instructions import Conversations, InstructionData, load_conversations
-from gptkit.lora import parameter_counts
+from gptkit.finetune.instructions import Conversations, InstructionData, load_conversations
+from gptkit.loader import finetune_start, load_model
 from gptkit.model import GPT
+from gptkit.peft.lora import parameter_counts
 from gptkit.template import ChatTemplate
 from gptkit.tokenizer import Tokenizer, load_tokenizer
-from gptkit.train import TrainOptions, TrainResult, train
+from gptkit.training.train import TrainOptions, TrainResult, train
 
 ASCII = "".join(map(chr, range(32, 127))) + "\n\t"
 
@@ -117,7 +117,7 @@ def finetune(
     convs = load_conversations(
         [str(d) for d in data] if data else cfg.finetune.data, cfg.finetune.skip_invalid
     )
-    tok = finetune_tokenizer(load_tokenizer(Path(base) / "tokenizer"), convs)
+    tok = finetune_tokenizer(load_tokenizer(RunFolder(base).tokenizer), convs)
     cfg = config_from_base(cfg, Path(base), [str(d) for d in data or []], lora, tok)
     opts = TrainOptions(
         overwrite=overwrite, progress=progress, quiet=quiet, stop_at=stop_at, on_eval=on_eval
@@ -142,7 +142,7 @@ def resume_finetune(
         )
     convs = load_conversations(cfg.finetune.data, cfg.finetune.skip_invalid)
     opts = TrainOptions(resume=True, progress=progress, quiet=quiet, stop_at=stop_at)
-    return _run(cfg, out, load_tokenizer(out / "tokenizer"), convs, opts)
+    return _run(cfg, out, load_tokenizer(RunFolder(out).tokenizer), convs, opts)
 
 
 def _run(
@@ -200,8 +200,8 @@ def merge(run: str | Path, out: str | Path | None = None, overwrite: bool = Fals
     cfg = cfg.updated({"lora.enabled": False, "lineage.base_sha256": ""})
     info = checkpoint_info(run)
     with staged_folder(out) as tmp:
-        tok.save(tmp / "tokenizer")
-        cfg.save(tmp / "config.yaml")
+        tok.save(RunFolder(tmp).tokenizer)
+        cfg.save(RunFolder(tmp).config)
         save_checkpoint(
             tmp, model, [], TrainingState(step=info["step"], tokens_seen=info["tokens_seen"])
         )

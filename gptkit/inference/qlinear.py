@@ -1,4 +1,4 @@
-"""Int8 and int4 quantized weights, for fast decoding on the CPU.
+"""Int8 and int4 quantized Linear layers, for fast decoding on the CPU.
 
 Decoding one token at batch 1 reads every weight once, so its speed is the speed at which the
 weights stream from memory: int8 weights are a quarter of fp32's bytes. Each output channel
@@ -15,16 +15,11 @@ norms and biases stay fp32; the LM head, the largest matrix of a small model, is
 zero (w = (q - 8) * scale + zero, q in 0..15, chosen for the group's min and max), through
 PyTorch's int4-weight CPU kernel (`_weight_int4pack_mm_for_cpu`). The checkpoint keeps the 4-bit
 values two to a byte in plain row order; the kernel's own packed layout is made at load.
-
-`gptkit quantize RUN --out RUN_Q` writes a run folder whose config says `model.quantization:
-int8` (or int4) and whose checkpoint holds the quantized weights and their scales, loadable
-without the fp32 ones; every command that samples (generate, chat, serve, eval) loads it as it is.
 """
 
 from __future__ import annotations
 
 import functools
-import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -39,7 +34,11 @@ from gptkit.errors import GptkitError
 from gptkit.model import GPT
 
 SCHEMES = ("int8", "int4")
+
+
 ACTIVATIONS = ("int8", "bf16")
+
+
 GROUP = 32  # int4: weights per scale and zero
 
 
@@ -231,54 +230,6 @@ def swap_linears(
                     new.int8_activations = activations == "int8"
                 setattr(module, name, new)
     return model
-
-
-def quantize_run(
-    run_dir: str | Path,
-    out: str | Path,
-    scheme: str = "int8",
-    overwrite: bool = False,
-    activations: str = "int8",
-) -> Path:
-    """A run -> a new run folder with int8 (or int4) weights (config, tokenizer, weights-only
-    checkpoint). activations (int8 only): "int8" quantizes a single row's activations too (fast
-    batch-1 decoding), "bf16" keeps every product weight-only."""
-    # checkpoint.py loads quantized runs through this module: its names are imported here, late.
-    from gptkit.checkpoint import (
-        load_model,
-        load_run_config,
-        refuse_nonempty,
-        staged_folder,
-        write_weights_only,
-    )
-
-    run_dir, out = Path(run_dir), Path(out)
-    if scheme not in SCHEMES:
-        raise GptkitError(f"unknown --scheme {scheme!r}; choose one of {', '.join(SCHEMES)}")
-    if activations not in ACTIVATIONS:
-        raise GptkitError(
-            f"unknown --activations {activations!r}; choose one of {', '.join(ACTIVATIONS)}"
-        )
-    cfg = load_run_config(run_dir)
-    if cfg.model.quantization != "none":
-        raise GptkitError(
-            f"{run_dir} is already quantized ({cfg.model.quantization}); quantize the run it "
-            "was quantized from"
-        )
-    if cfg.lora.enabled:
-        raise GptkitError(
-            f"{run_dir} holds a LoRA adapter; merge it first: gptkit merge {run_dir} --out MERGED, "
-            "then quantize MERGED"
-        )
-    refuse_nonempty(out, overwrite)
-    model, _, _ = load_model(run_dir)
-    swap_linears(model, quantize=True, scheme=scheme)
-    qcfg = cfg.updated({"model.quantization": scheme, "model.int8_activations": activations})
-    with staged_folder(out) as tmp:
-        qcfg.save(tmp / "config.yaml")
-        shutil.copytree(run_dir / "tokenizer", tmp / "tokenizer")
-        write_weights_only(tmp, model.state_dict_for_save())
-    return out
 
 
 def refuse_quantized(cfg: Config, run_dir: Path, doing: str = "train or fine-tune") -> None:

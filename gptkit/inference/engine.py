@@ -29,7 +29,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from gptkit.errors import GptkitError
-from gptkit.generate import (
+from gptkit.inference.generate import (
     Detokenizer,
     SamplingParams,
     StaticDecoder,
@@ -339,7 +339,9 @@ class Engine:
                     self.queue.extendleft(reversed(retry))
 
     @torch.inference_mode()
-    def _run(self, jobs: list[Job]) -> None:
+    def _start(self, jobs: list[Job]) -> list[Job]:
+        """Each job's detokenizer; the jobs with nothing to generate are answered here (a prompt
+        to score, or none), and the ones left to decode are returned."""
         self.batches += 1
         self.rows += len(jobs)
         for job in jobs:
@@ -353,6 +355,10 @@ class Engine:
             if job not in live:
                 job.detok.finish_reason = "length"
                 job.send("", True)
+        return live
+
+    def _run(self, jobs: list[Job]) -> None:
+        live = self._start(jobs)
         if not live:
             return
         width = max(len(j.prompt) for j in live)
@@ -390,24 +396,30 @@ class Engine:
             self.step_rows += len(pending)
             # One top-k for the batch, at the widest N any row asked for.
             entries = token_logprobs(dist[0], nxt, top_n) if top_n is not None else []
-            for i in list(pending):
-                job = live[i]
-                if job.cancelled:
-                    pending.discard(i)
-                    continue
-                if job.logprobs is not None:
-                    entry = entries[i]
-                    job.token_logprobs.append(
-                        TokenLogprob(entry.token, entry.logprob, entry.top[: job.logprobs])
-                    )
-                delta = job.detok.feed(int(nxt[i]))
-                self.tokens += 1
-                if delta or job.detok.done:
-                    job.send(delta, job.detok.done)
-                if job.detok.done:
-                    pending.discard(i)
+            self._deliver(live, pending, nxt, entries)
             if not pending:
                 break
+
+    def _deliver(
+        self, live: list[Job], pending: set[int], nxt: torch.Tensor, entries: list
+    ) -> None:
+        """A decoding step's tokens to the rows still pending; finished rows leave `pending`."""
+        for i in list(pending):
+            job = live[i]
+            if job.cancelled:
+                pending.discard(i)
+                continue
+            if job.logprobs is not None:
+                entry = entries[i]
+                job.token_logprobs.append(
+                    TokenLogprob(entry.token, entry.logprob, entry.top[: job.logprobs])
+                )
+            delta = job.detok.feed(int(nxt[i]))
+            self.tokens += 1
+            if delta or job.detok.done:
+                job.send(delta, job.detok.done)
+            if job.detok.done:
+                pending.discard(i)
 
     def _score_prompt(self, job: Job) -> None:
         """A prompt scored without generating: its forward pass is all it needs."""

@@ -31,9 +31,9 @@ except ImportError:  # an optional extra: say how to get it
         "GGUF export needs the gguf package: pip install 'gptkit[gguf]' (or pip install gguf)"
     ) from None
 
-from gptkit.checkpoint import MODEL_FILE, checkpoint_dir, load_run_config
+from gptkit.checkpoint import MODEL_FILE, RunFolder, checkpoint_dir, load_run_config
 from gptkit.config import ModelConfig
-from gptkit.convert import _read_safetensors, export_family
+from gptkit.formats.hf import _read_safetensors, export_family
 from gptkit.model import rope_frequencies
 from gptkit.template import SPECIAL_TEMPLATE, jinja_source
 from gptkit.tokenizer import HFTokenizer, Tokenizer, load_tokenizer
@@ -104,9 +104,9 @@ def export_gguf(
 
 
 def _gguf_tokenizer(run_dir: Path) -> HFTokenizer:
-    if not (run_dir / "tokenizer").is_dir():
+    if not RunFolder(run_dir).tokenizer.is_dir():
         raise GptkitError(f"{run_dir}: no tokenizer folder; a GGUF file must carry its tokenizer")
-    tok = load_tokenizer(run_dir / "tokenizer")
+    tok = load_tokenizer(RunFolder(run_dir).tokenizer)
     if not isinstance(tok, HFTokenizer):
         raise GptkitError(
             "a character-level tokenizer has no llama.cpp equivalent; train with --tokenizer bpe "

@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from typing import TextIO
 
 from gptkit.errors import GptkitError
-from gptkit.generate import SamplingParams
+from gptkit.inference.generate import SamplingParams
 from gptkit.model import GPT
 from gptkit.template import ChatTemplate, Message
 from gptkit.tokenizer import Tokenizer

@@ -8,295 +8,44 @@
 
 This module is the HTTP layer only: request models and their checks, auth and limits (Guard),
 server-sent events and OpenAI's error shapes. Generation runs on the engine's thread
-(gptkit/engine.py), never on the event loop; a request that would overflow its queue gets 429.
+(inference/engine.py), never on the event loop; a request that would overflow its queue gets 429.
 A streaming client that disconnects stops its rows at the next token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any
 
-import torch
-from fastapi import APIRouter, FastAPI, HTTPException, Request
+from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from gptkit.checkpoint import load_model
-from gptkit.engine import Engine, Job, QueueFull, TokenLogprob
 from gptkit.errors import GptkitError
-from gptkit.generate import SamplingParams
+from gptkit.inference.engine import Engine, Job, QueueFull, TokenLogprob
+from gptkit.inference.generate import SamplingParams
 from gptkit.model import GPT
-from gptkit.runtime import resolve_device
+from gptkit.serve.guard import Guard, ServeConfig
+from gptkit.serve.openapi import openapi_schema
+from gptkit.serve.protocol import (
+    ERROR_RESPONSES,
+    STREAM_RESPONSE,
+    UNSUPPORTED,
+    ApiError,
+    ChatRequest,
+    CompletionRequest,
+    SamplingRequest,
+    error_response,
+)
 from gptkit.template import ChatTemplate, Message
 from gptkit.tokenizer import Tokenizer
-
-# --- requests and responses ---
-
-Role = Literal["system", "developer", "user", "assistant"]
-
-
-def _integral(v: Any) -> Any:
-    """OpenAI accepts 1.0 where it documents an integer: so do we (1.5 stays an error)."""
-    return int(v) if isinstance(v, float) and v.is_integer() and abs(v) < 2**63 else v
-
-
-Int = Annotated[int, BeforeValidator(_integral)]
-
-
-class StreamOptions(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    include_usage: bool = False
-
-
-class _Base(BaseModel):
-    # strict: "5" is not a number. Fields OpenAI defines that this server does not implement are
-    # declared, so that a value other than their neutral one is refused by name (unsupported()).
-    model_config = ConfigDict(strict=True, extra="ignore")
-
-    model: str
-    max_tokens: Int | None = Field(default=None, ge=0)
-    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
-    n: Int = Field(default=1, ge=1, le=16)
-    stop: str | list[str] | None = None
-    seed: Int | None = None
-    stream: bool = False
-    stream_options: StreamOptions | None = None
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    logit_bias: dict[str, float] | None = None  # token id (as a string) -> bias in [-100, 100]
-    user: str | None = None
-    top_k: Int = Field(default=0, ge=0)  # extensions beyond OpenAI's parameters
-    repetition_penalty: float = Field(default=1.0, ge=0.01, le=100.0)
-    # a prompt longer than the context: true keeps its last tokens instead of a 400
-    truncate: bool = False
-    # special tokens (the chat template's) are not written into the text
-    skip_special_tokens: bool = True
-    # Declared to be refused when used (see UNSUPPORTED); the neutral values pass.
-    response_format: dict[str, Any] | None = None
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    functions: list[Any] | None = None
-    function_call: Any = None
-
-
-class CompletionRequest(_Base):
-    prompt: str | list[str] | list[Int] | list[list[Int]]
-    echo: bool = False
-    logprobs: Int | None = Field(default=None, ge=0, le=20)  # per token: its own and the top N
-    suffix: str | None = None
-    best_of: Int | None = None
-
-
-class TextPart(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = ConfigDict(strict=True, extra="ignore")
-    role: Role
-    content: str | list[TextPart]
-
-
-class ChatRequest(_Base):
-    messages: list[ChatMessage] = Field(min_length=1)
-    logprobs: bool | None = None
-    top_logprobs: Int | None = Field(default=None, ge=0, le=20)
-    max_completion_tokens: Int | None = Field(default=None, ge=0)
-    # or "oldest_turns": drop the oldest exchanges, system messages kept (ChatTemplate.fit)
-    truncate: bool | Literal["oldest_turns"] = False
-
-
-# Each declared-but-unimplemented field, with the values that mean "not used".
-UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "response_format": (None, {"type": "text"}),
-    "tools": (None, []),
-    "tool_choice": (None, "none"),
-    "functions": (None, []),
-    "function_call": (None, "none"),
-    "suffix": (None, ""),
-    "best_of": (None, 1),
-}
-
-
-class ErrorBody(BaseModel):
-    message: str
-    type: str
-    param: str | None = None
-    code: str | None = None
-
-
-class ErrorResponse(BaseModel):
-    error: ErrorBody
-
-
-def _error(
-    status: int, message: str, code: str | None = None, param: str | None = None
-) -> JSONResponse:
-    kind = "invalid_request_error" if status < 500 else "server_error"
-    return JSONResponse(
-        {"error": {"message": message, "type": kind, "param": param, "code": code}},
-        status_code=status,
-    )
-
-
-class ApiError(HTTPException):
-    """An error with OpenAI's shape. An HTTPException, so that FastAPI passes it through unchanged
-    even when it is raised while the body is being read (the size limit)."""
-
-    def __init__(
-        self, status: int, message: str, code: str | None = None, param: str | None = None
-    ) -> None:
-        super().__init__(status, message)
-        self.status, self.message, self.code, self.param = status, message, code, param
-
-
-@dataclass
-class ServeConfig:
-    model_name: str
-    api_key: str | None = None
-    max_tokens_cap: int = 1024  # largest max_tokens a request may ask for
-    max_request_bytes: int = 1 << 20
-    max_batch: int = 16
-    queue_limit: int = 64  # samples queued or running; beyond it, 429
-    default_max_tokens: int = 256  # chat requests that name no max_tokens
-    max_request_work: int = 4096  # samples x max_tokens one request may ask for (its fair share)
-    allowed_hosts: list[str] | None = None  # Host header names accepted; None: loopback names only
-    timeout_keep_alive: int = 5  # seconds an idle connection stays open
-    timeout_headers: float = 10.0  # seconds a new connection has to send its request's headers
-    max_connections: int = 256  # beyond it, new connections get 503
-    scheduler: str = "continuous"  # or "static": batches of requests that arrived together
-    cuda_graph: bool = False  # continuous decode steps captured in a CUDA graph (Engine static)
-    prefix_cache_tokens: int | None = None  # Engine's prefix cache; None: the pool's size, 0: off
-    prefill_chunk: int = 256  # prompt positions prefilled between two decode steps
-
-
-LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
-
-
-def host_allowed(host_header: str, allowed: list[str] | None) -> bool:
-    """DNS rebinding: a page elsewhere reaches a loopback server under its own host name. Only
-    names we serve under are accepted ("*" in the list: any)."""
-    if allowed is not None and "*" in allowed:
-        return True
-    name = host_header.strip().lower()
-    if name.startswith("["):  # [::1]:8000
-        name = name[1 : name.find("]")] if "]" in name else name
-    elif name.count(":") == 1:
-        name = name.split(":")[0]
-    return name in (
-        LOOPBACK_NAMES if allowed is None else [*LOOPBACK_NAMES, *(a.lower() for a in allowed)]
-    )
-
-
-class Guard:
-    """What every request passes before the app (plain ASGI, so that streaming and disconnects
-    reach the app untouched): the Host header (DNS rebinding), the API key on /v1, and the body
-    size, counted as the bytes arrive, Content-Length or chunked alike (a chunked body once went
-    unchecked). Past the size limit the app is told the client has gone, so it stops reading,
-    its answer is dropped, and 413 is sent."""
-
-    def __init__(self, app: Any, sc: ServeConfig) -> None:
-        self.app, self.sc = app, sc
-
-    def refusal(self, scope: dict) -> JSONResponse | None:
-        headers = {
-            k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])
-        }
-        sc = self.sc
-        if not host_allowed(headers.get("host", ""), sc.allowed_hosts):
-            return _error(
-                400,
-                "the Host header names a host this server does not serve (DNS rebinding?); start "
-                "it with "
-                "--allowed-hosts NAME to accept that name",
-                "invalid_host",
-            )
-        size = headers.get("content-length")
-        if size is not None and (not size.isdigit() or int(size) > sc.max_request_bytes):
-            return _error(
-                413,
-                f"the request body is larger than {sc.max_request_bytes} bytes",
-                "request_too_large",
-            )
-        if scope["path"].startswith("/v1") and sc.api_key is not None:
-            auth = headers.get("authorization", "")
-            given = auth[7:] if auth.lower().startswith("bearer ") else ""
-            if not hmac.compare_digest(given.encode(), sc.api_key.encode()):
-                return _error(
-                    401,
-                    "missing or wrong API key: send 'Authorization: Bearer KEY'",
-                    "invalid_api_key",
-                )
-        return None
-
-    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        refused = self.refusal(scope)
-        if refused is not None:
-            return await refused(scope, receive, send)
-        limit = self.sc.max_request_bytes
-        seen, over, started = 0, False, False
-
-        async def counted() -> dict:
-            nonlocal seen, over
-            if over:
-                return {"type": "http.disconnect"}
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    over = True
-                    return {"type": "http.disconnect"}
-            return message
-
-        async def guarded(message: dict) -> None:
-            nonlocal started
-            if over and not started:
-                return
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        await self.app(scope, counted, guarded)
-        if over and not started:
-            await _error(
-                413, f"the request body is larger than {limit} bytes", "request_too_large"
-            )(scope, receive, send)
-
-
-ERRORS = {
-    400: "invalid request (message, param and code say what)",
-    401: "missing or wrong API key",
-    404: "no such model or path",
-    413: "request body too large",
-    429: "the server's queue is full; retry shortly",
-    500: "generation failed",
-}
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    k: {"model": ErrorResponse, "description": v} for k, v in ERRORS.items()
-}
-STREAM_RESPONSE: dict[int | str, dict[str, Any]] = {
-    200: {
-        "description": "a JSON object; with stream: true, server-sent events ending in data: "
-        "[DONE]",
-        # Each event's data is a chunk object, or [DONE] at the end.
-        "content": {"application/json": {}, "text/event-stream": {"schema": {}}},
-    }
-}
-
 
 STATIC = Path(__file__).parent / "static"
 CHAT_PAGE = STATIC / "chat.html"
@@ -353,13 +102,32 @@ class Served:
             ) from None
         return text
 
-    def sampling(self, r: _Base, default_max: int, n_prompts: int = 1) -> SamplingParams:
+    def sampling(self, r: SamplingRequest, default_max: int, n_prompts: int = 1) -> SamplingParams:
         """The request's sampling settings, checked against this server's model and limits."""
-        sc = self.sc
-        if r.model != sc.model_name:
+        self.check_supported(r)
+        params = SamplingParams(
+            max_new_tokens=self.check_budget(r, default_max, n_prompts),
+            temperature=r.temperature,
+            top_k=r.top_k,
+            top_p=r.top_p,
+            repetition_penalty=r.repetition_penalty,
+            stop=self.stops(r),
+            seed=r.seed,
+            frequency_penalty=r.frequency_penalty,
+            presence_penalty=r.presence_penalty,
+            logit_bias=self.logit_bias(r),
+        )
+        try:
+            return params.validate()
+        except GptkitError as e:
+            raise ApiError(400, str(e), "invalid_value", str(e).split(" ")[0]) from None
+
+    def check_supported(self, r: SamplingRequest) -> None:
+        """This server's model, and no parameter it would have to ignore."""
+        if r.model != self.sc.model_name:
             raise ApiError(
                 404,
-                f"model {r.model!r} does not exist; this server has {sc.model_name!r}",
+                f"model {r.model!r} does not exist; this server has {self.sc.model_name!r}",
                 "model_not_found",
                 "model",
             )
@@ -368,11 +136,15 @@ class Served:
             if value not in neutral:
                 raise ApiError(
                     400,
-                    f"{name} is not supported by this server (got {json.dumps(value)[:80]}); leave "
-                    "it out",
+                    f"{name} is not supported by this server (got {json.dumps(value)[:80]}); "
+                    "leave it out",
                     "unsupported_parameter",
                     name,
                 )
+
+    def check_budget(self, r: SamplingRequest, default_max: int, n_prompts: int) -> int:
+        """max_tokens within the cap, and samples x max_tokens within one request's share."""
+        sc = self.sc
         max_tokens = r.max_tokens if r.max_tokens is not None else default_max
         if isinstance(r, ChatRequest) and r.max_completion_tokens is not None:
             max_tokens = r.max_completion_tokens
@@ -388,8 +160,7 @@ class Served:
             raise ApiError(
                 400,
                 f"the request asks for {samples} samples; this server's queue holds "
-                f"{sc.queue_limit} "
-                "(--queue-limit)",
+                f"{sc.queue_limit} (--queue-limit)",
                 "invalid_value",
                 "n",
             )
@@ -397,19 +168,21 @@ class Served:
             raise ApiError(
                 400,
                 f"the request asks for {samples} samples x {max_tokens} tokens = "
-                f"{samples * max_tokens}; "
-                f"one request may ask for at most {sc.max_request_work} (--max-request-work), so "
-                "that it "
-                "leaves room for others",
+                f"{samples * max_tokens}; one request may ask for at most "
+                f"{sc.max_request_work} (--max-request-work), so that it leaves room for others",
                 "invalid_value",
                 "n",
             )
+        return max_tokens
+
+    def stops(self, r: SamplingRequest) -> list[str]:
         stops = [r.stop] if isinstance(r.stop, str) else list(r.stop or [])
         if len(stops) > 4:
             raise ApiError(400, "stop: at most 4 stop sequences", "invalid_value", "stop")
-        stops = [
-            self.check_text(s, "stop") for s in stops
-        ]  # the Detokenizer ignores empty ones, as OpenAI does
+        # the Detokenizer ignores empty ones, as OpenAI does
+        return [self.check_text(s, "stop") for s in stops]
+
+    def logit_bias(self, r: SamplingRequest) -> dict[int, float]:
         bias: dict[int, float] = {}
         for key, value in (r.logit_bias or {}).items():
             if not key.isdigit():
@@ -418,24 +191,9 @@ class Served:
                 )
             if int(key) < self.tok.vocab_size:  # ids past this model's vocabulary bias nothing
                 bias[int(key)] = value
-        params = SamplingParams(
-            max_tokens,
-            r.temperature,
-            r.top_k,
-            r.top_p,
-            r.repetition_penalty,
-            stops,
-            r.seed,
-            frequency_penalty=r.frequency_penalty,
-            presence_penalty=r.presence_penalty,
-            logit_bias=bias,
-        )
-        try:
-            return params.validate()
-        except GptkitError as e:
-            raise ApiError(400, str(e), "invalid_value", str(e).split(" ")[0]) from None
+        return bias
 
-    def fit(self, ids: list[int], r: _Base) -> list[int]:
+    def fit(self, ids: list[int], r: SamplingRequest) -> list[int]:
         """A prompt within the context: refused when longer, or its last tokens with truncate."""
         if not ids:
             ids = [self.tok.eot_id]
@@ -539,7 +297,7 @@ class Reply:
     def __init__(
         self,
         s: Served,
-        r: _Base,
+        r: SamplingRequest,
         jobs: list[Job],
         prompts: list[list[int]],
         echo: list[str] | None = None,
@@ -858,12 +616,12 @@ async def chat(r: ChatRequest, request: Request) -> Any:
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
     """Ours, FastAPI's and the router's errors (404, 405 ...), in OpenAI's shape."""
     if isinstance(e, ApiError):
-        return _error(e.status, e.message, e.code, e.param)
+        return error_response(e.status, e.message, e.code, e.param)
     if e.status_code == 400:  # FastAPI could not read the body: bad UTF-8, nesting too deep ...
-        return _error(
+        return error_response(
             400, f"the request body could not be read as JSON ({e.detail})", "invalid_json"
         )
-    resp = _error(
+    resp = error_response(
         e.status_code,
         str(e.detail),
         {404: "not_found", 405: "method_not_allowed"}.get(e.status_code),
@@ -876,7 +634,7 @@ async def _invalid_request(request: Request, e: RequestValidationError) -> JSONR
     errors = e.errors()
     err = errors[0] if errors else {}
     if err.get("type") == "json_invalid":
-        return _error(400, "the request body is not valid JSON", "invalid_json")
+        return error_response(400, "the request body is not valid JSON", "invalid_json")
     path = tuple(x for x in err.get("loc", ()) if x != "body")
     msg = err.get("msg", "invalid value")
 
@@ -891,11 +649,11 @@ async def _invalid_request(request: Request, e: RequestValidationError) -> JSONR
         path = path[:-1]
         msg = "; or ".join(dict.fromkeys(x.get("msg", "") for x in alike))
     loc = ".".join(str(x) for x in path)
-    return _error(400, f"{loc or 'body'}: {msg}", "invalid_value", loc or None)
+    return error_response(400, f"{loc or 'body'}: {msg}", "invalid_value", loc or None)
 
 
 async def _crash(request: Request, e: Exception) -> JSONResponse:
-    return _error(500, f"internal error: {type(e).__name__}")
+    return error_response(500, f"internal error: {type(e).__name__}")
 
 
 def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
@@ -911,250 +669,5 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
     app.add_exception_handler(Exception, _crash)
     app.add_middleware(Guard, sc=sc)
     app.include_router(router)
-    app.openapi = lambda: _openapi(app, sc, tok, served.template, served.block)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_schema(app, sc, tok, served.template, served.block)  # type: ignore[method-assign]
     return app
-
-
-def _openapi(
-    app: FastAPI, sc: ServeConfig, tok: Tokenizer, template: ChatTemplate, block: int
-) -> dict[str, Any]:
-    """The schema as this server behaves, so that a request valid by it is accepted: 400 (not
-    FastAPI's 422) for invalid bodies, bearer auth on /v1 when a key is set, errors in OpenAI's
-    shape, and this model's own limits (its name, max_tokens cap, prompts that fit its context
-    and, for a character-level model, only the characters it knows)."""
-    if app.openapi_schema:
-        return app.openapi_schema
-    from fastapi.openapi.utils import get_openapi
-
-    schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
-    for path, ops in schema["paths"].items():
-        for op in ops.values():
-            op.get("responses", {}).pop("422", None)
-            if path.startswith("/v1") and sc.api_key is not None:
-                op["security"] = [{"bearer": []}]
-    comps = schema.setdefault("components", {})
-    for name in ("HTTPValidationError", "ValidationError"):
-        comps.get("schemas", {}).pop(name, None)
-    if sc.api_key is not None:
-        comps["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
-
-    # Text that surely fits: a byte-level BPE token covers at least one byte, a character at most
-    # four.
-    per_char = 1 if tok.kind == "char" else 4
-    text: dict[str, Any] = {"type": "string", "maxLength": block // per_char}
-    if tok.kind == "char":
-        known = "".join(
-            c if c.isalnum() else f"\\u{ord(c):04x}"
-            for c in getattr(tok, "chars", [])
-            if ord(c) < 0x10000
-        )
-        text["pattern"] = f"^[{known}]*$"
-    ids = {
-        "type": "array",
-        "items": {"type": "integer", "minimum": 0, "maximum": tok.vocab_size - 1},
-        "minItems": 1,
-        "maxItems": block,
-    }
-    # prompts per request, messages per conversation (as the schema promises; the API takes more)
-    most = 4
-    n_max = max(1, min(16, sc.queue_limit // most))
-    marker = max(len(v) for k, v in template.marker.items() if k != "end") + len(
-        template.marker["end"]
-    )
-    chat_text = {
-        **text,
-        "maxLength": max(
-            0, (block - len(template.marker["assistant"]) - most * marker) // most // per_char
-        ),
-    }
-    schemas = comps["schemas"]
-    common = {
-        "model": {"type": "string", "enum": [sc.model_name]},
-        "max_tokens": {
-            "anyOf": [
-                {"type": "integer", "minimum": 0, "maximum": sc.max_tokens_cap},
-                {"type": "null"},
-            ]
-        },
-        "n": {
-            "type": "integer",
-            "minimum": 1,
-            "maximum": n_max,
-            "default": 1,
-            "description": "samples per prompt; n x prompts x max_tokens may be at most "
-            f"{sc.max_request_work}",
-        },
-        "stop": {
-            "anyOf": [
-                {"type": "string"},
-                {"type": "array", "items": {"type": "string"}, "maxItems": 4},
-                {"type": "null"},
-            ]
-        },
-        "logit_bias": {
-            "anyOf": [
-                {
-                    "type": "object",
-                    "propertyNames": {"pattern": "^[0-9]{1,9}$"},
-                    "additionalProperties": {"type": "number", "minimum": -100, "maximum": 100},
-                },
-                {"type": "null"},
-            ]
-        },
-    }
-    neutral = {
-        name: {"enum": [v for v in values if not isinstance(v, (dict, list))]}
-        for name, values in UNSUPPORTED.items()
-    }
-    neutral["response_format"] = {
-        "anyOf": [
-            {"type": "null"},
-            {
-                "type": "object",
-                "properties": {"type": {"enum": ["text"]}},
-                "required": ["type"],
-                "additionalProperties": False,
-            },
-        ]
-    }
-    for name in ("tools", "functions"):
-        neutral[name] = {"anyOf": [{"type": "null"}, {"type": "array", "maxItems": 0}]}
-    neutral["suffix"] = {"anyOf": [{"type": "null"}, {"type": "string", "maxLength": 0}]}
-    common["max_completion_tokens"] = common["max_tokens"]
-    for model_name in ("CompletionRequest", "ChatRequest"):
-        props = schemas[model_name]["properties"]
-        props.update({k: v for k, v in {**common, **neutral}.items() if k in props})
-    schemas["CompletionRequest"]["properties"]["prompt"] = {
-        "anyOf": [
-            text,
-            {"type": "array", "items": text, "minItems": 1, "maxItems": most},
-            ids,
-            {"type": "array", "items": ids, "minItems": 1, "maxItems": most},
-        ]
-    }
-    schemas["ChatRequest"]["properties"]["messages"].update(maxItems=most)
-    schemas["ChatMessage"]["properties"]["content"] = {
-        "anyOf": [
-            chat_text,
-            {"type": "array", "items": {"$ref": "#/components/schemas/TextPart"}, "maxItems": 1},
-        ]
-    }
-    schemas["TextPart"]["properties"]["text"] = chat_text
-    # Combinations refused with 400: scoring a prompt (echo, max_tokens 0) once per request, and
-    # top_logprobs only with logprobs: true.
-    top = {"anyOf": [{"type": "integer", "minimum": 0, "maximum": 20}, {"type": "null"}]}
-    schemas["CompletionRequest"]["properties"]["logprobs"] = top
-    schemas["ChatRequest"]["properties"]["top_logprobs"] = top
-    schemas["CompletionRequest"]["if"] = {
-        "properties": {"echo": {"const": True}, "max_tokens": {"const": 0}},
-        "required": ["echo", "max_tokens"],
-    }
-    schemas["CompletionRequest"]["then"] = {"properties": {"n": {"const": 1}}}
-    schemas["ChatRequest"]["if"] = {
-        "properties": {"logprobs": {"const": True}},
-        "required": ["logprobs"],
-    }
-    schemas["ChatRequest"]["else"] = {"properties": {"top_logprobs": {"type": "null"}}}
-    app.openapi_schema = schema
-    return schema
-
-
-def _header_timeout_protocol(seconds: float) -> type:
-    """uvicorn's h11 protocol with a deadline for each request's headers: a connection that
-    opens and then sends nothing, or its headers a byte at a time, is closed after `seconds`
-    (uvicorn's own keep-alive timeout only starts after a response)."""
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    class HeaderDeadline(H11Protocol):  # type: ignore[misc]
-        def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
-            super().connection_made(transport)
-            self._tail = b""
-            self._deadline: asyncio.TimerHandle | None = self.loop.call_later(
-                seconds, self._too_slow
-            )
-
-        def data_received(self, data: bytes) -> None:
-            if self._deadline is not None:
-                seen = self._tail + data
-                if b"\r\n\r\n" in seen:  # the header block is complete
-                    self._deadline.cancel()
-                    self._deadline = None
-                self._tail = seen[-3:]
-            super().data_received(data)
-
-        def _too_slow(self) -> None:
-            self._deadline = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            if self._deadline is not None:
-                self._deadline.cancel()
-            super().connection_lost(exc)
-
-    return HeaderDeadline
-
-
-def is_loopback(host: str) -> bool:
-    import ipaddress
-
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def serve(
-    run: str | Path,
-    host: str = "127.0.0.1",
-    port: int = 8000,
-    sc: ServeConfig | None = None,
-    device: str = "auto",
-    dtype: str = "float32",
-) -> None:
-    """Load the run and serve it until interrupted; prints the address once it is listening."""
-    import socket
-
-    import uvicorn
-
-    model, tok, _ = load_model(run, resolve_device(device), merge_adapters=True)
-    if dtype == "bfloat16":
-        model = model.to(torch.bfloat16)
-    sc = sc or ServeConfig(model_name=Path(run).resolve().name)
-    if sc.allowed_hosts is None and not is_loopback(host):
-        # bound to a public address on purpose: any name reaches it
-        sc = replace(sc, allowed_hosts=["*"])
-    app = create_app(model, tok, sc)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, port))
-    except OSError as e:
-        msg = (
-            f"cannot listen on {host}:{port} ({e.strerror}); choose another --port, or --port 0 "
-            "for a free one"
-        )
-        raise GptkitError(msg) from None
-    bound = sock.getsockname()[1]
-
-    class _Server(uvicorn.Server):
-        async def startup(self, sockets: list | None = None) -> None:
-            await super().startup(sockets)
-            shown = f"[{host}]" if ":" in host else host
-            print(
-                f"gptkit: serving {sc.model_name} at http://{shown}:{bound} (OpenAI API under /v1, "
-                "chat page at /)",
-                flush=True,
-            )
-
-    config = uvicorn.Config(
-        app,
-        log_level="warning",
-        timeout_graceful_shutdown=2,
-        http=_header_timeout_protocol(sc.timeout_headers),
-        timeout_keep_alive=sc.timeout_keep_alive,
-        limit_concurrency=sc.max_connections,
-    )
-    _Server(config).run(sockets=[sock])

@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from gptkit.config import TrainConfig
-from gptkit.lora import Adapters
 from gptkit.model import GPT
+from gptkit.peft.lora import Adapters
 from gptkit.runtime import fast_low_precision_dtype
 
 WARMUP_TIME_SHARE = 0.1  # with a time budget, warm-up never takes more than this share of it

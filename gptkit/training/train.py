@@ -25,15 +25,14 @@ from typing import Any, Protocol
 
 import torch
 
-from gptkit import distributed
 from gptkit.checkpoint import (
     BEST_FILE,
+    RunFolder,
     TrainingState,
     checkpoint_info,
     has_checkpoint,
     is_run,
     load_best,
-    load_for_finetune,
     load_run_config,
     read_training_state,
     save_best,
@@ -41,12 +40,11 @@ from gptkit.checkpoint import (
 )
 from gptkit.config import Config, TrainConfig, all_keys, apply_overrides, load_config
 from gptkit.data import Batch, Batches, DataSet, bundled_corpus, default_preset, prepare, windows
-from gptkit.distributed import DistContext
 from gptkit.errors import DivergedError, GptkitError, quote
-from gptkit.evaluate import predicted_bytes, sum_losses, summarize
+from gptkit.evaluate.loss import predicted_bytes, sum_losses, summarize
+from gptkit.inference.qlinear import refuse_quantized
+from gptkit.loader import load_for_finetune
 from gptkit.model import GPT
-from gptkit.optim import build_optimizers, lr_factor
-from gptkit.quantize import refuse_quantized
 from gptkit.runtime import (
     autocast_context,
     cpu_has_fast_bf16,
@@ -56,6 +54,9 @@ from gptkit.runtime import (
     user_cache_dir,
 )
 from gptkit.tokenizer import Tokenizer
+from gptkit.training import distributed
+from gptkit.training.distributed import DistContext
+from gptkit.training.optim import build_optimizers, lr_factor
 
 
 @dataclass
@@ -259,8 +260,8 @@ def _shard_data(
 
 def _write_run(run_dir: Path, tok: Tokenizer, cfg: Config) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    tok.save(run_dir / "tokenizer")
-    cfg.save(run_dir / "config.yaml")
+    tok.save(RunFolder(run_dir).tokenizer)
+    cfg.save(RunFolder(run_dir).config)
 
 
 class TrainData(Protocol):
@@ -329,7 +330,7 @@ class MetricsLog:
     """metrics.jsonl always; TensorBoard when it is installed and enabled."""
 
     def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None) -> None:
-        path = run_dir / "metrics.jsonl"
+        path = RunFolder(run_dir).metrics
         if resume_step is not None and path.exists():
             # Rows logged after the checkpoint we resume from are about to be redone.
             rows = [
@@ -344,7 +345,7 @@ class MetricsLog:
             try:
                 from torch.utils.tensorboard import SummaryWriter
 
-                self.tb = SummaryWriter(str(run_dir / "tensorboard"))
+                self.tb = SummaryWriter(str(RunFolder(run_dir).tensorboard))
             except ImportError:
                 pass
 
@@ -370,7 +371,7 @@ def plot_losses(run_dir: Path) -> Path | None:
 
     rows = [
         json.loads(line)
-        for line in (run_dir / "metrics.jsonl").read_text().splitlines()
+        for line in RunFolder(run_dir).metrics.read_text().splitlines()
         if line.strip()
     ]
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -391,7 +392,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     ax.set_title(run_dir.name)
     ax.grid(alpha=0.3)
     ax.legend()
-    out = run_dir / "loss.png"
+    out = RunFolder(run_dir).loss_plot
     # a run name in a script the font lacks (CJK) draws boxes, not warnings
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
@@ -1076,7 +1077,7 @@ class Trainer:
 
 
 def _append_final(run_dir: Path, step: int, val: dict[str, Any]) -> None:
-    with open(run_dir / "metrics.jsonl", "a") as f:
+    with open(RunFolder(run_dir).metrics, "a") as f:
         f.write(
             json.dumps(
                 {

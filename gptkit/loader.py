@@ -1,0 +1,94 @@
+"""Models from run folders, built in one place: `build_model` makes the module a run's config
+describes (plain, LoRA adapters over its base, or int8/int4 Linear layers) and `load_model`
+fills it from the checkpoint. Writing and reading the files themselves is `checkpoint`'s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from gptkit.checkpoint import (
+    RunFolder,
+    checkpoint_dir,
+    load_run_config,
+    load_weights,
+    read_info,
+    weights_sha256,
+)
+from gptkit.config import Config, model_config_from_base
+from gptkit.errors import GptkitError
+from gptkit.inference.qlinear import check_device, refuse_quantized, swap_linears
+from gptkit.model import GPT
+from gptkit.peft.lora import apply_lora, merge_lora
+from gptkit.tokenizer import Tokenizer, load_tokenizer
+
+
+def build_model(cfg: Config, device: str | torch.device = "cpu") -> GPT:
+    """The module a run's config describes, before its weights are read: int8/int4 layers for a
+    quantized run, the base's weights with adapters for a LoRA run, else a fresh GPT."""
+    if cfg.model.quantization != "none":
+        check_device(device)
+        return swap_linears(
+            GPT(cfg.model),
+            quantize=False,
+            scheme=cfg.model.quantization,
+            activations=cfg.model.int8_activations,
+        )
+    return finetune_start(cfg) if cfg.lora.enabled else GPT(cfg.model)
+
+
+def finetune_start(cfg: Config, seed: int = 0) -> GPT:
+    """The model a fine-tuning run starts from: its base run's weights (context cut to
+    cfg.model.block_size), the embedding grown to cfg.model.vocab_size, and LoRA adapters when
+    cfg.lora.enabled. Loading a LoRA run rebuilds this, then reads the adapter over it."""
+    base, lineage = cfg.finetune.base, cfg.lineage
+    if lineage.base_sha256 and weights_sha256(base) != lineage.base_sha256:
+        raise GptkitError(
+            f"the base run {base} has changed since this fine-tune started (its weights' checksum "
+            "differs); "
+            "the adapter belongs to the old weights"
+        )
+    model = load_for_finetune(base, cfg.model.block_size, cfg.model.dropout)
+    model.grow_vocab(cfg.model.vocab_size, seed)
+    if cfg.lora.enabled:
+        apply_lora(model, cfg.lora, lineage.base_vocab_size or None)
+    return model
+
+
+def load_model(
+    run_dir: str | Path,
+    device: str | torch.device = "cpu",
+    verify: bool = True,
+    merge_adapters: bool = False,
+) -> tuple[GPT, Tokenizer, Config]:
+    """The trained model (in eval mode), its tokenizer and its config, from a run folder.
+    merge_adapters folds a LoRA run's adapters into plain weights: the same logits, and faster
+    to sample from (generate, chat, serve, instruction eval)."""
+    run_dir = Path(run_dir)
+    cfg = load_run_config(run_dir)
+    ckpt = checkpoint_dir(run_dir)
+    read_info(ckpt, verify)
+    tok = load_tokenizer(RunFolder(run_dir).tokenizer)
+    model = build_model(cfg, device)
+    load_weights(model, ckpt)
+    if merge_adapters:
+        merge_lora(model)
+    return model.to(device).eval(), tok, cfg
+
+
+def load_for_finetune(
+    run_dir: str | Path, block_size: int | None = None, dropout: float = 0.0
+) -> GPT:
+    """A run's weights in a fresh model for further training, optionally with a shorter context
+    (the first block_size position embeddings are kept) and a different dropout."""
+    refuse_quantized(load_run_config(Path(run_dir)), Path(run_dir))
+    # a LoRA run as a base: its adapter folded in
+    base, _, cfg = load_model(run_dir, "cpu", merge_adapters=True)
+    mcfg = model_config_from_base(cfg.model, block_size or 0, dropout)
+    model = GPT(mcfg)
+    sd = base.state_dict_for_save()
+    if "wpe.weight" in sd:
+        sd["wpe.weight"] = sd["wpe.weight"][: mcfg.block_size]
+    model.load_saved_state(sd)
+    return model.train()
