@@ -28,7 +28,8 @@ def run(nproc: int, threads: int, steps: int, data: Path, out: Path, dtype: str)
     sets = [f"train.max_steps={steps}", "train.log_interval=10", "train.eval_interval=100000", f"train.threads={threads}",
             "train.max_time_s=0", "train.sample_tokens=0", "train.tensorboard=false", f"train.dtype={dtype}",
             "train.checkpoint_interval=100000"]  # fmt: skip
-    args = ["train", "--config", str(ROOT / "gptkit" / "presets" / "shakespeare-char.yaml"), "--data", str(data), "--out", str(out),
+    preset = ROOT / "gptkit" / "presets" / "shakespeare-char.yaml"
+    args = ["train", "--config", str(preset), "--data", str(data), "--out", str(out),
             "--overwrite", "--no-progress"] + sum((["--set", s] for s in sets), [])  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     if nproc == 1:

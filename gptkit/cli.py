@@ -61,6 +61,34 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         help="under torchrun: shard the model with FSDP instead of DDP",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    _add_tracker(p)
+
+
+TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "none")
+
+
+def _add_tracker(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--tracker",
+        action="append",
+        choices=TRACKER_NAMES,
+        help="log to this tracker (repeat for several; default: tensorboard; none: only "
+        "metrics.jsonl); W&B runs offline unless --set track.wandb_mode=online",
+    )
+
+
+def tracker_overrides(names: list[str] | None) -> list[str]:
+    """--tracker as config overrides: exactly the trackers named (train.tensorboard and
+    track.backends)."""
+    if not names:
+        return []
+    if "none" in names and len(names) > 1:
+        raise GptkitError("--tracker none means no tracker; it cannot be combined with others")
+    backends = [n for n in names if n in ("wandb", "mlflow")]
+    return [
+        f"train.tensorboard={'tensorboard' in names}",
+        f"track.backends={','.join(dict.fromkeys(backends))}",
+    ]
 
 
 def _add_device(p: argparse.ArgumentParser) -> None:
@@ -377,6 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a base config key"
     )
+    _add_tracker(p)
     p.add_argument("--storage", help="Optuna storage URL (default: sqlite in STUDY_DIR)")
     _opt(p, "--workers", 1, "trials run in parallel (processes)")
     _choice(p, "--pruner", ["median", "hyperband", "none"], "stop poor trials early")
@@ -398,6 +427,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--overwrite", action="store_true", help="replace what is already at the output path"
     )
+    p = sub.add_parser("runs", help="compare the runs under a folder; --plot overlays losses")
+    p.add_argument("folder", nargs="?", default="runs", help="a folder of runs (default: runs)")
+    p.add_argument("--plot", nargs="+", metavar="RUN", help="runs whose loss curves to overlay")
+    p.add_argument("--out", default="runs.png", help="with --plot: the PNG to write")
+
     return parser
 
 
@@ -418,6 +452,7 @@ def cmd_prepare(a: argparse.Namespace) -> None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
+    a.set = [*a.set, *tracker_overrides(a.tracker)]
     from gptkit.inference.generate import SamplingParams, generate
     from gptkit.loader import load_model
     from gptkit.training.train import new_run_config, resume_config, train
@@ -497,6 +532,7 @@ def _load_for_sampling(a: argparse.Namespace) -> tuple:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
+    a.set = [*a.set, *tracker_overrides(a.tracker)]
     from gptkit.finetune.instruct import finetune, finetune_config, resume_finetune
     from gptkit.training.train import resume_config
 
@@ -763,6 +799,7 @@ def cmd_export(a: argparse.Namespace) -> None:
 
 
 def cmd_tune(a: argparse.Namespace) -> None:
+    a.set = [*a.set, *tracker_overrides(a.tracker)]
     from gptkit.data import default_preset
     from gptkit.tune import tune
 
@@ -791,8 +828,18 @@ def cmd_tune(a: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def cmd_runs(a: argparse.Namespace) -> None:
+    from gptkit.runs import plot_runs, print_table, runs_table
+
+    if a.plot:
+        print(f"gptkit: wrote {plot_runs(a.plot, a.out)}")
+        return
+    print_table(runs_table(a.folder))
+
+
 COMMANDS = {
     "tune": cmd_tune,
+    "runs": cmd_runs,
     "prepare": cmd_prepare,
     "train": cmd_train,
     "generate": cmd_generate,

@@ -174,6 +174,22 @@ class LoraConfig:
     targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
 
 
+TRACKERS = ("wandb", "mlflow")  # beside TensorBoard (train.tensorboard) and metrics.jsonl
+
+
+@dataclass
+class TrackConfig:
+    """Experiment trackers (`--tracker`); each package is imported only when chosen."""
+
+    backends: list[str] = field(default_factory=list)  # wandb, mlflow
+    project: str = "gptkit"  # the W&B project / MLflow experiment
+    name: str = ""  # the tracker run's name ("": the run folder's)
+    group: str = ""  # a W&B group / MLflow tag, e.g. a tuning study
+    wandb_mode: Literal["offline", "online"] = "offline"  # offline: `wandb sync` uploads later
+    mlflow_uri: str = ""  # "": a local SQLite store, RUN/mlflow.db
+    artifact: bool = False  # upload the final checkpoint as an artifact
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -181,6 +197,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    track: TrackConfig = field(default_factory=TrackConfig)
     lineage: Lineage = field(default_factory=Lineage)
 
     def to_dict(self) -> dict[str, Any]:
@@ -518,3 +535,9 @@ def validate(cfg: Config) -> None:
         bool(cfg.lora.targets),
         "lora.targets must name at least one Linear layer, e.g. c_attn,c_proj,c_fc",
     )
+    for name in cfg.track.backends:
+        _check(
+            name in TRACKERS,
+            f"track.backends: unknown tracker {name!r}; choose from {', '.join(TRACKERS)} "
+            "(TensorBoard is train.tensorboard)",
+        )

@@ -181,6 +181,11 @@ class TuneJob:
 
         cfg = self.config_for({key: _suggest(trial, key, spec) for key, spec in self.space.items()})
         quiet: dict[str, Any] = {"train.sample_tokens": 0, "train.tensorboard": False}
+        # Each trial is a tracker run of one group, the study, so the tracker compares them.
+        quiet["track.group"] = self.base.track.group or self.out.resolve().name
+        quiet["track.name"] = f"trial-{trial.number:04d}"
+        if not self.base.track.mlflow_uri:  # one MLflow store for the study, not one a trial
+            quiet["track.mlflow_uri"] = f"sqlite:///{self.out.resolve() / 'mlflow.db'}"
         if self.threads:
             quiet["train.threads"] = self.threads
         try:

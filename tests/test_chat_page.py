@@ -18,9 +18,12 @@ from gptkit.tokenizer import load_tokenizer
 
 from .test_serve import KEY, Server, _chromium, chat_run  # noqa: F401 -- chat_run is a fixture
 
-pytestmark = pytest.mark.skipif(
-    _chromium() is None, reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)"
-)
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        _chromium() is None, reason="Debian's chromium and chromium-driver are not installed (.ci/run installs them)"
+    ),
+]
 selenium = pytest.importorskip("selenium")
 
 from selenium import webdriver  # noqa: E402

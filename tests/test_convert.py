@@ -437,6 +437,7 @@ def cli(*args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "gptkit", *args], capture_output=True, text=True, input=stdin, timeout=600)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family", ["llama", "qwen3"])
 @pytest.mark.cuda
 def test_imported_model_trains_fine_tunes_merges_samples_and_exports(families: dict, family: str, tmp_path: Path) -> None:
@@ -499,6 +500,7 @@ def test_imported_model_serves_chat_through_its_own_template(families: dict) -> 
         s.stop()
 
 
+@pytest.mark.slow
 def test_imported_model_fine_tunes_under_torchrun(families: dict, tmp_path: Path) -> None:
     from gptkit.finetune.tasks import write_tasks
 

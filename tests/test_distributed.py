@@ -19,6 +19,8 @@ from gptkit.config import load_config
 from gptkit.training.train import train
 from tests.conftest import tiny_overrides
 
+pytestmark = pytest.mark.slow  # several processes under torchrun: end-to-end, run by .ci/run
+
 SETS = {
     "train.batch_size": 8,  # the global batch: 4 rows per process when 2 run
     "train.max_steps": 12,

@@ -93,6 +93,7 @@ def _per_sample(results: dict, task: str) -> list[float]:
     return values
 
 
+@pytest.mark.slow
 def test_lm_eval_over_the_api_equals_its_hf_backend_on_the_export(tmp_path: Path, trained_run: Path) -> None:
     """lm-eval's own `local-completions` client against `gptkit serve` (prompt scoring through
     echo + logprobs, token-id requests) and lm-eval's own `hf` backend on `gptkit export`'s
@@ -150,6 +151,7 @@ def test_lm_eval_over_the_api_equals_its_hf_backend_on_the_export(tmp_path: Path
     assert ours["results"]["gptkit_mc"]["acc,none"] == local["results"]["gptkit_mc"]["acc,none"]
 
 
+@pytest.mark.slow
 def test_eval_tasks_command_and_its_errors(tmp_path: Path, trained_run: Path) -> None:
     """`gptkit eval RUN --tasks T --include-path DIR --output FILE`: lm-eval's table, a JSON line and
     lm-eval's results file; an unknown task or a negative --num-fewshot is one line, exit 2."""
@@ -199,6 +201,7 @@ def _responses(results: dict, task: str) -> list[str]:
     return [str(s["resps"][0][0]) for s in sorted(results["samples"][task], key=lambda s: s["doc_id"])]
 
 
+@pytest.mark.slow
 def test_generate_until_and_chat_template_three_ways(tmp_path: Path, trained_run: Path) -> None:
     """A generate_until task gives the same greedy outputs in process, over the API (lm-eval's
     local-completions against `gptkit serve`) and from lm-eval's hf backend on the export; and
@@ -269,6 +272,7 @@ def eval_models(tmp_path_factory: pytest.TempPathFactory, trained_run: Path, bpe
     return {"char": trained_run, "bpe": bpe_runs["gpt2"], "gpt2": gpt2}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["char", "bpe", "gpt2"])
 def test_rolling_perplexity_three_ways(tmp_path: Path, eval_models: dict, name: str) -> None:
     """A multiple-choice and a rolling (perplexity) task on three kinds of model: the same

@@ -360,6 +360,7 @@ def letter_tasks(n: int, seed: int) -> list[dict[str, str]]:
     return rows
 
 
+@pytest.mark.slow
 def test_default_finetune_command_learns_held_out_tasks(tmp_path: Path, small_data: Path) -> None:
     """`gptkit finetune BASE --data FILE --out RUN` with nothing else: early stopping on the whole
     held-out loss decides how long, the best weights are kept, and greedy answers to held-out

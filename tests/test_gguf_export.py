@@ -29,6 +29,8 @@ from gptkit.training.train import train
 from .conftest import DATA, SHAKESPEARE, tiny_overrides
 from .hf_models import gpt2_model, hf_model
 
+pytestmark = pytest.mark.slow  # llama.cpp itself reads every file: end-to-end, run by .ci/run
+
 try:
     import llama_cpp
     from llama_cpp.llama_chat_format import Jinja2ChatFormatter

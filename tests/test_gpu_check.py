@@ -8,9 +8,12 @@ import json
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import ROOT
 
 
+@pytest.mark.slow
 def test_dry_run_goes_through_every_part_and_prints_the_full_json_line() -> None:
     p = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--dry-run"],
                        capture_output=True, text=True, timeout=600)  # fmt: skip

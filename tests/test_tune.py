@@ -90,6 +90,23 @@ def test_study_writes_best_config_and_plots(tmp_path: Path, small_data: Path) ->
     assert again["completed"] == 4 and again["best_value"] == summary["best_value"]
 
 
+def test_each_trial_is_a_tracker_run_of_the_study(tmp_path: Path, small_data: Path) -> None:
+    pytest.importorskip("mlflow")
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "study"
+    tune(
+        str(write_space(tmp_path, SPACE)), 2, "10steps", out, data=str(small_data),
+        config=str(base_config(tmp_path)), overrides=["track.backends=mlflow"], pruner="none",
+    )  # fmt: skip
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("gptkit").experiment_id])
+    assert sorted(r.info.run_name for r in runs) == ["trial-0000", "trial-0001"]
+    for r in runs:
+        assert r.data.tags["gptkit.group"] == "study" and "train.lr" in r.data.params
+        assert r.info.status == "FINISHED" and "final_val_loss" in r.data.metrics
+
+
 def test_divergent_trials_fail_and_the_study_goes_on(tmp_path: Path, small_data: Path) -> None:
     space = {"train.lr": {"type": "categorical", "choices": [1e6, 3e-3]}}
     summary = tune(
@@ -102,6 +119,7 @@ def test_divergent_trials_fail_and_the_study_goes_on(tmp_path: Path, small_data:
         assert summary["best_params"]["train.lr"] == 3e-3
 
 
+@pytest.mark.slow
 def test_killed_study_continues(tmp_path: Path, small_data: Path) -> None:
     out = tmp_path / "study"
     cmd = [sys.executable, "-m", "gptkit", "tune", "--data", str(small_data), "--space", str(write_space(tmp_path, SPACE))]
@@ -156,6 +174,7 @@ def test_bad_command_lines(tmp_path: Path, small_data: Path, extra: list[str], m
     assert p.returncode == 2 and message in p.stderr and "Traceback" not in p.stderr
 
 
+@pytest.mark.slow
 def test_parallel_workers_share_the_study(tmp_path: Path, small_data: Path) -> None:
     space = {"train.lr": {"type": "float", "low": 1e-3, "high": 1e-2, "log": True}}
     summary = tune(
@@ -168,6 +187,7 @@ def test_parallel_workers_share_the_study(tmp_path: Path, small_data: Path) -> N
     assert len(trials) == summary["completed"]
 
 
+@pytest.mark.slow
 def test_search_over_a_fine_tune_of_an_imported_model(tmp_path: Path) -> None:
     """`gptkit tune --finetune BASE --instructions FILE`: every trial is a fine-tune of an
     imported Llama through its own chat template (the fine-tuning preset, LoRA switched by the

@@ -57,6 +57,7 @@ from gptkit.tokenizer import Tokenizer
 from gptkit.training import distributed
 from gptkit.training.distributed import DistContext
 from gptkit.training.optim import build_optimizers, lr_factor
+from gptkit.training.trackers import open_trackers
 
 
 @dataclass
@@ -327,9 +328,10 @@ class ShardData:
 
 
 class MetricsLog:
-    """metrics.jsonl always; TensorBoard when it is installed and enabled."""
+    """metrics.jsonl always; the trackers the run chose (TensorBoard by default, W&B, MLflow)
+    get the same rows."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool, resume_step: int | None = None) -> None:
+    def __init__(self, run_dir: Path, cfg: Config, resume_step: int | None = None) -> None:
         path = RunFolder(run_dir).metrics
         if resume_step is not None and path.exists():
             # Rows logged after the checkpoint we resume from are about to be redone.
@@ -340,26 +342,22 @@ class MetricsLog:
             ]
             path.write_text("".join(r + "\n" for r in rows))
         self.file = open(path, "a")
-        self.tb = None
-        if tensorboard:
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(RunFolder(run_dir).tensorboard))
-            except ImportError:
-                pass
+        self.trackers = open_trackers(run_dir, cfg, cfg.train.tensorboard)
 
     def log(self, step: int, **values: float) -> None:
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(k, v, step)
+        for tracker in self.trackers:
+            tracker.log(step, values)
 
     def close(self) -> None:
         self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+
+    def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
+        """The trackers' final metrics (and the checkpoint, when asked), then their end."""
+        for tracker in self.trackers:
+            tracker.finish(summary, checkpoint)
+        self.trackers = []
 
 
 def plot_losses(run_dir: Path) -> Path | None:
@@ -800,7 +798,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.dtype == torch.float16)
         # On resume, rows past the checkpoint are about to be redone; on a restart, all of them are.
         keep_to = self.state.step if self.resumed or restarted else None
-        self.log = MetricsLog(run_dir, self.tc.tensorboard, keep_to) if ctx.main else None
+        self.log = MetricsLog(run_dir, cfg, keep_to) if ctx.main else None
         self.byte_lengths = data.tokenizer.token_byte_lengths()
         self.result = TrainResult(run_dir=run_dir, step=self.state.step)
         self.clock = Clock(self.state.train_s, self.state.elapsed_s)
@@ -863,6 +861,11 @@ class Trainer:
                 if not self.result.interrupted:
                     self.bar.finish()  # a limit was reached, whichever it was
                     self._checkpoint()
+        except BaseException as e:  # a divergence, a pruned trial: the trackers say why it ended
+            if self.log is not None:
+                self.result.step = self.state.step
+                self.log.finish({**self._summary(), "stopped": f"{type(e).__name__}: {e}"}, None)
+            raise
         finally:
             self.bar.stop()
             if self.log is not None:
@@ -871,7 +874,22 @@ class Trainer:
         self.result.elapsed_s, self.result.train_s = self.clock.elapsed_s, self.clock.train_s
         if not self.result.interrupted:
             self._final_evaluation()
+        if self.log is not None:
+            self.log.finish(self._summary(), self._artifact())
         return self.result
+
+    def _summary(self) -> dict[str, Any]:
+        """What the trackers keep as the run's final figures."""
+        r = self.result
+        out: dict[str, Any] = {"step": r.step, "train_s": r.train_s, "interrupted": r.interrupted}
+        for k, v in (r.val or {}).items():
+            out[f"val_{k}"] = v
+        return out
+
+    def _artifact(self) -> Path | None:
+        if not self.cfg.track.artifact or self.result.interrupted:
+            return None
+        return RunFolder(self.run_dir).checkpoint
 
     def _set_learning_rate(self) -> float:
         time_frac = self.clock.train_s / self.tc.max_time_s if self.tc.max_time_s else 0.0

@@ -1,0 +1,175 @@
+"""Experiment trackers beside metrics.jsonl: TensorBoard, Weights & Biases and MLflow.
+
+Every tracker gets the same scalars the run writes to metrics.jsonl (loss, validation loss,
+learning rate, tokens/s, ...), the resolved configuration as the run's parameters, and the final
+metrics at the end; the checkpoint as an artifact only with `track.artifact`. Each package is
+imported only when its tracker is chosen, and a missing one is one line naming the extra to
+install. Only the main process (rank 0 under torchrun) opens trackers.
+
+The ids of the tracker runs are kept in RUN/trackers.json, so `--resume` continues the same W&B
+and MLflow runs instead of starting new ones.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from gptkit.checkpoint import RunFolder
+from gptkit.config import Config, all_keys
+from gptkit.errors import GptkitError
+
+
+class Tracker:
+    """What the training loop calls; each backend implements these."""
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        raise NotImplementedError
+
+    def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
+        raise NotImplementedError
+
+
+class TensorBoard(Tracker):
+    def __init__(self, run_dir: Path) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(RunFolder(run_dir).tensorboard))
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        self.writer.flush()
+
+    def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
+        self.writer.close()
+
+
+def flat_config(cfg: Config) -> dict[str, Any]:
+    """The configuration as section.key -> value, the form trackers show as parameters."""
+    out = {}
+    for key in all_keys(cfg, internal=True):
+        section, name = key.split(".")
+        value = getattr(getattr(cfg, section), name)
+        out[key] = ",".join(map(str, value)) if isinstance(value, list) else value
+    return out
+
+
+class Wandb(Tracker):
+    """A W&B run in the run folder (RUN/wandb/); offline by default (`wandb sync` uploads it)."""
+
+    def __init__(self, run_dir: Path, cfg: Config, run_id: str | None) -> None:
+        try:
+            import wandb
+        except ImportError:
+            raise GptkitError(
+                "--tracker wandb needs Weights & Biases: pip install 'gptkit[track]'"
+            ) from None
+        t = cfg.track
+        self.run = wandb.init(
+            project=t.project,
+            name=t.name or Path(run_dir).resolve().name,
+            group=t.group or None,
+            dir=str(run_dir),
+            mode=t.wandb_mode,
+            id=run_id or uuid.uuid4().hex[:8],
+            resume="allow",
+            config=flat_config(cfg),
+            settings=wandb.Settings(
+                silent=True, console="off", x_disable_stats=True, x_disable_meta=True
+            ),
+            reinit="create_new",
+        )
+        self.id = self.run.id
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        self.run.log(values, step=step)
+
+    def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
+        import wandb
+
+        for k, v in summary.items():
+            self.run.summary[k] = v
+        if checkpoint is not None:
+            artifact = wandb.Artifact(f"{self.run.id}-checkpoint", type="model")
+            artifact.add_dir(str(checkpoint))
+            self.run.log_artifact(artifact)
+        self.run.finish()
+
+
+class Mlflow(Tracker):
+    """An MLflow run of the experiment `track.project`, in `track.mlflow_uri` (by default a local
+    SQLite store, RUN/mlflow.db)."""
+
+    def __init__(self, run_dir: Path, cfg: Config, run_id: str | None) -> None:
+        try:
+            from mlflow.entities import Param
+            from mlflow.tracking import MlflowClient
+        except ImportError:
+            raise GptkitError(
+                "--tracker mlflow needs MLflow: pip install 'gptkit[track]'"
+            ) from None
+        import logging
+
+        # MLflow and alembic announce every schema step on the root logger's handlers
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        t = cfg.track
+        uri = t.mlflow_uri or f"sqlite:///{(Path(run_dir).resolve() / 'mlflow.db')}"
+        self.client = MlflowClient(tracking_uri=uri)
+        exp = self.client.get_experiment_by_name(t.project)
+        exp_id = exp.experiment_id if exp else self.client.create_experiment(t.project)
+        if run_id is None:
+            tags = {"gptkit.run_dir": str(Path(run_dir).resolve())}
+            if t.group:
+                tags["gptkit.group"] = t.group
+            name = t.name or Path(run_dir).resolve().name
+            run_id = self.client.create_run(exp_id, run_name=name, tags=tags).info.run_id
+            params = [Param(k, str(v)[:6000]) for k, v in flat_config(cfg).items()]
+            for i in range(0, len(params), 100):  # MLflow takes at most 100 params a batch
+                self.client.log_batch(run_id, params=params[i : i + 100])
+        else:
+            self.client.update_run(run_id, status="RUNNING")
+        self.id = run_id
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
+        self.client.log_batch(self.id, metrics=metrics)
+
+    def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
+        for k, v in summary.items():
+            if isinstance(v, (int, float)):
+                self.client.log_metric(self.id, f"final_{k}", float(v))
+            else:
+                self.client.set_tag(self.id, f"final_{k}", str(v)[:5000])
+        if checkpoint is not None:
+            self.client.log_artifacts(self.id, str(checkpoint), "checkpoint")
+        ended = summary.get("interrupted") or summary.get("stopped")
+        self.client.set_terminated(self.id, "KILLED" if ended else "FINISHED")
+
+
+def open_trackers(run_dir: Path, cfg: Config, tensorboard: bool) -> list[Tracker]:
+    """The trackers a run logs to, continuing the tracker runs of an earlier start of the same
+    run folder (their ids are in RUN/trackers.json)."""
+    trackers: list[Tracker] = []
+    if tensorboard:
+        try:
+            trackers.append(TensorBoard(run_dir))
+        except ImportError:
+            pass  # TensorBoard is a core dependency; a broken install only loses its events
+    ids_file = Path(run_dir) / "trackers.json"
+    ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
+    for name in cfg.track.backends:
+        cls = Wandb if name == "wandb" else Mlflow
+        tracker = cls(run_dir, cfg, ids.get(name))
+        ids[name] = tracker.id
+        trackers.append(tracker)
+    if cfg.track.backends:
+        ids_file.write_text(json.dumps(ids))
+    return trackers
