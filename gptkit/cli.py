@@ -11,6 +11,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -451,10 +452,26 @@ def cmd_prepare(a: argparse.Namespace) -> None:
     print(json.dumps({"out": a.out, **meta.__dict__, "sources": len(meta.sources)}))
 
 
-def cmd_train(a: argparse.Namespace) -> None:
-    a.set = [*a.set, *tracker_overrides(a.tracker)]
+def _sampler(cfg: Any) -> Callable[[Path], str] | None:
+    """train.sample_tokens of text from a run's final checkpoint (printed, and sent to the
+    trackers)."""
+    if cfg.train.sample_tokens <= 0:
+        return None
     from gptkit.inference.generate import SamplingParams, generate
     from gptkit.loader import load_model
+
+    def sample(run_dir: Path) -> str:
+        model, tok, _ = load_model(run_dir, "cpu")
+        params = SamplingParams(
+            max_new_tokens=cfg.train.sample_tokens, temperature=0.8, seed=cfg.train.seed
+        )
+        return generate(model, tok, "\n" if tok.kind == "char" else "", params)
+
+    return sample
+
+
+def cmd_train(a: argparse.Namespace) -> None:
+    a.set = [*a.set, *tracker_overrides(a.tracker)]
     from gptkit.training.train import new_run_config, resume_config, train
 
     if a.resume and a.init_from:
@@ -472,7 +489,7 @@ def cmd_train(a: argparse.Namespace) -> None:
 
             _exit_if_interrupted(resume_finetune(run_dir, cfg, progress=not a.no_progress))
             return
-        result = train(cfg, run_dir, resume=True, progress=not a.no_progress)
+        result = train(cfg, run_dir, resume=True, progress=not a.no_progress, sample=_sampler(cfg))
     else:
         run = new_run_config(a.config, a.set, a.data, a.text, a.init_from, a.fsdp)
         run_dir = Path(a.out) if a.out else Path("runs") / run.name
@@ -483,22 +500,15 @@ def cmd_train(a: argparse.Namespace) -> None:
             text=run.text,
             progress=not a.no_progress,
             init_from=run.init_from,
+            sample=_sampler(run.config),
         )
         cfg = run.config
     _exit_if_interrupted(result)
     if os.environ.get("RANK", "0") != "0":
         return
-    if cfg.train.sample_tokens > 0:
-        model, tok, _ = load_model(run_dir, "cpu")
-        params = SamplingParams(
-            max_new_tokens=cfg.train.sample_tokens, temperature=0.8, seed=cfg.train.seed
-        )
+    if result.sample:
         print("--- sample ---")
-        print(
-            generate(model, tok, "\n", params)
-            if tok.kind == "char"
-            else generate(model, tok, "", params)
-        )
+        print(result.sample)
         print(f"--- more: gptkit generate {quote(run_dir)} --prompt 'ROMEO:' ---")
     print(f"gptkit: the whole command took {time.perf_counter() - STARTED:.0f} s (wall clock)")
 

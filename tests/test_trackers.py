@@ -4,9 +4,11 @@ and MLflow (SQLite) is read back with each tool's own library and equals metrics
 from __future__ import annotations
 
 import json
+import signal
 import struct
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,12 +20,12 @@ from gptkit.training.train import train
 from .conftest import tiny_overrides
 
 
-def _train(run: Path, data: Path, **extra: object) -> None:
+def _train(run: Path, data: Path, sample: object = None, **extra: object) -> None:
     sets = {"train.max_steps": 20, "train.log_interval": 2, "train.eval_interval": 10,
             "train.checkpoint_interval": 10, **extra}  # fmt: skip
     cfg = load_config(None, tiny_overrides(**sets))
     cfg.data.dir = str(data)
-    train(cfg, run, progress=False, quiet=True, resume=(run / "checkpoint").is_dir())
+    train(cfg, run, progress=False, quiet=True, resume=(run / "checkpoint").is_dir(), sample=sample)
 
 
 def _same(got: list[tuple[int, float]], want: list[tuple[int, float]], rel: float = 1e-9) -> bool:
@@ -40,7 +42,7 @@ def _mlflow(run: Path, key: str) -> tuple[list[tuple[int, float]], object]:
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri=f"sqlite:///{run.resolve() / 'mlflow.db'}")
-    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]
+    run_id = json.loads((run / "trackers.json").read_text())["mlflow"]["id"]
     history = sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
     return history, client.get_run(run_id)
 
@@ -90,9 +92,13 @@ def test_every_tracker_reads_back_what_metrics_jsonl_holds(tmp_path: Path, small
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     run = tmp_path / "run"
-    _train(run, small_data, **{"train.tensorboard": True, "track.backends": "wandb,mlflow",
-                               "track.project": "tests"})  # fmt: skip
-    for key in ("loss", "lr", "val_loss"):
+
+    def sample(run_dir: Path) -> str:  # what `gptkit train` prints at the end
+        return f"a sample from {run_dir.name}"
+
+    _train(run, small_data, sample, **{"train.tensorboard": True, "track.backends": "wandb,mlflow",
+                                       "track.project": "tests"})  # fmt: skip
+    for key in ("loss", "lr", "grad_norm", "tokens_per_s", "val_loss"):
         want = _jsonl(run, key)
         assert want, key
         got, mlrun = _mlflow(run, key)
@@ -105,25 +111,61 @@ def test_every_tracker_reads_back_what_metrics_jsonl_holds(tmp_path: Path, small
     assert mlrun.data.params["model.n_layer"] == "2" and mlrun.data.params["train.max_steps"] == "20"
     final = _jsonl(run, "final_val_loss")[-1][1]
     assert mlrun.data.metrics["final_val_loss"] == pytest.approx(final)
-    assert mlrun.info.status == "FINISHED"
+    assert mlrun.info.status == "FINISHED" and mlrun.data.tags["final_sample"] == "a sample from run"
     records = _wandb_records(run)
     configs = [r.run.config for r in records if r.WhichOneof("record_type") == "run"]
     configs += [r.config for r in records if r.WhichOneof("record_type") == "config"]
     keys = {item.key: json.loads(item.value_json) for c in configs for item in c.update}
     assert keys["model.n_layer"] == 2 and keys["train.max_steps"] == 20
+    summary = {i.key: json.loads(i.value_json) for r in records if r.WhichOneof("record_type") == "summary"
+               for i in r.summary.update}  # fmt: skip
+    assert summary["sample"] == "a sample from run" and summary["val_loss"] == pytest.approx(final)
 
 
 def test_resume_continues_the_same_tracker_runs(tmp_path: Path, small_data: Path) -> None:
     pytest.importorskip("mlflow")
     run = tmp_path / "run"
     _train(run, small_data, **{"train.max_steps": 10, "track.backends": "mlflow"})
-    first = json.loads((run / "trackers.json").read_text())
+    first = json.loads((run / "trackers.json").read_text())["mlflow"]["id"]
     _train(run, small_data, **{"train.max_steps": 20, "track.backends": "mlflow"})
-    assert json.loads((run / "trackers.json").read_text()) == first  # the same MLflow run
+    assert json.loads((run / "trackers.json").read_text())["mlflow"]["id"] == first  # the same run
     got, _ = _mlflow(run, "loss")
     steps = [s for s, _ in got]
     assert steps == sorted(set(steps)) == [s for s, _ in _jsonl(run, "loss")]  # no gap, no repeat
     assert steps[-1] == 20
+
+
+@pytest.mark.slow
+def test_kill_9_and_resume_leave_no_gap_and_no_repeated_step(tmp_path: Path, small_text: Path) -> None:
+    """A real SIGKILL between two checkpoints: the steps after the checkpoint reached MLflow
+    before the kill and are redone after --resume; its curve then holds every logged step once,
+    with metrics.jsonl's values (the redone steps compute the same losses)."""
+    pytest.importorskip("mlflow")
+    run = tmp_path / "run"
+    sets = tiny_overrides(**{"train.max_steps": 600, "train.batch_size": 32, "train.log_interval": 5,
+                             "train.checkpoint_interval": 100, "train.eval_interval": 1000,
+                             "track.backends": "mlflow"})  # fmt: skip
+    args = [sys.executable, "-m", "gptkit", "train", "--text", str(small_text), "--out", str(run), "--no-progress"]
+    proc = subprocess.Popen([*args, *(a for kv in sets for a in ("--set", kv))],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        steps = [s for s, _ in _jsonl(run, "loss")] if (run / "metrics.jsonl").is_file() else []
+        if steps and steps[-1] >= 130:
+            break
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    killed_at = _jsonl(run, "loss")[-1][0]
+    saved = json.loads((run / "checkpoint" / "state.json").read_text())["step"]
+    assert saved < killed_at < 600, (saved, killed_at)  # rows past the checkpoint reached MLflow
+    p = subprocess.run([sys.executable, "-m", "gptkit", "train", "--resume", str(run), "--no-progress"],
+                       capture_output=True, text=True)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    want = _jsonl(run, "loss")
+    assert [s for s, _ in want] == list(range(5, 601, 5))
+    got, mlrun = _mlflow(run, "loss")
+    assert _same(got, want, rel=1e-5) and mlrun.info.status == "FINISHED"
 
 
 def test_a_missing_tracker_package_is_one_line(tmp_path: Path, small_data: Path,

@@ -7,7 +7,7 @@ imported only when its tracker is chosen, and a missing one is one line naming t
 install. Only the main process (rank 0 under torchrun) opens trackers.
 
 The ids of the tracker runs are kept in RUN/trackers.json, so `--resume` continues the same W&B
-and MLflow runs instead of starting new ones.
+and MLflow runs instead of starting new ones (`Trackers`).
 """
 
 from __future__ import annotations
@@ -24,7 +24,10 @@ from gptkit.errors import GptkitError
 
 
 class Tracker:
-    """What the training loop calls; each backend implements these."""
+    """What the training loop calls; each backend implements these. `durable`: a row logged is
+    stored when log returns (so after a kill -9 the tracker is known to hold it)."""
+
+    durable = False
 
     def log(self, step: int, values: dict[str, float]) -> None:
         raise NotImplementedError
@@ -34,10 +37,11 @@ class Tracker:
 
 
 class TensorBoard(Tracker):
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, resume_step: int | None = None) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(str(RunFolder(run_dir).tensorboard))
+        purge = resume_step + 1 if resume_step is not None else None  # events past it are redone
+        self.writer = SummaryWriter(str(RunFolder(run_dir).tensorboard), purge_step=purge)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         for k, v in values.items():
@@ -69,13 +73,14 @@ class Wandb(Tracker):
                 "--tracker wandb needs Weights & Biases: pip install 'gptkit[track]'"
             ) from None
         t = cfg.track
-        self.run = wandb.init(
+        run_id = run_id or uuid.uuid4().hex[:8]
+        options = dict(
             project=t.project,
             name=t.name or Path(run_dir).resolve().name,
             group=t.group or None,
             dir=str(run_dir),
             mode=t.wandb_mode,
-            id=run_id or uuid.uuid4().hex[:8],
+            id=run_id,
             resume="allow",
             config=flat_config(cfg),
             settings=wandb.Settings(
@@ -83,6 +88,17 @@ class Wandb(Tracker):
             ),
             reinit="create_new",
         )
+        # After a kill -9 the killed process's W&B service holds the run for a few seconds more,
+        # until it sees its parent gone: resuming waits for it.
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                self.run = wandb.init(**options)
+                break
+            except Exception as e:
+                if "in use" not in str(e) or time.monotonic() > deadline:
+                    raise GptkitError(f"W&B could not open run {run_id}: {e}") from None
+                time.sleep(1)
         self.id = self.run.id
 
     def log(self, step: int, values: dict[str, float]) -> None:
@@ -103,6 +119,8 @@ class Wandb(Tracker):
 class Mlflow(Tracker):
     """An MLflow run of the experiment `track.project`, in `track.mlflow_uri` (by default a local
     SQLite store, RUN/mlflow.db)."""
+
+    durable = True  # each log_batch is a committed SQL transaction
 
     def __init__(self, run_dir: Path, cfg: Config, run_id: str | None) -> None:
         try:
@@ -154,22 +172,60 @@ class Mlflow(Tracker):
         self.client.set_terminated(self.id, "KILLED" if ended else "FINISHED")
 
 
-def open_trackers(run_dir: Path, cfg: Config, tensorboard: bool) -> list[Tracker]:
-    """The trackers a run logs to, continuing the tracker runs of an earlier start of the same
-    run folder (their ids are in RUN/trackers.json)."""
-    trackers: list[Tracker] = []
-    if tensorboard:
-        try:
-            trackers.append(TensorBoard(run_dir))
-        except ImportError:
-            pass  # TensorBoard is a core dependency; a broken install only loses its events
-    ids_file = Path(run_dir) / "trackers.json"
-    ids = json.loads(ids_file.read_text()) if ids_file.is_file() else {}
-    for name in cfg.track.backends:
-        cls = Wandb if name == "wandb" else Mlflow
-        tracker = cls(run_dir, cfg, ids.get(name))
-        ids[name] = tracker.id
-        trackers.append(tracker)
-    if cfg.track.backends:
-        ids_file.write_text(json.dumps(ids))
-    return trackers
+class Trackers:
+    """The trackers of one run and what each already holds (RUN/trackers.json: its run id, the
+    last step logged and the keys logged at that step). A resumed run redoes the steps after its
+    checkpoint exactly (the same losses; tests/test_train.py), so the rows a tracker already holds
+    are not sent again: its curve has no gap and no repeated step, even after a kill -9 between
+    two checkpoints. W&B's service buffers rows for seconds, so after a kill -9 it may not hold
+    what it was sent: it gets every row, and its own resume keeps each step once. TensorBoard
+    drops its own events past the checkpoint (purge_step)."""
+
+    def __init__(
+        self, run_dir: Path, cfg: Config, tensorboard: bool, resume_step: int | None
+    ) -> None:
+        self.path = Path(run_dir) / "trackers.json"
+        self.tensorboard = None
+        if tensorboard:
+            try:
+                self.tensorboard = TensorBoard(run_dir, resume_step)
+            except ImportError:
+                pass  # TensorBoard is a core dependency; a broken install only loses its events
+        state = json.loads(self.path.read_text()) if self.path.is_file() else {}
+        self.named: dict[str, Tracker] = {}
+        self.held: dict[str, dict[str, Any]] = {}
+        for name in cfg.track.backends:
+            held = state.get(name, {})
+            tracker = (Wandb if name == "wandb" else Mlflow)(run_dir, cfg, held.get("id"))
+            self.named[name] = tracker
+            self.held[name] = {"id": tracker.id, "step": held.get("step", -1),
+                               "keys": held.get("keys", [])}  # fmt: skip
+        if self.named:
+            self._save()
+
+    def log(self, step: int, values: dict[str, float]) -> None:
+        if self.tensorboard is not None:
+            self.tensorboard.log(step, values)
+        for name, tracker in self.named.items():
+            held = self.held[name]
+            redone = step < held["step"] or (
+                step == held["step"] and set(values) & set(held["keys"])
+            )
+            if redone and tracker.durable:
+                continue  # redone after a resume: the tracker has this row already
+            tracker.log(step, values)
+            keys = held["keys"] if step == held["step"] else []
+            held["step"], held["keys"] = step, sorted({*keys, *values})
+        if self.named:
+            self._save()
+
+    def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
+        for tracker in [self.tensorboard, *self.named.values()]:
+            if tracker is not None:
+                tracker.finish(summary, checkpoint)
+        self.tensorboard, self.named = None, {}
+
+    def _save(self) -> None:
+        tmp = self.path.with_suffix(".tmp")  # a kill mid-write leaves the previous file whole
+        tmp.write_text(json.dumps(self.held))
+        tmp.replace(self.path)

@@ -57,7 +57,7 @@ from gptkit.tokenizer import Tokenizer
 from gptkit.training import distributed
 from gptkit.training.distributed import DistContext
 from gptkit.training.optim import build_optimizers, lr_factor
-from gptkit.training.trackers import open_trackers
+from gptkit.training.trackers import Trackers
 
 
 @dataclass
@@ -70,6 +70,7 @@ class TrainResult:
     elapsed_s: float = 0.0
     train_s: float = 0.0  # elapsed_s less the time spent in periodic evaluations
     best_step: int = 0  # with early stopping (train.patience): the step whose weights the run keeps
+    sample: str = ""  # TrainOptions.sample's text, when given
 
 
 class _StopFlag:
@@ -126,11 +127,13 @@ def init_run_folder(run_dir: Path, resume: bool, overwrite: bool, quiet: bool = 
             "checkpoint.old",
             "checkpoint.tmp",
             "tensorboard",
+            "wandb",
             "data",
             "tokenizer",
         ):
             shutil.rmtree(run_dir / name, ignore_errors=True)
-        for name in ("metrics.jsonl", "loss.png", "config.yaml"):
+        # a new run is new tracker runs too
+        for name in ("metrics.jsonl", "loss.png", "config.yaml", "trackers.json", "mlflow.db"):
             (run_dir / name).unlink(missing_ok=True)
 
 
@@ -342,22 +345,19 @@ class MetricsLog:
             ]
             path.write_text("".join(r + "\n" for r in rows))
         self.file = open(path, "a")
-        self.trackers = open_trackers(run_dir, cfg, cfg.train.tensorboard)
+        self.trackers = Trackers(run_dir, cfg, cfg.train.tensorboard, resume_step)
 
     def log(self, step: int, **values: float) -> None:
         self.file.write(json.dumps({"step": step, **values}) + "\n")
         self.file.flush()
-        for tracker in self.trackers:
-            tracker.log(step, values)
+        self.trackers.log(step, values)
 
     def close(self) -> None:
         self.file.close()
 
     def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
         """The trackers' final metrics (and the checkpoint, when asked), then their end."""
-        for tracker in self.trackers:
-            tracker.finish(summary, checkpoint)
-        self.trackers = []
+        self.trackers.finish(summary, checkpoint)
 
 
 def plot_losses(run_dir: Path) -> Path | None:
@@ -584,6 +584,9 @@ class TrainOptions:
     stop_at: int | None = None  # pause after this step with a checkpoint, as an interruption would
     # replaces the config's token shards (fine-tuning's instruction examples)
     data: TrainData | None = None
+    # the run folder -> a sample of text from its final checkpoint, for the trackers and the
+    # caller (the CLI samples through the inference package; training never imports it)
+    sample: Callable[[Path], str] | None = None
 
 
 def train(
@@ -806,6 +809,7 @@ class Trainer:
             opts.progress and not self.quiet, self.tc, self.state.step, self.clock.train_s
         )
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+        self.grad_norm: torch.Tensor | None = None  # the latest step's, with train.grad_clip > 0
         self.loss_steps = 0
         self.tokens_since_log, self.train_s_at_log = 0, self.clock.train_s
         self.last_eval_s = self.clock.train_s  # training time at the last periodic evaluation
@@ -874,6 +878,8 @@ class Trainer:
         self.result.elapsed_s, self.result.train_s = self.clock.elapsed_s, self.clock.train_s
         if not self.result.interrupted:
             self._final_evaluation()
+            if self.opts.sample is not None and self.ctx.main:
+                self.result.sample = self.opts.sample(self.run_dir)
         if self.log is not None:
             self.log.finish(self._summary(), self._artifact())
         return self.result
@@ -884,6 +890,8 @@ class Trainer:
         out: dict[str, Any] = {"step": r.step, "train_s": r.train_s, "interrupted": r.interrupted}
         for k, v in (r.val or {}).items():
             out[f"val_{k}"] = v
+        if r.sample:
+            out["sample"] = r.sample
         return out
 
     def _artifact(self) -> Path | None:
@@ -917,7 +925,8 @@ class Trainer:
         if tc.grad_clip > 0:
             for opt in self.optimizers:
                 scaler.unscale_(opt)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
+            # kept on the device: read only when a row is logged
+            self.grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), tc.grad_clip)
         for opt in self.optimizers:
             scaler.step(opt)
         scaler.update()
@@ -947,9 +956,12 @@ class Trainer:
         tps = self.tokens_since_log / max(train_s - self.train_s_at_log, 1e-9)
         self.tokens_since_log, self.train_s_at_log = 0, train_s
         if self.log is not None:
-            self.log.log(
-                step, loss=loss, lr=tc.lr * factor, tokens_per_s=tps, elapsed_s=self.clock.elapsed_s
-            )
+            row = {"loss": loss, "lr": tc.lr * factor, "tokens_per_s": tps}
+            if tc.optimizer == "muon":
+                row["lr_muon"] = tc.muon_lr * factor
+            if self.grad_norm is not None:  # before clipping, as clip_grad_norm_ returns it
+                row["grad_norm"] = float(self.grad_norm)
+            self.log.log(step, **row, elapsed_s=self.clock.elapsed_s)
         self.result.losses.append((step, loss))
         self.bar.update(step, train_s, loss, tps)
 
