@@ -140,7 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     p = sub.add_parser("prepare", help="tokenize a corpus into train.bin / val.bin")
-    p.add_argument("inputs", nargs="+", help="text files, folders of .txt/.jsonl, or glob patterns")
+    p.add_argument("inputs", nargs="*", help="text files, folders of .txt/.jsonl, or glob patterns")
+    p.add_argument(
+        "--code",
+        metavar="DIR",
+        help="a tree of Python sources instead (one document a file, split by file; 'stdlib': "
+        "Python's own standard library)",
+    )
     p.add_argument("--out", required=True, help="data folder to write")
     p.add_argument("--tokenizer", default=DATA_DEFAULTS.tokenizer, help="char | bpe | gpt2:PATH")
     _opt(p, "--vocab-size", DATA_DEFAULTS.vocab_size, "vocabulary size for --tokenizer bpe")
@@ -363,7 +369,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="for --tasks: render each request through the run's chat template (instruct models)",
     )
     p.add_argument(
-        "--limit", type=int, default=None, help="for --instructions: only the first N conversations"
+        "--limit",
+        type=int,
+        default=None,
+        help="for --instructions, --tasks and --code-tasks: only the first N",
+    )
+    p.add_argument(
+        "--code-tasks",
+        metavar="humaneval|FILE",
+        help="pass@k by running the generated code: HumanEval, or a JSONL of your tasks "
+        "(task_id, prompt, test, entry_point)",
+    )
+    _opt(p, "--samples", 1, "for --code-tasks: completions per task (n of pass@k)")
+    p.add_argument("--k", default="1", help="for --code-tasks: the k of pass@k, e.g. 1,10")
+    p.add_argument(
+        "--temperature",
+        type=float,
+        default=None,
+        help="for --code-tasks: sampling temperature (default: greedy for one sample, else 0.8)",
     )
 
     p = sub.add_parser(
@@ -439,6 +462,18 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_prepare(a: argparse.Namespace) -> None:
     from gptkit.data import prepare
 
+    if a.code:
+        from gptkit.code_data import prepare_code
+
+        if a.inputs:
+            raise GptkitError("--code DIR reads a source tree; give no other inputs with it")
+        tokenizer = "bpe" if a.tokenizer == DATA_DEFAULTS.tokenizer else a.tokenizer
+        summary = prepare_code(a.code, a.out, tokenizer, a.vocab_size, a.val_fraction,
+                               a.overwrite, not a.no_progress)  # fmt: skip
+        print(json.dumps({"out": a.out, **summary, "sources": len(summary["sources"])}))
+        return
+    if not a.inputs:
+        raise GptkitError("nothing to prepare: give text files, folders or globs, or --code DIR")
     meta = prepare(
         a.inputs,
         a.out,
@@ -720,54 +755,14 @@ def _generate_batched(a: argparse.Namespace, model: Any, tok: Any, template: Any
 def cmd_eval(a: argparse.Namespace) -> None:
     from gptkit.evaluate.loss import evaluate
 
-    if a.tasks:
-        from gptkit.evaluate.harness import evaluate_tasks
-
-        if a.data or a.text or a.instructions:
-            raise GptkitError(
-                "--tasks runs lm-eval's tasks; it cannot be combined with --data, --text or "
-                "--instructions"
-            )
-        tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
-        batch_size = 16 if a.batch_size is None else a.batch_size
-        summary = evaluate_tasks(
-            a.run,
-            tasks,
-            a.include_path,
-            a.num_fewshot,
-            a.limit,
-            batch_size,
-            a.device,
-            a.output,
-            a.apply_chat_template,
-        )
-        from lm_eval.utils import make_table
-
-        print(make_table(summary))
-        print(
-            json.dumps(
-                {
-                    task: {k: v for k, v in values.items() if isinstance(v, (int, float))}
-                    for task, values in summary["results"].items()
-                }
-            )
-        )
-        return
-    if a.instructions:
-        from gptkit.evaluate.instructions import evaluate_instructions
-
-        if a.data or a.text:
-            raise GptkitError(
-                "--instructions evaluates answers; it cannot be combined with --data or --text"
-            )
-        batch_size = 16 if a.batch_size is None else a.batch_size
-        print(
-            json.dumps(
-                evaluate_instructions(
-                    a.run, a.instructions, a.device, a.max_new_tokens, batch_size, a.limit
-                )
-            )
-        )
+    modes = [m for m in ("tasks", "instructions", "code_tasks") if getattr(a, m)]
+    flags = [f"--{m.replace('_', '-')}" for m in modes] + ["--data/--text"] * bool(a.data or a.text)
+    if len(modes) > 1 or (modes and len(flags) > 1):
+        raise GptkitError(f"{' and '.join(flags)} are different evaluations; choose one")
+    if modes:
+        {"tasks": _eval_tasks, "instructions": _eval_instructions, "code_tasks": _eval_code}[
+            modes[0]
+        ](a)
         return
     print(
         json.dumps(
@@ -776,6 +771,63 @@ def cmd_eval(a: argparse.Namespace) -> None:
             )
         )
     )
+
+
+def _eval_tasks(a: argparse.Namespace) -> None:
+    from gptkit.evaluate.harness import evaluate_tasks
+
+    tasks = [t.strip() for t in a.tasks.split(",") if t.strip()]
+    batch_size = 16 if a.batch_size is None else a.batch_size
+    summary = evaluate_tasks(
+        a.run,
+        tasks,
+        a.include_path,
+        a.num_fewshot,
+        a.limit,
+        batch_size,
+        a.device,
+        a.output,
+        a.apply_chat_template,
+    )
+    from lm_eval.utils import make_table
+
+    print(make_table(summary))
+    numbers = {
+        task: {k: v for k, v in values.items() if isinstance(v, (int, float))}
+        for task, values in summary["results"].items()
+    }
+    print(json.dumps(numbers))
+
+
+def _eval_instructions(a: argparse.Namespace) -> None:
+    from gptkit.evaluate.instructions import evaluate_instructions
+
+    batch_size = 16 if a.batch_size is None else a.batch_size
+    summary = evaluate_instructions(
+        a.run, a.instructions, a.device, a.max_new_tokens, batch_size, a.limit
+    )
+    print(json.dumps(summary))
+
+
+def _eval_code(a: argparse.Namespace) -> None:
+    from gptkit.evaluate.code import evaluate_code
+
+    try:
+        ks = tuple(int(k) for k in a.k.split(",") if k.strip())
+    except ValueError:
+        raise GptkitError(f"--k takes whole numbers separated by commas, got {a.k!r}") from None
+    summary = evaluate_code(
+        a.run,
+        a.code_tasks,
+        a.samples,
+        ks,
+        a.temperature,
+        256 if a.max_new_tokens == 128 else a.max_new_tokens,  # a function body needs room
+        a.limit,
+        a.device,
+        16 if a.batch_size is None else a.batch_size,
+    )
+    print(json.dumps(summary))
 
 
 def cmd_convert(a: argparse.Namespace) -> None:

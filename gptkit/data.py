@@ -174,11 +174,13 @@ def prepare(
     errors: str = "strict",
     overwrite: bool = False,
     progress: bool = True,
+    split_at: int | None = None,
 ) -> Meta:
     """Tokenize a corpus into OUT/{train,val}.bin, OUT/meta.json and OUT/tokenizer/.
 
     The split is by characters in file order: the first (1 - val_fraction) of the text trains,
-    the rest validates. Documents are separated by the end-of-text token."""
+    the rest validates (split_at: at that character instead, e.g. a document boundary).
+    Documents are separated by the end-of-text token."""
     if not 0 < val_fraction < 1:
         raise GptkitError(f"--val-fraction must be in (0, 1), got {val_fraction}")
     out = Path(out)
@@ -197,7 +199,8 @@ def prepare(
     out.mkdir(parents=True, exist_ok=True)
     with _progress(progress, total) as bar:
         shards = _ShardWriter(out, tok, dtype, docs > 1, bar)
-        n_tokens = shards.write(files, errors, split_at=int(total * (1 - val_fraction)))
+        cut = split_at if split_at is not None else int(total * (1 - val_fraction))
+        n_tokens = shards.write(files, errors, split_at=cut)
     tok_dir = out / "tokenizer"
     if tok_dir.exists():
         shutil.rmtree(tok_dir)
