@@ -33,60 +33,54 @@ from gptkit.evaluate.code import CodeTask, evaluate_code, generate_completions, 
 from gptkit.evaluate.loss import evaluate  # noqa: E402
 from gptkit.training.train import train  # noqa: E402
 
-# (name, signature, docstring, body, tests): functions a code model of minutes should manage
-EASY = [  # fmt: skip
-    ("add", "a, b", "Return the sum of a and b.", "a + b", ["(2, 3) == 5", "(-1, 1) == 0"]),
-    ("subtract", "a, b", "Return a minus b.", "a - b", ["(5, 3) == 2", "(0, 4) == -4"]),
-    ("multiply", "a, b", "Return the product of a and b.", "a * b", ["(3, 4) == 12", "(0, 9) == 0"]),
-    ("negate", "x", "Return -x.", "-x", ["(3,) == -3", "(-2,) == 2"]),
-    ("square", "x", "Return x squared.", "x * x", ["(3,) == 9", "(-4,) == 16"]),
-    ("cube", "x", "Return x cubed.", "x ** 3", ["(2,) == 8", "(-1,) == -1"]),
-    ("is_even", "n", "Return True if n is even.", "n % 2 == 0", ["(4,) is True", "(7,) is False"]),
-    ("is_odd", "n", "Return True if n is odd.", "n % 2 == 1", ["(3,) is True", "(8,) is False"]),
-    ("maximum", "a, b", "Return the larger of a and b.", "max(a, b)", ["(2, 9) == 9", "(5, 1) == 5"]),
-    ("minimum", "a, b", "Return the smaller of a and b.", "min(a, b)", ["(2, 9) == 2", "(5, 1) == 1"]),
-    ("absolute", "x", "Return the absolute value of x.", "abs(x)", ["(-3,) == 3", "(4,) == 4"]),
-    ("first", "items", "Return the first item of a list.", "items[0]", ["([7, 8],) == 7", "(['a'],) == 'a'"]),
-    ("last", "items", "Return the last item of a list.", "items[-1]", ["([7, 8],) == 8", "(['a'],) == 'a'"]),
-    ("length", "items", "Return the number of items.", "len(items)", ["([1, 2, 3],) == 3", "([],) == 0"]),
-    ("reverse_list", "items", "Return the list reversed.", "items[::-1]", ["([1, 2, 3],) == [3, 2, 1]"]),
-    ("reverse_string", "s", "Return the string reversed.", "s[::-1]", ["('abc',) == 'cba'", "('',) == ''"]),
-    ("upper", "s", "Return s in upper case.", "s.upper()", ["('abc',) == 'ABC'"]),
-    ("lower", "s", "Return s in lower case.", "s.lower()", ["('AbC',) == 'abc'"]),
-    ("double", "x", "Return twice x.", "2 * x", ["(4,) == 8", "(-1,) == -2"]),
-    ("half", "n", "Return n divided by two, rounded down.", "n // 2", ["(9,) == 4", "(10,) == 5"]),
-    ("increment", "n", "Return n plus one.", "n + 1", ["(1,) == 2", "(-1,) == 0"]),
-    ("decrement", "n", "Return n minus one.", "n - 1", ["(1,) == 0", "(10,) == 9"]),
-    ("is_empty", "items", "Return True if the list is empty.", "len(items) == 0", ["([],) is True", "([1],) is False"]),
-    ("total", "items", "Return the sum of the items.", "sum(items)", ["([1, 2, 3],) == 6", "([],) == 0"]),
-    ("join_words", "words", "Join the words with spaces.", "' '.join(words)", ["(['a', 'b'],) == 'a b'"]),
-    ("count_char", "s, c", "Return how many times c occurs in s.", "s.count(c)", ["('banana', 'a') == 3"]),
-    (
-        "starts_with",
-        "s, prefix",
-        "Return True if s starts with prefix.",
-        "s.startswith(prefix)",
-        ["('hello', 'he') is True", "('hello', 'lo') is False"],
-    ),
-    (
-        "ends_with",
-        "s, suffix",
-        "Return True if s ends with suffix.",
-        "s.endswith(suffix)",
-        ["('hello', 'lo') is True", "('hello', 'he') is False"],
-    ),
-    ("concat", "a, b", "Return the two strings joined.", "a + b", ["('ab', 'cd') == 'abcd'"]),
-    ("identity", "x", "Return x unchanged.", "x", ["(5,) == 5", "('a',) == 'a'"]),
-    ("to_string", "x", "Return x as a string.", "str(x)", ["(12,) == '12'"]),
-    ("to_int", "s", "Return the string s as an integer.", "int(s)", ["('42',) == 42"]),
-    ("is_positive", "x", "Return True if x is greater than zero.", "x > 0", ["(3,) is True", "(-3,) is False"]),
-    ("is_zero", "x", "Return True if x is zero.", "x == 0", ["(0,) is True", "(2,) is False"]),
-    ("first_two", "items", "Return the first two items.", "items[:2]", ["([1, 2, 3],) == [1, 2]"]),
-    ("rest", "items", "Return all items but the first.", "items[1:]", ["([1, 2, 3],) == [2, 3]"]),
-    ("contains", "items, x", "Return True if x is in items.", "x in items", ["([1, 2], 2) is True", "([1, 2], 5) is False"]),
-    ("strip", "s", "Return s without surrounding whitespace.", "s.strip()", ["('  a b ',) == 'a b'"]),
-    ("swap", "a, b", "Return the pair (b, a).", "(b, a)", ["(1, 2) == (2, 1)"]),
-    ("average", "a, b", "Return the mean of a and b.", "(a + b) / 2", ["(2, 4) == 3", "(1, 2) == 1.5"]),
+# Functions a code model of minutes should manage: name | arguments | docstring | body | tests
+EASY_TABLE = """
+add | a, b | Return the sum of a and b. | a + b | (2, 3) == 5; (-1, 1) == 0
+subtract | a, b | Return a minus b. | a - b | (5, 3) == 2; (0, 4) == -4
+multiply | a, b | Return the product of a and b. | a * b | (3, 4) == 12; (0, 9) == 0
+negate | x | Return -x. | -x | (3,) == -3; (-2,) == 2
+square | x | Return x squared. | x * x | (3,) == 9; (-4,) == 16
+cube | x | Return x cubed. | x ** 3 | (2,) == 8; (-1,) == -1
+is_even | n | Return True if n is even. | n % 2 == 0 | (4,) is True; (7,) is False
+is_odd | n | Return True if n is odd. | n % 2 == 1 | (3,) is True; (8,) is False
+maximum | a, b | Return the larger of a and b. | max(a, b) | (2, 9) == 9; (5, 1) == 5
+minimum | a, b | Return the smaller of a and b. | min(a, b) | (2, 9) == 2; (5, 1) == 1
+absolute | x | Return the absolute value of x. | abs(x) | (-3,) == 3; (4,) == 4
+first | items | Return the first item of a list. | items[0] | ([7, 8],) == 7; (['a'],) == 'a'
+last | items | Return the last item of a list. | items[-1] | ([7, 8],) == 8; (['a'],) == 'a'
+length | items | Return the number of items. | len(items) | ([1, 2, 3],) == 3; ([],) == 0
+reverse_list | items | Return the list reversed. | items[::-1] | ([1, 2, 3],) == [3, 2, 1]
+reverse_string | s | Return the string reversed. | s[::-1] | ('abc',) == 'cba'; ('',) == ''
+upper | s | Return s in upper case. | s.upper() | ('abc',) == 'ABC'
+lower | s | Return s in lower case. | s.lower() | ('AbC',) == 'abc'
+double | x | Return twice x. | 2 * x | (4,) == 8; (-1,) == -2
+half | n | Return n divided by two, rounded down. | n // 2 | (9,) == 4; (10,) == 5
+increment | n | Return n plus one. | n + 1 | (1,) == 2; (-1,) == 0
+decrement | n | Return n minus one. | n - 1 | (1,) == 0; (10,) == 9
+is_empty | items | Return True if the list is empty. | len(items) == 0 | ([],) is True; ([1],) is False
+total | items | Return the sum of the items. | sum(items) | ([1, 2, 3],) == 6; ([],) == 0
+join_words | words | Join the words with spaces. | ' '.join(words) | (['a', 'b'],) == 'a b'
+count_char | s, c | Return how many times c occurs in s. | s.count(c) | ('banana', 'a') == 3
+starts_with | s, prefix | True if s starts with prefix. | s.startswith(prefix) | ('hello', 'he') is True; ('hello', 'lo') is False
+ends_with | s, suffix | True if s ends with suffix. | s.endswith(suffix) | ('hello', 'lo') is True; ('hello', 'he') is False
+concat | a, b | Return the two strings joined. | a + b | ('ab', 'cd') == 'abcd'
+identity | x | Return x unchanged. | x | (5,) == 5; ('a',) == 'a'
+to_string | x | Return x as a string. | str(x) | (12,) == '12'
+to_int | s | Return the string s as an integer. | int(s) | ('42',) == 42
+is_positive | x | Return True if x is greater than zero. | x > 0 | (3,) is True; (-3,) is False
+is_zero | x | Return True if x is zero. | x == 0 | (0,) is True; (2,) is False
+first_two | items | Return the first two items. | items[:2] | ([1, 2, 3],) == [1, 2]
+rest | items | Return all items but the first. | items[1:] | ([1, 2, 3],) == [2, 3]
+contains | items, x | Return True if x is in items. | x in items | ([1, 2], 2) is True; ([1, 2], 5) is False
+strip | s | Return s without surrounding whitespace. | s.strip() | ('  a b ',) == 'a b'
+swap | a, b | Return the pair (b, a). | (b, a) | (1, 2) == (2, 1)
+average | a, b | Return the mean of a and b. | (a + b) / 2 | (2, 4) == 3; (1, 2) == 1.5
+"""
+EASY = [
+    (name, args, doc, body, tests.split("; "))
+    for name, args, doc, body, tests in (
+        [field.strip() for field in line.split(" | ")] for line in EASY_TABLE.strip().splitlines()
+    )
 ]
 
 

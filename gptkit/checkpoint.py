@@ -45,29 +45,15 @@ class RunFolder:
 
     root: Path
 
-    @property
-    def config(self) -> Path:
-        return Path(self.root) / "config.yaml"
+    def _at(self, name: str) -> Path:
+        return Path(self.root) / name
 
-    @property
-    def tokenizer(self) -> Path:
-        return Path(self.root) / "tokenizer"
-
-    @property
-    def checkpoint(self) -> Path:
-        return Path(self.root) / CKPT
-
-    @property
-    def metrics(self) -> Path:
-        return Path(self.root) / "metrics.jsonl"
-
-    @property
-    def loss_plot(self) -> Path:
-        return Path(self.root) / "loss.png"
-
-    @property
-    def tensorboard(self) -> Path:
-        return Path(self.root) / "tensorboard"
+    config = property(lambda self: self._at("config.yaml"))
+    tokenizer = property(lambda self: self._at("tokenizer"))
+    checkpoint = property(lambda self: self._at(CKPT))
+    metrics = property(lambda self: self._at("metrics.jsonl"))
+    loss_plot = property(lambda self: self._at("loss.png"))
+    tensorboard = property(lambda self: self._at("tensorboard"))
 
 
 def refuse_nonempty(out: Path, overwrite: bool, choose: str = "choose another --out") -> None:

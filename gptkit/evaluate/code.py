@@ -81,19 +81,20 @@ def load_code_tasks(spec: str, limit: int | None = None) -> list[CodeTask]:
 def _read_task_file(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise GptkitError(f"{path}: no such task file (JSONL: task_id, prompt, test, entry_point)")
-    records = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise GptkitError(f"{path}:{n}: not JSON ({e.msg})") from None
+    lines = path.read_text(encoding="utf-8").splitlines()
+    records = [(n, _json_line(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
+    for n, record in records:
         missing = [f for f in FIELDS if not isinstance(record, dict) or not record.get(f)]
         if missing:
             raise GptkitError(f"{path}:{n}: the task has no {', '.join(missing)}")
-        records.append(record)
-    return records
+    return [record for _, record in records]
+
+
+def _json_line(path: Path, n: int, line: str) -> Any:
+    try:
+        return json.loads(line)
+    except json.JSONDecodeError as e:
+        raise GptkitError(f"{path}:{n}: not JSON ({e.msg})") from None
 
 
 def score(

@@ -52,6 +52,16 @@ class TensorBoard(Tracker):
         self.writer.close()
 
 
+def _require(module: str, name: str) -> Any:
+    """The tracker's package, or one line naming the extra that installs it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise GptkitError(f"--tracker {module} needs {name}: pip install 'gptkit[track]'") from None
+
+
 def flat_config(cfg: Config) -> dict[str, Any]:
     """The configuration as section.key -> value, the form trackers show as parameters."""
     out = {}
@@ -66,12 +76,7 @@ class Wandb(Tracker):
     """A W&B run in the run folder (RUN/wandb/); offline by default (`wandb sync` uploads it)."""
 
     def __init__(self, run_dir: Path, cfg: Config, run_id: str | None) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise GptkitError(
-                "--tracker wandb needs Weights & Biases: pip install 'gptkit[track]'"
-            ) from None
+        wandb = _require("wandb", "Weights & Biases")
         t = cfg.track
         run_id = run_id or uuid.uuid4().hex[:8]
         options = dict(
@@ -123,14 +128,11 @@ class Mlflow(Tracker):
     durable = True  # each log_batch is a committed SQL transaction
 
     def __init__(self, run_dir: Path, cfg: Config, run_id: str | None) -> None:
-        try:
-            from mlflow.entities import Param
-            from mlflow.tracking import MlflowClient
-        except ImportError:
-            raise GptkitError(
-                "--tracker mlflow needs MLflow: pip install 'gptkit[track]'"
-            ) from None
+        _require("mlflow", "MLflow")
         import logging
+
+        from mlflow.entities import Param
+        from mlflow.tracking import MlflowClient
 
         # MLflow and alembic announce every schema step on the root logger's handlers
         for name in ("mlflow", "alembic"):
