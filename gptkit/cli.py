@@ -500,7 +500,9 @@ def _sampler(cfg: Any) -> Callable[[Path], str] | None:
         params = SamplingParams(
             max_new_tokens=cfg.train.sample_tokens, temperature=0.8, seed=cfg.train.seed
         )
-        return generate(model, tok, "\n" if tok.kind == "char" else "", params)
+        prompt = cfg.train.sample_prompt or ("\n" if tok.kind == "char" else "")
+        text = generate(model, tok, prompt, params)
+        return prompt + text if cfg.train.sample_prompt else text  # a given prompt is shown
 
     return sample
 

@@ -131,6 +131,7 @@ class TrainConfig:
     max_time_s: float = 0.0  # 0: no limit; else stop (and save) after this many seconds of training
     tensorboard: bool = True
     sample_tokens: int = 0  # print a sample of this many tokens at the end (0: none)
+    sample_prompt: str = ""  # what the sample continues ("": a new line, or nothing for BPE)
     threads: int = 0  # 0: let torch decide
 
 

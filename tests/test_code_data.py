@@ -56,10 +56,11 @@ def test_a_tree_without_sources_is_one_line(tmp_path: Path) -> None:
         collect(tmp_path / "missing")
 
 
-def test_the_stdlib_prepares_split_by_file_and_round_trips(tmp_path: Path) -> None:
-    root = stdlib_root() / "email"  # a real package of the standard library: ~30 files
+@pytest.mark.parametrize("package", ["email", pytest.param("", marks=pytest.mark.slow, id="the-whole-stdlib")])
+def test_the_stdlib_prepares_split_by_file_and_round_trips(tmp_path: Path, package: str) -> None:
+    root = stdlib_root() / package  # email: a real package of the standard library, ~30 files
     out = tmp_path / "code"
-    summary = prepare_code(root, out, "bpe", 512, val_fraction=0.2, progress=False)
+    summary = prepare_code(root, out, "bpe", 512 if package else 4096, val_fraction=0.2, progress=False)
     listing = json.loads((out / "code-files.json").read_text())
     assert set(listing["train"]).isdisjoint(listing["val"]) and listing["val"]
     assert summary["train_files"] == len(listing["train"]) and summary["val_files"] == len(listing["val"])
@@ -74,7 +75,7 @@ def test_the_stdlib_prepares_split_by_file_and_round_trips(tmp_path: Path) -> No
                 current = []
             else:
                 current.append(i)
-        want = [f"# path: {rel}\n{(root / rel).read_text(encoding='utf-8')}" for rel in listing[split]]
+        want = [f"# path: {rel}\n{(root / rel).read_bytes().decode()}" for rel in listing[split]]
         assert docs == want  # every file, byte for byte, in its own split only
 
 
