@@ -126,6 +126,8 @@ def test_resume_continues_the_same_tracker_runs(tmp_path: Path, small_data: Path
     pytest.importorskip("mlflow")
     run = tmp_path / "run"
     _train(run, small_data, **{"train.max_steps": 10, "track.backends": "mlflow"})
+    _, first_run = _mlflow(run, "loss")
+    assert first_run.info.status == "FINISHED" and not _artifacts(run, first_run.info.run_id)
     first = json.loads((run / "trackers.json").read_text())["mlflow"]["id"]
     _train(run, small_data, **{"train.max_steps": 20, "track.backends": "mlflow"})
     assert json.loads((run / "trackers.json").read_text())["mlflow"]["id"] == first  # the same run
@@ -133,6 +135,23 @@ def test_resume_continues_the_same_tracker_runs(tmp_path: Path, small_data: Path
     steps = [s for s, _ in got]
     assert steps == sorted(set(steps)) == [s for s, _ in _jsonl(run, "loss")]  # no gap, no repeat
     assert steps[-1] == 20
+
+
+def _artifacts(run: Path, run_id: str) -> list[str]:
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{run.resolve() / 'mlflow.db'}")
+    return [a.path for a in client.list_artifacts(run_id, "checkpoint")]
+
+
+def test_the_checkpoint_is_an_artifact_only_when_asked(tmp_path: Path, small_data: Path) -> None:
+    pytest.importorskip("mlflow")
+    run = tmp_path / "run"
+    _train(run, small_data, **{"train.max_steps": 10, "track.backends": "mlflow", "track.artifact": True})
+    _, mlrun = _mlflow(run, "loss")
+    stored = _artifacts(run, mlrun.info.run_id)
+    assert "checkpoint/model.safetensors" in stored and "checkpoint/state.json" in stored
+    assert (run / "mlartifacts").is_dir() and not Path("mlruns").exists()  # beside the store
 
 
 @pytest.mark.slow

@@ -141,7 +141,15 @@ class Mlflow(Tracker):
         uri = t.mlflow_uri or f"sqlite:///{(Path(run_dir).resolve() / 'mlflow.db')}"
         self.client = MlflowClient(tracking_uri=uri)
         exp = self.client.get_experiment_by_name(t.project)
-        exp_id = exp.experiment_id if exp else self.client.create_experiment(t.project)
+        if exp is None:
+            # Artifacts beside a SQLite store (MLflow's default is ./mlruns in whatever folder
+            # the command ran from); a server's store keeps its own default.
+            where = None
+            if uri.startswith("sqlite:///"):
+                where = (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+            exp_id = self.client.create_experiment(t.project, artifact_location=where)
+        else:
+            exp_id = exp.experiment_id
         if run_id is None:
             tags = {"gptkit.run_dir": str(Path(run_dir).resolve())}
             if t.group:

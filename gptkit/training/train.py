@@ -128,6 +128,7 @@ def init_run_folder(run_dir: Path, resume: bool, overwrite: bool, quiet: bool = 
             "checkpoint.tmp",
             "tensorboard",
             "wandb",
+            "mlartifacts",
             "data",
             "tokenizer",
         ):
