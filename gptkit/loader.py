@@ -18,7 +18,6 @@ from gptkit.checkpoint import (
 )
 from gptkit.config import Config, model_config_from_base
 from gptkit.errors import GptkitError
-from gptkit.inference.qlinear import check_device, refuse_quantized, swap_linears
 from gptkit.model import GPT
 from gptkit.peft.lora import apply_lora, merge_lora
 from gptkit.tokenizer import Tokenizer, load_tokenizer
@@ -28,6 +27,9 @@ def build_model(cfg: Config, device: str | torch.device = "cpu") -> GPT:
     """The module a run's config describes, before its weights are read: int8/int4 layers for a
     quantized run, the base's weights with adapters for a LoRA run, else a fresh GPT."""
     if cfg.model.quantization != "none":
+        # the int8/int4 layers are loaded only for a quantized run: training never needs them
+        from gptkit.inference.qlinear import check_device, swap_linears
+
         check_device(device)
         return swap_linears(
             GPT(cfg.model),
@@ -92,3 +94,12 @@ def load_for_finetune(
         sd["wpe.weight"] = sd["wpe.weight"][: mcfg.block_size]
     model.load_saved_state(sd)
     return model.train()
+
+
+def refuse_quantized(cfg: Config, run_dir: Path, doing: str = "train or fine-tune") -> None:
+    """Quantized runs are for inference: one line naming what to use instead."""
+    if cfg.model.quantization != "none":
+        raise GptkitError(
+            f"{run_dir} is quantized ({cfg.model.quantization}) for inference; to {doing}, use "
+            "the run it was quantized from"
+        )

@@ -22,14 +22,12 @@ from __future__ import annotations
 import functools
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from gptkit.config import Config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
 
@@ -230,15 +228,6 @@ def swap_linears(
                     new.int8_activations = activations == "int8"
                 setattr(module, name, new)
     return model
-
-
-def refuse_quantized(cfg: Config, run_dir: Path, doing: str = "train or fine-tune") -> None:
-    """Quantized runs are for inference: one line naming what to use instead."""
-    if cfg.model.quantization != "none":
-        raise GptkitError(
-            f"{run_dir} is quantized ({cfg.model.quantization}) for inference; to {doing}, use "
-            "the run it was quantized from"
-        )
 
 
 def check_device(device: str | torch.device) -> None:

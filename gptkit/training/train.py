@@ -42,8 +42,7 @@ from gptkit.config import Config, TrainConfig, all_keys, apply_overrides, load_c
 from gptkit.data import Batch, Batches, DataSet, bundled_corpus, default_preset, prepare, windows
 from gptkit.errors import DivergedError, GptkitError, quote
 from gptkit.evaluate.loss import predicted_bytes, sum_losses, summarize
-from gptkit.inference.qlinear import refuse_quantized
-from gptkit.loader import load_for_finetune
+from gptkit.loader import load_for_finetune, refuse_quantized
 from gptkit.model import GPT
 from gptkit.runtime import (
     autocast_context,
