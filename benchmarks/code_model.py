@@ -118,7 +118,7 @@ def main() -> None:
     held_out = out / "held-out-code.txt"
     held_out.write_text("\n".join((stdlib_root() / r).read_text(encoding="utf-8") for r in listing["val"]))
     assert all(easy_tasks()[i].canonical_solution for i in range(len(EASY)))
-    canon = score(easy_tasks(), [[t.canonical_solution] for t in easy_tasks()])["pass@1"]
+    canon = score(easy_tasks(), [[t.reference()] for t in easy_tasks()])["pass@1"]
     rows = {}
     for name, data in (("code", code_data), ("prose", prose_data)):
         run = out / f"run-{name}"

