@@ -101,13 +101,21 @@ def single(tmp_path_factory: pytest.TempPathFactory, small_data: Path) -> Path:
 @pytest.mark.parametrize("mode", ["ddp", "fsdp"])
 def test_two_processes_equal_one_with_the_same_global_batch(mode: str, single: Path, small_data: Path, tmp_path: Path) -> None:
     out = tmp_path / mode
-    extra = ["--fsdp"] if mode == "fsdp" else []
+    extra = ["--fsdp"] if mode == "fsdp" else ["--tracker", "mlflow"]  # DDP: trackers too
     r = torchrun(2, "train", "--data", str(small_data), "--out", str(out), "--no-progress", *extra, *cli_sets())
     assert r.returncode == 0, r.stderr[-3000:]
     assert r.stdout.count("gptkit: done at step 12") == 1  # only rank 0 speaks
     assert_same_weights(single, out)
     la, lb = losses(single), losses(out)
     assert la and la.keys() == lb.keys()  # non-empty: the comparison below is not vacuous
+    if mode == "ddp":  # only rank 0 logs: one tracker run, each step once
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("gptkit").experiment_id])
+        assert len(runs) == 1
+        steps = [m.step for m in client.get_metric_history(runs[0].info.run_id, "loss")]
+        assert steps == sorted(set(steps)) == sorted(lb)
     assert all(abs(la[k] - lb[k]) < 1e-5 for k in la)
     # The final evaluation is averaged over the ranks' shares of the validation split.
     final = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if "final_val_loss" in x][-1]

@@ -187,6 +187,24 @@ def test_kill_9_and_resume_leave_no_gap_and_no_repeated_step(tmp_path: Path, sma
     assert _same(got, want, rel=1e-5) and mlrun.info.status == "FINISHED"
 
 
+def test_a_pruned_trial_is_marked_in_the_tracker(tmp_path: Path, small_data: Path) -> None:
+    """A trial that Optuna prunes ends by the exception its on_eval raises; the tracker run says so."""
+    pytest.importorskip("mlflow")
+    optuna = pytest.importorskip("optuna")
+    run = tmp_path / "run"
+
+    def prune(step: int, val_loss: float) -> None:
+        raise optuna.TrialPruned(f"pruned at step {step}")
+
+    cfg = load_config(None, tiny_overrides(**{"train.max_steps": 20, "train.eval_interval": 5,
+                                              "track.backends": "mlflow"}))  # fmt: skip
+    cfg.data.dir = str(small_data)
+    with pytest.raises(optuna.TrialPruned):
+        train(cfg, run, progress=False, quiet=True, on_eval=prune)
+    _, mlrun = _mlflow(run, "loss")
+    assert mlrun.info.status == "KILLED" and "pruned at step 5" in mlrun.data.tags["final_stopped"]
+
+
 def test_a_missing_tracker_package_is_one_line(tmp_path: Path, small_data: Path,
                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed: import fails
