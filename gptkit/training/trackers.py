@@ -46,7 +46,6 @@ class TensorBoard(Tracker):
     def log(self, step: int, values: dict[str, float]) -> None:
         for k, v in values.items():
             self.writer.add_scalar(k, v, step)
-        self.writer.flush()
 
     def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
         self.writer.close()
