@@ -243,6 +243,14 @@ class Config:
             set_key(cfg, key, value, source="config", internal=True)
         return cfg.validate()
 
+    def flat(self) -> dict[str, Any]:
+        """Every key, gptkit's bookkeeping included, as {"section.key": value}."""
+        return {
+            f"{s.name}.{f.name}": getattr(getattr(self, s.name), f.name)
+            for s in dataclasses.fields(self)
+            for f in dataclasses.fields(getattr(self, s.name))
+        }
+
     def save(self, path: Path) -> None:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 

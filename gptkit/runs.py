@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.checkpoint import RunFolder, checkpoint_info, has_checkpoint, load_run_config
-from gptkit.config import Config, all_keys
+from gptkit.config import Config
 from gptkit.errors import GptkitError
 
 
@@ -103,13 +103,7 @@ IGNORED = ("data.dir", "finetune.data", "lineage.", "track.")
 
 
 def _flat(cfg: Config) -> dict[str, Any]:
-    out = {}
-    for key in all_keys(cfg, internal=True):
-        if key.startswith(IGNORED):
-            continue
-        section, name = key.split(".")
-        out[key] = getattr(getattr(cfg, section), name)
-    return out
+    return {k: v for k, v in cfg.flat().items() if not k.startswith(IGNORED)}
 
 
 def runs_table(folder: str | Path) -> list[RunSummary]:

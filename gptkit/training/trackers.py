@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.checkpoint import RunFolder
-from gptkit.config import Config, all_keys
+from gptkit.config import Config
 from gptkit.errors import GptkitError
 
 
@@ -63,12 +63,7 @@ def _require(module: str, name: str) -> Any:
 
 def flat_config(cfg: Config) -> dict[str, Any]:
     """The configuration as section.key -> value, the form trackers show as parameters."""
-    out = {}
-    for key in all_keys(cfg, internal=True):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        out[key] = ",".join(map(str, value)) if isinstance(value, list) else value
-    return out
+    return {k: ",".join(map(str, v)) if isinstance(v, list) else v for k, v in cfg.flat().items()}
 
 
 class Wandb(Tracker):

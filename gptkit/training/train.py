@@ -44,6 +44,7 @@ from gptkit.errors import DivergedError, GptkitError, quote
 from gptkit.evaluate.loss import predicted_bytes, sum_losses, summarize
 from gptkit.loader import load_for_finetune, refuse_quantized
 from gptkit.model import GPT
+from gptkit.runs import read_metrics
 from gptkit.runtime import (
     autocast_context,
     cpu_has_fast_bf16,
@@ -367,11 +368,7 @@ def plot_losses(run_dir: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    rows = [
-        json.loads(line)
-        for line in RunFolder(run_dir).metrics.read_text().splitlines()
-        if line.strip()
-    ]
+    rows = read_metrics(run_dir)
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
     val = [(r["step"], r["val_loss"]) for r in rows if "val_loss" in r]
     final = [(r["step"], r["final_val_loss"]) for r in rows if "final_val_loss" in r][-1:]
