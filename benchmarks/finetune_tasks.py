@@ -28,7 +28,7 @@ from gptkit.finetune.instruct import finetune, finetune_config  # noqa: E402
 from gptkit.finetune.instructions import InstructionData, load_conversations  # noqa: E402
 from gptkit.finetune.tasks import write_tasks  # noqa: E402
 from gptkit.loader import finetune_start, load_model  # noqa: E402
-from gptkit.peft.lora import parameter_counts  # noqa: E402
+from gptkit.peft.methods import parameter_counts  # noqa: E402
 
 SHARED = ROOT.parent / "shared" / "data"
 

@@ -31,7 +31,7 @@ from safetensors.torch import load_file, save_file
 from gptkit.config import Config, load_config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
-from gptkit.peft.lora import adapter_state, has_lora, load_adapter_state
+from gptkit.peft.methods import adapter_state, has_adapters, load_adapter_state
 
 CKPT = "checkpoint"
 MODEL_FILE = "model.safetensors"
@@ -54,6 +54,7 @@ class RunFolder:
     metrics = property(lambda self: self._at("metrics.jsonl"))
     loss_plot = property(lambda self: self._at("loss.png"))
     tensorboard = property(lambda self: self._at("tensorboard"))
+    ranks = property(lambda self: self._at("ranks.json"))  # AdaLoRA: the rank of each matrix
 
 
 def refuse_nonempty(out: Path, overwrite: bool, choose: str = "choose another --out") -> None:
@@ -232,7 +233,7 @@ def weights_to_save(
 ) -> tuple[str, dict[str, torch.Tensor]]:
     """The file name and tensors a checkpoint stores: a LoRA run only its adapter (and new
     embedding rows), since the base run holds the rest; else the whole (given or own) weights."""
-    if has_lora(model):
+    if has_adapters(model):
         return ADAPTER_FILE, weights if weights is not None else adapter_state(model)
     return MODEL_FILE, weights if weights is not None else model.state_dict_for_save()
 
@@ -252,7 +253,7 @@ def save_best(run_dir: Path, model: GPT, step: int, val_loss: float) -> None:
 def load_best(run_dir: Path, model: GPT) -> None:
     """Put the best evaluation's weights (save_best) back into the model."""
     sd = _load_tensors(Path(run_dir) / BEST_FILE, str(next(model.parameters()).device))
-    if has_lora(model):
+    if has_adapters(model):
         load_adapter_state(model, sd)
     else:
         model.load_saved_state(sd)
@@ -338,14 +339,14 @@ def load_run_config(run_dir: Path) -> Config:
 
 def load_weights(model: GPT, ckpt: Path, device: str | torch.device = "cpu") -> None:
     """The checkpoint's full weights, or its adapter into a model that already holds the base."""
-    name = ADAPTER_FILE if has_lora(model) else MODEL_FILE
+    name = ADAPTER_FILE if has_adapters(model) else MODEL_FILE
     if not (ckpt / name).is_file():
         raise GptkitError(
             f"{ckpt / name} is missing; the checkpoint does not match the run's config.yaml"
         )
     sd = _load_tensors(ckpt / name, str(device))
     try:
-        if has_lora(model):
+        if has_adapters(model):
             load_adapter_state(model, sd)
         else:
             model.load_saved_state(sd)

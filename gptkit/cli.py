@@ -189,7 +189,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     _add_sampling(p)
 
-    p = sub.add_parser("finetune", help="instruction fine-tuning (full or LoRA) from a base run")
+    p = sub.add_parser(
+        "finetune",
+        help="instruction fine-tuning from a base run (full, LoRA, AdaLoRA or bottleneck adapters)",
+    )
     p.add_argument("base", nargs="?", help="the base run folder")
     p.add_argument(
         "--data",
@@ -199,7 +202,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="JSON / JSONL files, Alpaca or chat format",
     )
     p.add_argument("--out", help="run folder to write")
-    p.add_argument("--lora", action="store_true", help="train LoRA adapters instead of all weights")
+    p.add_argument(
+        "--method",
+        choices=["full", "lora", "adalora", "adapter"],
+        help="what trains: every weight (full, the preset's default), LoRA adapters, AdaLoRA "
+        "(LoRA with ranks pruned to a budget; section adalora), or bottleneck adapters (section "
+        "adapter); each method's options are its config section's keys, set with --set",
+    )
+    p.add_argument("--lora", action="store_true", help="the same as --method lora")
     p.add_argument("--config", help="YAML or TOML config (default: the bundled finetune preset)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
@@ -588,11 +598,14 @@ def cmd_finetune(a: argparse.Namespace) -> None:
             raise GptkitError(
                 "--resume takes the run's own config and data; only --set may change keys"
             )
-        cfg = resume_config(a.resume, a.set + (["train.fsdp=true"] if a.fsdp else []))
+        method = ["finetune.method=" + a.method] if a.method else []
+        cfg = resume_config(a.resume, a.set + method + (["train.fsdp=true"] if a.fsdp else []))
         _exit_if_interrupted(resume_finetune(a.resume, cfg, progress=not a.no_progress))
         return
     if not a.base:
         raise GptkitError("name the base run: gptkit finetune BASE_RUN --data FILE --out RUN")
+    if a.lora and a.method not in (None, "lora"):
+        raise GptkitError(f"--lora and --method {a.method} disagree; pass one of them")
     if not a.data:
         raise GptkitError(
             "no instruction data: pass --data FILE (JSON or JSONL, Alpaca or chat format)"
@@ -608,8 +621,8 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         a.data,
         a.out,
         cfg,
-        lora=a.lora or None,
         overwrite=a.overwrite,
+        method="lora" if a.lora else a.method,
         progress=not a.no_progress,
     )
     _exit_if_interrupted(result)

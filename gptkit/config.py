@@ -155,6 +155,9 @@ class FinetuneConfig:
     epochs: float = 0.0
     block_size: int = 0  # 0: the base's context; else examples are cut to this many tokens
     skip_invalid: bool = False  # skip malformed records (counted) instead of stopping at the first
+    # full: every weight trains; lora, adapter, adalora: a small module over the frozen base
+    # (sections lora, adapter, adalora), saved apart from it
+    method: Literal["full", "lora", "adapter", "adalora"] = "full"
 
 
 @dataclass
@@ -167,11 +170,45 @@ class Lineage:
 
 @dataclass
 class LoraConfig:
-    enabled: bool = False
+    enabled: bool = False  # kept in step with finetune.method == "lora" (older runs set only this)
     rank: int = 8
     alpha: float = 16.0  # the update is scaled by alpha / rank
     dropout: float = 0.0  # on the adapter's input
     # Linear names (suffixes)
+    targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
+
+
+@dataclass
+class AdapterConfig:
+    """Bottleneck adapters (Houlsby et al. 2019): h + up(act(down(h))) on a sublayer's output h,
+    before the residual add; `pfeiffer` places one after the MLP only (Pfeiffer et al. 2021)."""
+
+    placement: Literal["houlsby", "pfeiffer"] = "houlsby"
+    reduction_factor: int = 16  # bottleneck width = n_embd // reduction_factor
+    activation: Literal["swish", "relu", "gelu", "tanh"] = "swish"
+    # Houlsby's paper also trains the layer norms; the adapters library leaves them frozen
+    train_norms: bool = False
+
+
+@dataclass
+class AdaLoraConfig:
+    """AdaLoRA (Zhang et al. 2023): the update P diag(E) Q over init_r singular triplets, pruned by
+    importance to an average of target_r a matrix on a cubic schedule. Names and meaning as PEFT's
+    AdaLoraConfig: warm-up tinit steps at init_r, the budget falls until total_step - tfinal, a
+    reallocation every deltaT steps, EMA betas of sensitivity and uncertainty, orth_reg_weight on
+    ||P^T P - I|| + ||Q Q^T - I||."""
+
+    init_r: int = 12
+    target_r: int = 4
+    tinit: int = 0
+    tfinal: int = 0
+    deltaT: int = 1
+    beta1: float = 0.85
+    beta2: float = 0.85
+    orth_reg_weight: float = 0.5
+    total_step: int = 0  # 0: train.max_steps (with finetune.epochs, the steps they come to)
+    alpha: float = 8.0  # the update is scaled by alpha / init_r, as in PEFT (lora_alpha)
+    dropout: float = 0.0
     targets: list[str] = field(default_factory=lambda: ["c_attn", "c_proj", "c_fc"])
 
 
@@ -198,6 +235,8 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    adalora: AdaLoraConfig = field(default_factory=AdaLoraConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
     lineage: Lineage = field(default_factory=Lineage)
 
@@ -255,8 +294,18 @@ class Config:
         path.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False))
 
     def validate(self) -> Config:
+        # finetune.method and lora.enabled say the same for LoRA; runs made before the method
+        # key set only lora.enabled
+        if self.lora.enabled and self.finetune.method == "full":
+            self.finetune.method = "lora"
+        self.lora.enabled = self.finetune.method == "lora"
         validate(self)
         return self
+
+    @property
+    def adapted(self) -> bool:
+        """The run trains (and saves) a small module over a frozen base run."""
+        return self.finetune.method != "full"
 
 
 INTERNAL_SECTIONS = ("lineage",)
@@ -466,6 +515,18 @@ BOUNDS: list[tuple[str, str, str]] = [
     ("lora.rank", "> 0", ""),
     ("lora.alpha", "> 0", ""),
     ("lora.dropout", "[0, 1)", ""),
+    ("adapter.reduction_factor", "> 0", ""),
+    ("adalora.init_r", "> 0", ""),
+    ("adalora.target_r", "> 0", ""),
+    ("adalora.tinit", ">= 0", ""),
+    ("adalora.tfinal", ">= 0", ""),
+    ("adalora.deltaT", "> 0", ""),
+    ("adalora.beta1", "(0, 1)", ""),
+    ("adalora.beta2", "(0, 1)", ""),
+    ("adalora.orth_reg_weight", ">= 0", ""),
+    ("adalora.total_step", ">= 0", "0 = train.max_steps"),
+    ("adalora.alpha", "> 0", ""),
+    ("adalora.dropout", "[0, 1)", ""),
 ]
 
 
@@ -517,6 +578,35 @@ def _check_model(m: ModelConfig) -> None:
         )
 
 
+def _check_adalora(cfg: Config) -> None:
+    a, t = cfg.adalora, cfg.train
+    _check(bool(a.targets), "adalora.targets must name at least one Linear layer, e.g. c_attn")
+    _check(
+        a.target_r <= a.init_r,
+        f"adalora.target_r ({a.target_r}) is above adalora.init_r ({a.init_r}): the rank budget "
+        "can only shrink; raise init_r or lower target_r",
+    )
+    if cfg.finetune.method != "adalora":
+        return
+    _check(
+        a.total_step > 0 or cfg.finetune.epochs > 0 or t.patience == 0,
+        "AdaLoRA's rank schedule needs its step count up front, and early stopping "
+        "(train.patience) leaves it open: set adalora.total_step=N, or finetune.epochs=E, or "
+        "train.patience=0 to train all train.max_steps",
+    )
+    total = a.total_step or t.max_steps
+    _check(
+        total <= t.max_steps,
+        f"adalora.total_step ({total}) is beyond train.max_steps ({t.max_steps}): the schedule "
+        "would not finish",
+    )
+    _check(
+        a.tinit < total - a.tfinal,
+        f"adalora: tinit ({a.tinit}) must end before total_step - tfinal ({total} - {a.tfinal}), "
+        "or no step is left to reallocate ranks in",
+    )
+
+
 def validate(cfg: Config) -> None:
     # nan and inf pass every comparison below one way or the other; refuse them once, for every key.
     for key in all_keys(cfg, internal=True):
@@ -544,6 +634,7 @@ def validate(cfg: Config) -> None:
         bool(cfg.lora.targets),
         "lora.targets must name at least one Linear layer, e.g. c_attn,c_proj,c_fc",
     )
+    _check_adalora(cfg)
     for name in cfg.track.backends:
         _check(
             name in TRACKERS,

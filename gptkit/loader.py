@@ -4,6 +4,7 @@ fills it from the checkpoint. Writing and reading the files themselves is `check
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import torch
@@ -19,7 +20,8 @@ from gptkit.checkpoint import (
 from gptkit.config import Config, model_config_from_base
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
-from gptkit.peft.lora import apply_lora, merge_lora
+from gptkit.peft.methods import TITLES, apply_method
+from gptkit.peft.methods import merge_adapters as merge_adapters_into
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 
 
@@ -37,13 +39,14 @@ def build_model(cfg: Config, device: str | torch.device = "cpu") -> GPT:
             scheme=cfg.model.quantization,
             activations=cfg.model.int8_activations,
         )
-    return finetune_start(cfg) if cfg.lora.enabled else GPT(cfg.model)
+    return finetune_start(cfg) if cfg.adapted else GPT(cfg.model)
 
 
 def finetune_start(cfg: Config, seed: int = 0) -> GPT:
     """The model a fine-tuning run starts from: its base run's weights (context cut to
     cfg.model.block_size), the embedding grown to cfg.model.vocab_size, and LoRA adapters when
-    cfg.lora.enabled. Loading a LoRA run rebuilds this, then reads the adapter over it."""
+    the run's method (finetune.method) adapts it. Loading an adapted run rebuilds this, then
+    reads the adapter over it."""
     base, lineage = cfg.finetune.base, cfg.lineage
     if lineage.base_sha256 and weights_sha256(base) != lineage.base_sha256:
         raise GptkitError(
@@ -53,8 +56,7 @@ def finetune_start(cfg: Config, seed: int = 0) -> GPT:
         )
     model = load_for_finetune(base, cfg.model.block_size, cfg.model.dropout)
     model.grow_vocab(cfg.model.vocab_size, seed)
-    if cfg.lora.enabled:
-        apply_lora(model, cfg.lora, lineage.base_vocab_size or None)
+    apply_method(model, cfg, lineage.base_vocab_size or None)
     return model
 
 
@@ -65,8 +67,9 @@ def load_model(
     merge_adapters: bool = False,
 ) -> tuple[GPT, Tokenizer, Config]:
     """The trained model (in eval mode), its tokenizer and its config, from a run folder.
-    merge_adapters folds a LoRA run's adapters into plain weights: the same logits, and faster
-    to sample from (generate, chat, serve, instruction eval)."""
+    merge_adapters folds a LoRA or AdaLoRA run's adapters into plain weights: the same logits,
+    and faster to sample from (generate, chat, serve, instruction eval). Bottleneck adapters
+    cannot be folded: the model keeps them over its base, and a line on stderr says so."""
     run_dir = Path(run_dir)
     cfg = load_run_config(run_dir)
     ckpt = checkpoint_dir(run_dir)
@@ -74,8 +77,15 @@ def load_model(
     tok = load_tokenizer(RunFolder(run_dir).tokenizer)
     model = build_model(cfg, device)
     load_weights(model, ckpt)
-    if merge_adapters:
-        merge_lora(model)
+    if merge_adapters and model.adapters is not None:
+        if model.adapters.mergeable:
+            merge_adapters_into(model)
+        else:
+            print(
+                f"gptkit: {run_dir} holds {TITLES[cfg.finetune.method]}, which cannot be merged "
+                f"into weights: running its base {cfg.finetune.base} with the adapters over it",
+                file=sys.stderr,
+            )
     return model.to(device).eval(), tok, cfg
 
 
@@ -84,8 +94,14 @@ def load_for_finetune(
 ) -> GPT:
     """A run's weights in a fresh model for further training, optionally with a shorter context
     (the first block_size position embeddings are kept) and a different dropout."""
-    refuse_quantized(load_run_config(Path(run_dir)), Path(run_dir))
-    # a LoRA run as a base: its adapter folded in
+    run_cfg = load_run_config(Path(run_dir))
+    refuse_quantized(run_cfg, Path(run_dir))
+    if run_cfg.finetune.method == "adapter":
+        raise GptkitError(
+            f"{run_dir} holds bottleneck adapters, which cannot be merged into weights to "
+            f"fine-tune further; start from its base {run_cfg.finetune.base}"
+        )
+    # a LoRA or AdaLoRA run as a base: its update folded in
     base, _, cfg = load_model(run_dir, "cpu", merge_adapters=True)
     mcfg = model_config_from_base(cfg.model, block_size or 0, dropout)
     model = GPT(mcfg)

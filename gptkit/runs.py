@@ -48,7 +48,7 @@ def _kind(cfg: Config) -> str:
     if cfg.model.quantization != "none":
         return cfg.model.quantization
     if cfg.finetune.base:
-        return "finetune+lora" if cfg.lora.enabled else "finetune"
+        return f"finetune+{cfg.finetune.method}" if cfg.adapted else "finetune"
     return "pretrain"
 
 

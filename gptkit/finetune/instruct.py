@@ -8,6 +8,7 @@ and never meets the wrong one. `merge` folds an adapter into plain weights.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Callable
@@ -15,8 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 
 from gptkit.checkpoint import (
+    ADAPTER_FILE,
     RunFolder,
     TrainingState,
     checkpoint_info,
@@ -32,7 +35,8 @@ from gptkit.errors import GptkitError
 from gptkit.finetune.instructions import Conversations, InstructionData, load_conversations
 from gptkit.loader import finetune_start, load_model
 from gptkit.model import GPT
-from gptkit.peft.lora import parameter_counts
+from gptkit.peft.adalora import rank_table, saved_ranks
+from gptkit.peft.methods import describe, parameter_counts
 from gptkit.template import ChatTemplate
 from gptkit.tokenizer import Tokenizer, load_tokenizer
 from gptkit.training.train import TrainOptions, TrainResult, train
@@ -59,7 +63,7 @@ def finetune_tokenizer(base_tok: Tokenizer, convs: Conversations) -> Tokenizer:
 
 
 def config_from_base(
-    cfg: Config, base: Path, data: list[str], lora: bool | None, tok: Tokenizer
+    cfg: Config, base: Path, data: list[str], method: str | None, tok: Tokenizer
 ) -> Config:
     """A new fine-tuning run's whole config, resolved once: the training settings of `cfg`, the
     base run's architecture (model_config_from_base: context no longer than the base's, this
@@ -68,8 +72,8 @@ def config_from_base(
     model = model_config_from_base(
         base_cfg.model, cfg.finetune.block_size, cfg.model.dropout, tok.vocab_size
     )
-    # A LoRA base has no checksum of its own to record; its own lineage guards its base.
-    checksum = "" if base_cfg.lora.enabled else weights_sha256(base)
+    # An adapted base has no checksum of its own to record; its own lineage guards its base.
+    checksum = "" if base_cfg.adapted else weights_sha256(base)
     changes: dict[str, Any] = {
         "finetune.base": str(base.resolve()),
         "lineage.base_vocab_size": base_cfg.model.vocab_size,
@@ -79,8 +83,9 @@ def config_from_base(
     }
     if data:
         changes["finetune.data"] = [str(Path(d).resolve()) for d in data]
-    if lora is not None:
-        changes["lora.enabled"] = lora
+    if method is not None:
+        changes["finetune.method"] = method
+        changes["lora.enabled"] = method == "lora"
     return cfg.with_model(model).updated(changes)
 
 
@@ -101,14 +106,16 @@ def finetune(
     cfg: Config | None = None,
     lora: bool | None = None,
     overwrite: bool = False,
+    method: str | None = None,
     progress: bool = True,
     quiet: bool = False,
     stop_at: int | None = None,
     on_eval: Callable[[int, float], None] | None = None,
 ) -> TrainResult:
     """Fine-tune the run `base` on instruction files `data` (default: cfg.finetune.data) into the
-    run folder `out`, fully or with LoRA (lora=None: as cfg.lora.enabled says). on_eval(step,
-    val_loss) follows each periodic evaluation (hyperparameter search prunes with it)."""
+    run folder `out` with `method` (full, lora, adalora, adapter; None: as cfg.finetune.method
+    says; lora=True is method="lora"). on_eval(step, val_loss) follows each periodic evaluation
+    (hyperparameter search prunes with it)."""
     if base is None:
         raise GptkitError(
             "name the base run to fine-tune: gptkit finetune BASE_RUN --data FILE --out RUN"
@@ -118,7 +125,9 @@ def finetune(
         [str(d) for d in data] if data else cfg.finetune.data, cfg.finetune.skip_invalid
     )
     tok = finetune_tokenizer(load_tokenizer(RunFolder(base).tokenizer), convs)
-    cfg = config_from_base(cfg, Path(base), [str(d) for d in data or []], lora, tok)
+    if lora is not None and method is None:
+        method = "lora" if lora else "full"
+    cfg = config_from_base(cfg, Path(base), [str(d) for d in data or []], method, tok)
     opts = TrainOptions(
         overwrite=overwrite, progress=progress, quiet=quiet, stop_at=stop_at, on_eval=on_eval
     )
@@ -135,7 +144,14 @@ def resume_finetune(
     """Continue the fine-tuning run in `out` from its last checkpoint, as its config.yaml (or the
     given cfg, e.g. from train.resume_config with --set applied) says."""
     out = Path(out)
-    cfg = cfg if cfg is not None else load_run_config(out)
+    saved = load_run_config(out)
+    cfg = cfg if cfg is not None else saved
+    if cfg.finetune.method != saved.finetune.method:
+        raise GptkitError(
+            f"{out} was fine-tuned with {saved.finetune.method}; a resumed run continues what it "
+            f"saved, not {cfg.finetune.method}: drop the new method, or start another run "
+            "with --out"
+        )
     if not cfg.finetune.base:
         raise GptkitError(
             f"{out} is not a fine-tuning run; continue it with gptkit train --resume {out}"
@@ -148,28 +164,42 @@ def resume_finetune(
 def _run(
     cfg: Config, out: Path, tok: Tokenizer, convs: Conversations, opts: TrainOptions
 ) -> TrainResult:
-    # adapters' initialisation: the same run twice is the same run
-    torch.manual_seed(cfg.train.seed)
-    model = finetune_start(cfg, cfg.train.seed)
     t = cfg.train
     data = InstructionData(
         convs.items, tok, cfg.model.block_size, t.batch_size, t.seed, cfg.finetune.val_fraction
     )
     cfg = with_epochs(cfg, len(data.train))
+    if cfg.finetune.method == "adalora" and not cfg.adalora.total_step:
+        cfg = cfg.updated({"adalora.total_step": cfg.train.max_steps})  # the schedule, fixed
+    # adapters' initialisation: the same run twice is the same run
+    torch.manual_seed(cfg.train.seed)
+    model = finetune_start(cfg, cfg.train.seed)
     quiet = opts.quiet or int(os.environ.get("RANK", "0")) > 0  # under torchrun, rank 0 speaks
     if not quiet:
         print(_start_line(cfg, model, convs, len(data.train)), flush=True)
-    return train(cfg, out, opts, init_from=model, data=data, quiet=quiet)
+    result = train(cfg, out, opts, init_from=model, data=data, quiet=quiet)
+    if cfg.finetune.method == "adalora" and int(os.environ.get("RANK", "0")) == 0:
+        _record_ranks(out, cfg, quiet or result.interrupted)
+    return result
+
+
+def _record_ranks(out: Path, cfg: Config, quiet: bool) -> dict[str, int]:
+    """AdaLoRA's ranks in the latest checkpoint: RUN/ranks.json, and a table on stdout."""
+    ranks = saved_ranks(load_file(str(RunFolder(out).checkpoint / ADAPTER_FILE)))
+    RunFolder(out).ranks.write_text(json.dumps(ranks, indent=1) + "\n")
+    if not quiet:
+        a = cfg.adalora
+        print(
+            f"gptkit: AdaLoRA ranks ({sum(ranks.values())} of {a.init_r * len(ranks)} triplets "
+            f"kept; target {a.target_r} a matrix on average):\n{rank_table(ranks)}"
+        )
+    return ranks
 
 
 def _start_line(cfg: Config, model: GPT, convs: Conversations, n_train: int) -> str:
     counts = parameter_counts(model)
     t = cfg.train
-    mode = (
-        f"LoRA rank {cfg.lora.rank} on {','.join(cfg.lora.targets)}"
-        if cfg.lora.enabled
-        else "full fine-tuning"
-    )
+    mode = describe(cfg)
     skipped = f", {convs.skipped} invalid records skipped" if convs.skipped else ""
     epochs = t.max_steps * t.batch_size * t.grad_accum / max(1, n_train)
     early = (
@@ -186,18 +216,24 @@ def _start_line(cfg: Config, model: GPT, convs: Conversations, n_train: int) -> 
 
 
 def merge(run: str | Path, out: str | Path | None = None, overwrite: bool = False) -> Path:
-    """Fold a LoRA run's adapter into its base weights: a plain run folder that needs no base."""
+    """Fold a LoRA or AdaLoRA run's update into its base weights: a plain run folder that needs
+    no base."""
     run = Path(run)
     out = Path(out) if out else run.with_name(run.name + "-merged")
     cfg = load_run_config(run)
-    if not cfg.lora.enabled:
-        raise GptkitError(
-            f"{run} has no LoRA adapter to merge (lora.enabled is false); its weights are already "
-            "whole"
+    if cfg.finetune.method not in ("lora", "adalora"):
+        whole = (
+            "its weights are already whole"
+            if not cfg.adapted
+            else (
+                "bottleneck adapters are layers of their own, not an update of a weight; generate, "
+                "chat, serve and eval load them over the base as they are"
+            )
         )
+        raise GptkitError(f"{run} has no LoRA or AdaLoRA update to merge: {whole}")
     refuse_nonempty(out, overwrite)
     model, tok, cfg = load_model(run, "cpu", merge_adapters=True)
-    cfg = cfg.updated({"lora.enabled": False, "lineage.base_sha256": ""})
+    cfg = cfg.updated({"finetune.method": "full", "lora.enabled": False, "lineage.base_sha256": ""})
     info = checkpoint_info(run)
     with staged_folder(out) as tmp:
         tok.save(RunFolder(tmp).tokenizer)

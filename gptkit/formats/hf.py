@@ -27,6 +27,7 @@ from gptkit.checkpoint import (
 from gptkit.config import Config
 from gptkit.errors import GptkitError
 from gptkit.model import GPT
+from gptkit.peft.methods import refuse_adapted
 from gptkit.template import ChatTemplate, jinja_source
 from gptkit.tokenizer import EOT, HFTokenizer, Tokenizer, load_tokenizer
 
@@ -231,11 +232,7 @@ def _import_tokenizer(folder: Path, tokenizer: str | None, kind: str) -> Tokeniz
 def export_family(cfg: Config) -> str:
     """The transformers class a run exports as: gpt2 for GPT-2's options, a Llama-family one
     (llama, qwen2, qwen3) for RoPE + RMSNorm + SwiGLU; otherwise one line naming the keys."""
-    if cfg.lora.enabled:
-        raise GptkitError(
-            "this run holds a LoRA adapter, not full weights; merge it first: gptkit merge RUN "
-            "--out MERGED"
-        )
+    refuse_adapted(cfg, "this run", "export")
     if cfg.model.quantization != "none":
         raise GptkitError(
             f"this run is quantized ({cfg.model.quantization}) for gptkit's own inference; export "

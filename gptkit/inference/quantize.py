@@ -18,6 +18,7 @@ from gptkit.checkpoint import (
 from gptkit.errors import GptkitError
 from gptkit.inference.qlinear import ACTIVATIONS, SCHEMES, swap_linears
 from gptkit.loader import load_model
+from gptkit.peft.methods import refuse_adapted
 
 
 def quantize_run(
@@ -43,11 +44,7 @@ def quantize_run(
             f"{run_dir} is already quantized ({cfg.model.quantization}); quantize the run it "
             "was quantized from"
         )
-    if cfg.lora.enabled:
-        raise GptkitError(
-            f"{run_dir} holds a LoRA adapter; merge it first: gptkit merge {run_dir} --out MERGED, "
-            "then quantize MERGED"
-        )
+    refuse_adapted(cfg, run_dir, "quantize")
     refuse_nonempty(out, overwrite)
     model, _, _ = load_model(run_dir)
     swap_linears(model, quantize=True, scheme=scheme)

@@ -14,7 +14,7 @@ import torch
 
 from gptkit.config import TrainConfig
 from gptkit.model import GPT
-from gptkit.peft.lora import Adapters
+from gptkit.peft.base import Adapters
 from gptkit.runtime import fast_low_precision_dtype
 
 WARMUP_TIME_SHARE = 0.1  # with a time budget, warm-up never takes more than this share of it

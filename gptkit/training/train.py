@@ -615,12 +615,11 @@ def train(
 
 def _refuse_with_fsdp(cfg: Config, ctx: DistContext) -> None:
     tc = cfg.train
-    if ctx.fsdp and ctx.enabled and (tc.optimizer == "muon" or cfg.lora.enabled or tc.patience):
+    if ctx.fsdp and ctx.enabled and (tc.optimizer == "muon" or cfg.adapted or tc.patience):
         raise GptkitError(
-            "--fsdp shards every matrix, but Muon, LoRA and early stopping (train.patience) need "
-            "whole ones here; "
-            "use train.optimizer=adamw without --lora and train.patience=0, or plain data "
-            "parallelism (no --fsdp)"
+            "--fsdp shards every matrix, but Muon, adapters (LoRA, AdaLoRA, bottleneck) and early "
+            "stopping (train.patience) need whole ones here; use train.optimizer=adamw, "
+            "--method full and train.patience=0, or plain data parallelism (no --fsdp)"
         )
 
 
@@ -777,6 +776,8 @@ class Trainer:
         if alone_on_cpu and self.tc.dtype == "auto" and cpu_has_fast_bf16():
             self.dtype, self.dtype_note = measure_cpu_dtype(cfg)
         self.model = self._initial_model().to(device)
+        adapters = self.model.adapters
+        self.step_hooks = adapters.step_hooks if adapters is not None else None
         self.resumed = opts.resume and has_checkpoint(run_dir)
         restarted = opts.resume and not self.resumed  # it stopped before its first save
         if restarted and not self.quiet:
@@ -830,6 +831,10 @@ class Trainer:
         _refuse_finished(self.run_dir, state, self.tc)
         torch.set_rng_state(state.tensors["torch"])
         self.data.load_state(state.tensors["sampler"])
+        if self.step_hooks is not None:
+            self.step_hooks.load_state_tensors(
+                {k[7:]: v for k, v in state.tensors.items() if k.startswith("method.")}
+            )
         if self.device.type == "cuda" and "cuda" in state.tensors:
             torch.cuda.set_rng_state(state.tensors["cuda"])
         return state, opt_states
@@ -906,18 +911,18 @@ class Trainer:
 
     def _optimizer_step(self) -> None:
         """grad_accum micro-steps, clipping, one step of every optimizer."""
-        tc, scaler = self.tc, self.scaler
+        tc, scaler, hooks = self.tc, self.scaler, self.step_hooks
         for micro in range(tc.grad_accum):
             x, y = self.data.next()
             self.tokens_since_log += x.numel() * self.ctx.world
             self.state.tokens_seen += x.numel() * self.ctx.world
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
-            with (
-                distributed.sync_context(self.wrapped, self.ctx, micro == tc.grad_accum - 1),
-                self.amp,
-            ):
-                _, loss = self.forward(x, y)
-                scaler.scale(loss / tc.grad_accum).backward()
+            with distributed.sync_context(self.wrapped, self.ctx, micro == tc.grad_accum - 1):
+                with self.amp:
+                    _, loss = self.forward(x, y)
+                # a method's own term (AdaLoRA's orthogonality), in fp32, not logged as loss
+                objective = loss if hooks is None else loss + hooks.regularizer()
+                scaler.scale(objective / tc.grad_accum).backward()
             self.loss_sum += loss.detach() / tc.grad_accum
         if tc.grad_clip > 0:
             for opt in self.optimizers:
@@ -927,9 +932,11 @@ class Trainer:
         for opt in self.optimizers:
             scaler.step(opt)
         scaler.update()
+        self.state.step += 1
+        if hooks is not None:  # AdaLoRA reallocates ranks from this step's gradients
+            hooks.after_step(self.state.step)
         for opt in self.optimizers:
             opt.zero_grad(set_to_none=True)
-        self.state.step += 1
         self.loss_steps += 1
 
     def _log(self, factor: float) -> None:
@@ -1017,6 +1024,9 @@ class Trainer:
     def _checkpoint(self) -> None:
         state = self.state
         state.tensors = {"torch": torch.get_rng_state(), "sampler": self.data.state()}
+        if self.step_hooks is not None:
+            for k, v in self.step_hooks.state_tensors().items():
+                state.tensors[f"method.{k}"] = v.contiguous().cpu()
         if self.device.type == "cuda":
             state.tensors["cuda"] = torch.cuda.get_rng_state()
         state.elapsed_s, state.train_s = self.clock.elapsed_s, self.clock.train_s
