@@ -28,6 +28,8 @@ from gptkit.tokenizer import Tokenizer, load_tokenizer
 def build_model(cfg: Config, device: str | torch.device = "cpu") -> GPT:
     """The module a run's config describes, before its weights are read: int8/int4 layers for a
     quantized run, the base's weights with adapters for a LoRA run, else a fresh GPT."""
+    if cfg.adapted:
+        return finetune_start(cfg)
     if cfg.model.quantization != "none":
         # the int8/int4 layers are loaded only for a quantized run: training never needs them
         from gptkit.inference.qlinear import check_device, swap_linears
@@ -39,7 +41,7 @@ def build_model(cfg: Config, device: str | torch.device = "cpu") -> GPT:
             scheme=cfg.model.quantization,
             activations=cfg.model.int8_activations,
         )
-    return finetune_start(cfg) if cfg.adapted else GPT(cfg.model)
+    return GPT(cfg.model)
 
 
 def finetune_start(cfg: Config, seed: int = 0) -> GPT:
@@ -54,7 +56,7 @@ def finetune_start(cfg: Config, seed: int = 0) -> GPT:
             "differs); "
             "the adapter belongs to the old weights"
         )
-    model = load_for_finetune(base, cfg.model.block_size, cfg.model.dropout)
+    model = load_for_finetune(base, cfg.model.block_size, cfg.model.dropout, cfg.adapted)
     model.grow_vocab(cfg.model.vocab_size, seed)
     apply_method(model, cfg, lineage.base_vocab_size or None)
     return model
@@ -77,7 +79,8 @@ def load_model(
     tok = load_tokenizer(RunFolder(run_dir).tokenizer)
     model = build_model(cfg, device)
     load_weights(model, ckpt)
-    if merge_adapters and model.adapters is not None:
+    # over a quantized base (QLoRA) the adapter stays apart: folding it in would re-quantize
+    if merge_adapters and model.adapters is not None and cfg.model.quantization == "none":
         if model.adapters.mergeable:
             merge_adapters_into(model)
         else:
@@ -90,12 +93,19 @@ def load_model(
 
 
 def load_for_finetune(
-    run_dir: str | Path, block_size: int | None = None, dropout: float = 0.0
+    run_dir: str | Path, block_size: int | None = None, dropout: float = 0.0, adapting: bool = False
 ) -> GPT:
     """A run's weights in a fresh model for further training, optionally with a shorter context
-    (the first block_size position embeddings are kept) and a different dropout."""
+    (the first block_size position embeddings are kept) and a different dropout. A quantized
+    run is a base only for adapting (LoRA over int8/int4 weights: QLoRA's idea): its Linears stay
+    quantized and frozen, its head returns to full precision (new tokens' rows train there)."""
     run_cfg = load_run_config(Path(run_dir))
-    refuse_quantized(run_cfg, Path(run_dir))
+    if run_cfg.model.quantization != "none" and not adapting:
+        raise GptkitError(
+            f"{run_dir} is quantized ({run_cfg.model.quantization}): its weights cannot train; "
+            "adapt it instead (gptkit finetune --method lora, adalora or adapter: adapters over "
+            "its frozen quantized weights), or start from the run it was quantized from"
+        )
     if run_cfg.finetune.method == "adapter":
         raise GptkitError(
             f"{run_dir} holds bottleneck adapters, which cannot be merged into weights to "
@@ -105,6 +115,12 @@ def load_for_finetune(
     base, _, cfg = load_model(run_dir, "cpu", merge_adapters=True)
     mcfg = model_config_from_base(cfg.model, block_size or 0, dropout)
     model = GPT(mcfg)
+    if mcfg.quantization != "none":
+        from gptkit.inference.qlinear import swap_linears, unquantize_head
+
+        swap_linears(model, quantize=False, scheme=mcfg.quantization)
+        unquantize_head(base)
+        unquantize_head(model)
     sd = base.state_dict_for_save()
     if "wpe.weight" in sd:
         sd["wpe.weight"] = sd["wpe.weight"][: mcfg.block_size]
@@ -113,8 +129,9 @@ def load_for_finetune(
 
 
 def refuse_quantized(cfg: Config, run_dir: Path, doing: str = "train or fine-tune") -> None:
-    """Quantized runs are for inference: one line naming what to use instead."""
-    if cfg.model.quantization != "none":
+    """Quantized runs are for inference and adapting: one line naming what to use instead. (A
+    run that adapts a quantized base trains its own full-precision adapter: not refused.)"""
+    if cfg.model.quantization != "none" and not cfg.adapted:
         raise GptkitError(
             f"{run_dir} is quantized ({cfg.model.quantization}) for inference; to {doing}, use "
             "the run it was quantized from"

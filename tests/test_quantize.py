@@ -3,6 +3,7 @@ without the fp32 weights, used by generate, chat, serve and eval, and refused fo
 
 from __future__ import annotations
 
+import json
 import math
 import subprocess
 import sys
@@ -160,9 +161,9 @@ def test_quantized_runs_are_for_inference(runs: dict, tmp_path: Path) -> None:
         (("train", "--resume", str(q)), "for inference"),
         (
             ("finetune", str(q), "--data", str(DATA / "self_instruct_seed_tasks.chat.jsonl"), "--out", str(tmp_path / "ft")),
-            "for inference",
+            "its weights cannot train; adapt it",
         ),
-        (("train", "--init-from", str(q), "--out", str(tmp_path / "t")), "for inference"),
+        (("train", "--init-from", str(q), "--out", str(tmp_path / "t")), "its weights cannot train"),
         (("export", str(q), "--to-hf", str(tmp_path / "hf")), "quantized"),
         (("export", str(q), "--to-gguf", str(tmp_path / "m.gguf")), "quantized"),
         (("quantize", str(fp32_run), "--out", str(tmp_path / "s"), "--scheme", "int3"), "invalid choice"),
@@ -259,3 +260,54 @@ def test_quantized_layer_computes_with_weights_loaded_after_it_ran(kind: type, b
     a.load_state_dict(b.state_dict())
     assert not torch.equal(a(x), first)
     assert torch.equal(a(x), b(x))
+
+
+# --- LoRA over a quantized base (QLoRA's idea, on the CPU) ---
+
+
+@settings(max_examples=20, deadline=None)
+@given(rows=st.integers(1, 48), cols=st.integers(1, 80), batch=st.integers(1, 6), scheme=st.sampled_from(["int8", "int4"]),
+       seed=st.integers(0, 99))  # fmt: skip
+def test_quantized_layer_passes_gradients_through_its_stored_weights(rows: int, cols: int, batch: int, scheme: str,
+                                                                     seed: int) -> None:  # fmt: skip
+    """dL/dx of a frozen int8/int4 layer is dL/dy times the weights it stores (dequantized), and
+    the weights themselves get none."""
+    torch.manual_seed(seed)
+    layer = (Int4Linear if scheme == "int4" else Int8Linear).from_linear(torch.nn.Linear(cols, rows))
+    w = layer.dequantized()
+    assert w.shape == (rows, cols)
+    x = torch.randn(batch, 3, cols, requires_grad=True)
+    g = torch.randn(batch, 3, rows)
+    (layer(x) * g).sum().backward()
+    torch.testing.assert_close(x.grad, g @ w, atol=1e-5, rtol=1e-5)
+    assert all(not t.requires_grad for t in layer.buffers())
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_lora_over_a_quantized_base(runs: dict, int4_runs: dict, tmp_path: Path, scheme: str) -> None:
+    from safetensors.torch import load_file
+
+    from gptkit.finetune.instruct import finetune, finetune_config
+
+    _, q = (runs if scheme == "int8" else int4_runs)["llama"]
+    sets = ["train.max_steps=12", "train.batch_size=4", "train.dtype=float32", "train.tensorboard=false",
+            "train.eval_interval=6", "train.lr=1e-2", "train.warmup_steps=0", "train.patience=0"]  # fmt: skip
+    out = tmp_path / "qlora"
+    finetune(q, [str(DATA / "self_instruct_seed_tasks.chat.jsonl")], out, finetune_config(None, sets), method="lora",
+             progress=False, quiet=True)  # fmt: skip
+    adapter = load_file(str(out / "checkpoint" / "adapter.safetensors"))
+    assert adapter and all(".lora_" in k or k.endswith(".new_rows") for k in adapter)
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    losses = [r["loss"] for r in rows if "loss" in r]
+    assert losses[-1] < losses[0]
+    model, tok, cfg = load_model(out, merge_adapters=True)  # the adapter stays apart, over the int8/int4 layers
+    assert cfg.model.quantization == scheme and model.adapters is not None
+    base, _, _ = load_model(q)
+    qbase = dict(base.named_buffers())
+    for n, b in model.named_buffers():  # the quantized weights did not move
+        if n.endswith(("weight", "scale", "zero")) and "lm_head" not in n:
+            assert torch.equal(b, qbase[n.replace(".base.", ".")]), n
+    r = cli("merge", str(out))
+    assert r.returncode == 2 and "quantizing again" in r.stderr
+    r = cli("generate", str(out), "--prompt", "To be", "--max-new-tokens", "4")
+    assert r.returncode == 0, r.stderr

@@ -231,6 +231,12 @@ def merge(run: str | Path, out: str | Path | None = None, overwrite: bool = Fals
             )
         )
         raise GptkitError(f"{run} has no LoRA or AdaLoRA update to merge: {whole}")
+    if cfg.model.quantization != "none":
+        raise GptkitError(
+            f"{run} adapts an {cfg.model.quantization}-quantized base: merging would mean "
+            "quantizing again and losing the adapter's precision; generate, chat, serve and eval "
+            "use it as it is"
+        )
     refuse_nonempty(out, overwrite)
     model, tok, cfg = load_model(run, "cpu", merge_adapters=True)
     cfg = cfg.updated({"finetune.method": "full", "lora.enabled": False, "lineage.base_sha256": ""})

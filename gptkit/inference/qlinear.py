@@ -64,15 +64,36 @@ class QuantizedLinear(nn.Module):
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def dequantized(self) -> torch.Tensor:
+        """W in fp32, (out_features, in_features)."""
+        raise NotImplementedError
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead, dtype = x.shape[:-1], x.dtype
-        y = self._product(x.reshape(-1, self.in_features)).to(dtype)
+        rows = x.reshape(-1, self.in_features)
+        # Under a LoRA fine-tune of a quantized base (QLoRA), gradients flow through to x
+        y = (_FrozenProduct.apply(rows, self) if x.requires_grad else self._product(rows)).to(dtype)
         if self.bias is not None:
             y = y + self.bias.to(dtype)
         return y.view(*lead, self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, {self.scheme}"
+
+
+class _FrozenProduct(torch.autograd.Function):
+    """y = x W^T with W frozen and quantized: the kernel forward, dL/dx = dL/dy W backward with W
+    dequantized for the moment (one layer's fp32 copy at a time, never kept)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, layer: QuantizedLinear) -> torch.Tensor:  # type: ignore[override]
+        ctx.layer, ctx.dtype = layer, x.dtype
+        # in x's dtype, so that the gradient arrives in it too (not rounded to the kernel's bf16)
+        return layer._product(x).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        return (grad.float() @ ctx.layer.dequantized()).to(ctx.dtype), None
 
 
 class Int8Linear(QuantizedLinear):
@@ -105,7 +126,12 @@ class Int8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One row (batch-1 decoding): straight to the int8 x int8 kernel, bias included, with
         # no reshaping around it -- at 121 products a token, each call's overhead counts.
-        if self.int8_activations and x.numel() == self.in_features and x.dtype == torch.float32:
+        if (
+            self.int8_activations
+            and x.numel() == self.in_features
+            and x.dtype == torch.float32
+            and not x.requires_grad
+        ):
             if self._kernel is None:
                 self._make_kernel()
             if self._kernel[1] is None:
@@ -113,6 +139,9 @@ class Int8Linear(QuantizedLinear):
             if self._kernel[1] is not False:
                 return _int8_product()(x.contiguous(), self._kernel[1])
         return super().forward(x)
+
+    def dequantized(self) -> torch.Tensor:
+        return self.weight.float() * self.scale.float()[:, None]
 
     def _make_kernel(self) -> None:
         # [padded weight, fbgemm's packed weight: made at the first single row, or False]
@@ -194,6 +223,12 @@ class Int4Linear(QuantizedLinear):
         out._copy_bias(linear)
         return out
 
+    def dequantized(self) -> torch.Tensor:
+        q = torch.stack([self.weight & 15, self.weight >> 4], dim=2).flatten(1).float()
+        groups = q.view(q.size(0), -1, GROUP)
+        w = (groups - 8) * self.scale.float()[..., None] + self.zero.float()[..., None]
+        return w.view(q.shape)[:, : self.in_features]
+
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is None:  # the kernel's packed weight and (groups, columns, 2) scales/zeros
             pad = -self.out_features % 16
@@ -228,6 +263,21 @@ def swap_linears(
                     new.int8_activations = activations == "int8"
                 setattr(module, name, new)
     return model
+
+
+def unquantize_head(model: GPT) -> None:
+    """The LM head back in full precision, for adapting a quantized base: tied to the embedding
+    again where the config ties them (its int8 copy was made from that table), else its weights
+    dequantized. New tokens' rows train there, and the fused loss needs a plain Linear."""
+    head = model.lm_head
+    if not isinstance(head, QuantizedLinear):
+        return
+    linear = nn.Linear(head.in_features, head.out_features, bias=False)
+    if model.config.tie_embeddings:
+        linear.weight = model.wte.weight
+    else:
+        linear.weight = nn.Parameter(head.dequantized())
+    model.lm_head = linear
 
 
 def check_device(device: str | torch.device) -> None:

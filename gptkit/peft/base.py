@@ -49,7 +49,7 @@ class Adapters:
 def find_targets(model: GPT, targets: list[str], key: str) -> list[str]:
     """The model's Linear layers whose names end with one of `targets`; an unknown one is an
     error naming the config `key` and the choices."""
-    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    linears = [n for n, m in model.named_modules() if is_linear(m)]
     chosen = [n for n in linears if any(n == t or n.endswith("." + t) for t in targets)]
     if "lm_head" in chosen and model.config.tie_embeddings:
         raise GptkitError(
@@ -65,6 +65,11 @@ def find_targets(model: GPT, targets: list[str], key: str) -> list[str]:
                 f"{key}: {t!r} names no Linear layer of this model; choose from {', '.join(names)}"
             )
     return chosen
+
+
+def is_linear(m: nn.Module) -> bool:
+    """A Linear, or the int8/int4 layer that holds one's weights in a quantized base."""
+    return isinstance(m, nn.Linear) or bool(getattr(m, "scheme", ""))
 
 
 def replace(model: nn.Module, name: str, new: nn.Module) -> None:

@@ -111,6 +111,11 @@ def merge_adapters(model: GPT) -> GPT:
             "they cannot be merged into the base"
         )
     for name, module in list(model.named_modules()):
+        if hasattr(module, "delta_weight") and not isinstance(module.base, nn.Linear):
+            raise GptkitError(
+                f"{name} adapts a {module.base.scheme} weight: merging would mean quantizing "
+                "again; use the run as it is (generate, chat, serve and eval load it so)"
+            )
         if hasattr(module, "delta_weight"):
             replace(model, name, module.merged())
     for hook in adapters.hooks:

@@ -592,7 +592,7 @@ def train(
     """Train (or resume) the run in `run_dir` as `cfg` says; returns the final evaluation.
     Options are a TrainOptions, or its fields as keywords; `cfg` itself is not changed."""
     opts = dataclasses.replace(opts or TrainOptions(), **options)
-    if cfg.model.quantization != "none":
+    if cfg.model.quantization != "none" and not cfg.adapted:
         raise GptkitError(
             f"model.quantization={cfg.model.quantization} is for inference; train in full "
             "precision, then: gptkit quantize RUN --out RUN_Q"
