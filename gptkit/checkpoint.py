@@ -337,14 +337,19 @@ def load_run_config(run_dir: Path) -> Config:
     return load_config(f)
 
 
-def load_weights(model: GPT, ckpt: Path, device: str | torch.device = "cpu") -> None:
-    """The checkpoint's full weights, or its adapter into a model that already holds the base."""
+def load_weights(
+    model: GPT, ckpt: Path, device: str | torch.device = "cpu", block_size: int = 0
+) -> None:
+    """The checkpoint's full weights, or its adapter into a model that already holds the base.
+    block_size: keep the first block_size position embeddings (a shorter context)."""
     name = ADAPTER_FILE if has_adapters(model) else MODEL_FILE
     if not (ckpt / name).is_file():
         raise GptkitError(
             f"{ckpt / name} is missing; the checkpoint does not match the run's config.yaml"
         )
     sd = _load_tensors(ckpt / name, str(device))
+    if block_size and "wpe.weight" in sd:
+        sd["wpe.weight"] = sd["wpe.weight"][:block_size]
     try:
         if has_adapters(model):
             load_adapter_state(model, sd)

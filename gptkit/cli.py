@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from gptkit import __version__
-from gptkit.config import DataConfig
+from gptkit.config import Config, DataConfig
 from gptkit.errors import GptkitError, quote
 
 STARTED = time.perf_counter()  # the wall-clock time the main job reports covers start-up too
@@ -36,6 +36,43 @@ class _Formatter(argparse.ArgumentDefaultsHelpFormatter):
         ):
             return action.help or ""
         return super()._get_help_string(action) or ""
+
+
+class _MethodsFormatter(_Formatter, argparse.RawDescriptionHelpFormatter):
+    """finetune's --help: the methods' keys as a table, lines kept as written."""
+
+
+# What each method's config key does, for finetune's --help (the defaults come from config.py)
+METHOD_KEYS = {
+    "lora.rank": "adapter rank r",
+    "lora.alpha": "the update is scaled by alpha / rank",
+    "lora.dropout": "dropout on the adapter's input",
+    "lora.targets": "Linear names or suffixes (attn.c_proj, mlp.c_fc, lm_head if untied)",
+    "adalora.init_r": "singular triplets each matrix starts with",
+    "adalora.target_r": "the average rank a matrix ends with (budget = target_r x matrices)",
+    "adalora.tinit": "warm-up steps before any pruning",
+    "adalora.tfinal": "final steps with the rank pattern held",
+    "adalora.deltaT": "steps between reallocations",
+    "adalora.beta1": "EMA of the sensitivity |w * grad|",
+    "adalora.beta2": "EMA of its uncertainty",
+    "adalora.orth_reg_weight": "weight of ||P^T P - I|| + ||Q Q^T - I|| in the loss",
+    "adalora.total_step": "the schedule's length (0: train.max_steps; needed with early stopping)",
+    "adalora.alpha": "the update is scaled by alpha / init_r (PEFT's lora_alpha)",
+    "adalora.dropout": "dropout on the adapter's input",
+    "adalora.targets": "Linear names or suffixes to adapt",
+    "adapter.placement": "houlsby: after attention and MLP; pfeiffer: after the MLP's residual add",
+    "adapter.reduction_factor": "bottleneck width = n_embd / reduction_factor",
+    "adapter.activation": "swish, relu, gelu or tanh",
+    "adapter.train_norms": "train the layer norms too (Houlsby's paper)",
+}
+
+
+def _method_keys_help() -> str:
+    defaults = Config().flat()
+    shown = {k: ",".join(v) if isinstance(v, list) else v for k, v in defaults.items()}
+    rows = [f"  {key:<25} {shown[key]!s:<18} {what}" for key, what in METHOD_KEYS.items()]
+    head = "the methods' keys (--set KEY=VALUE; defaults as PEFT's where PEFT has the method):"
+    return "\n".join([head, *rows])
 
 
 class _Parser(argparse.ArgumentParser):
@@ -192,6 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "finetune",
         help="instruction fine-tuning from a base run (full, LoRA, AdaLoRA or bottleneck adapters)",
+        epilog=_method_keys_help(),
+        formatter_class=_MethodsFormatter,
     )
     p.add_argument("base", nargs="?", help="the base run folder")
     p.add_argument(

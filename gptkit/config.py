@@ -199,7 +199,7 @@ class AdaLoraConfig:
     ||P^T P - I|| + ||Q Q^T - I||."""
 
     init_r: int = 12
-    target_r: int = 4
+    target_r: int = 8
     tinit: int = 0
     tfinal: int = 0
     deltaT: int = 1

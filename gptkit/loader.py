@@ -32,15 +32,10 @@ def build_model(cfg: Config, device: str | torch.device = "cpu") -> GPT:
         return finetune_start(cfg)
     if cfg.model.quantization != "none":
         # the int8/int4 layers are loaded only for a quantized run: training never needs them
-        from gptkit.inference.qlinear import check_device, swap_linears
+        from gptkit.inference.qlinear import check_device, empty_quantized
 
         check_device(device)
-        return swap_linears(
-            GPT(cfg.model),
-            quantize=False,
-            scheme=cfg.model.quantization,
-            activations=cfg.model.int8_activations,
-        )
+        return empty_quantized(cfg.model, cfg.model.int8_activations)
     return GPT(cfg.model)
 
 
@@ -111,16 +106,18 @@ def load_for_finetune(
             f"{run_dir} holds bottleneck adapters, which cannot be merged into weights to "
             f"fine-tune further; start from its base {run_cfg.finetune.base}"
         )
+    if run_cfg.model.quantization != "none":  # its int8/int4 layers, read once
+        from gptkit.inference.qlinear import empty_quantized, unquantize_head
+
+        model = empty_quantized(model_config_from_base(run_cfg.model, block_size or 0, dropout))
+        read_info(checkpoint_dir(Path(run_dir)), verify=True)
+        load_weights(model, checkpoint_dir(Path(run_dir)), block_size=model.config.block_size)
+        unquantize_head(model)
+        return model.train()
     # a LoRA or AdaLoRA run as a base: its update folded in
     base, _, cfg = load_model(run_dir, "cpu", merge_adapters=True)
     mcfg = model_config_from_base(cfg.model, block_size or 0, dropout)
     model = GPT(mcfg)
-    if mcfg.quantization != "none":
-        from gptkit.inference.qlinear import swap_linears, unquantize_head
-
-        swap_linears(model, quantize=False, scheme=mcfg.quantization)
-        unquantize_head(base)
-        unquantize_head(model)
     sd = base.state_dict_for_save()
     if "wpe.weight" in sd:
         sd["wpe.weight"] = sd["wpe.weight"][: mcfg.block_size]

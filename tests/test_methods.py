@@ -132,3 +132,12 @@ def test_bad_method_settings(trained_run: Path, tasks_file: Path, tmp_path: Path
     r = gptkit_cli("finetune", str(trained_run), "--data", str(tasks_file), "--out", str(out), "--no-progress", *args)
     assert r.returncode == 2 and message in r.stderr, r.stderr
     assert "Traceback" not in r.stderr and not out.exists()
+
+
+def test_every_method_key_has_help() -> None:
+    from gptkit.config import all_keys
+
+    r = gptkit_cli("finetune", "--help")
+    assert r.returncode == 0
+    keys = [k for k in all_keys() if k.split(".")[0] in ("lora", "adalora", "adapter") and k != "lora.enabled"]
+    assert len(keys) == 20 and all(f"  {k} " in r.stdout for k in keys), [k for k in keys if f"  {k} " not in r.stdout]

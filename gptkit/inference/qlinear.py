@@ -28,8 +28,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from gptkit.config import ModelConfig
 from gptkit.errors import GptkitError
-from gptkit.model import GPT
+from gptkit.model import GPT, rope_tables
 
 SCHEMES = ("int8", "int4")
 
@@ -262,6 +263,19 @@ def swap_linears(
                 if isinstance(new, Int8Linear):
                     new.int8_activations = activations == "int8"
                 setattr(module, name, new)
+    return model
+
+
+def empty_quantized(cfg: ModelConfig, activations: str = "int8") -> GPT:
+    """A quantized model for a checkpoint to load into, without ever allocating fp32 Linear
+    weights: built on the meta device, its Linears swapped for int8/int4 layers, the rest
+    allocated uninitialised (the checkpoint fills it) and the RoPE tables made again."""
+    with torch.device("meta"):
+        model = GPT(cfg)
+    swap_linears(model, quantize=False, scheme=cfg.quantization, activations=activations)
+    model.to_empty(device="cpu")
+    if cfg.pos_embedding == "rope":
+        model.rope_cos, model.rope_sin = rope_tables(cfg, cfg.block_size)
     return model
 
 

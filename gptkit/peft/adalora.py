@@ -50,7 +50,11 @@ class SVDLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         low = F.linear(self.dropout(x) if self.dropout.p > 0 else x, self.lora_A * self.lora_E)
-        return torch.add(self.base(x), F.linear(low, self.lora_B * self.scale))
+        y = self.base(x)  # the sum in the product's kernel, as LoRALinear
+        flat = torch.addmm(
+            y.reshape(-1, y.size(-1)), low.reshape(-1, low.size(-1)), (self.lora_B * self.scale).t()
+        )
+        return flat.view(y.shape)
 
     def rank(self) -> int:
         return int((self.lora_E != 0).sum())
