@@ -91,6 +91,7 @@ class StepPeak:
 
 
 DTYPE = "float32"  # --dtype: both sides train in it (PEFT under torch.autocast for bfloat16)
+SEED = 1337  # --seeds: the batches' order and every initialisation, on both sides
 
 
 def common_sets(steps: int) -> list[str]:
@@ -98,7 +99,7 @@ def common_sets(steps: int) -> list[str]:
     s = steps
     return [f"train.max_steps={s}", "train.batch_size=16", "train.lr=1e-2", "train.warmup_steps=20",
             "train.schedule=cosine", "train.patience=0", f"train.eval_interval={s + 1}",
-            f"train.checkpoint_interval={s + 1}", f"train.dtype={DTYPE}", "train.tensorboard=false",
+            f"train.checkpoint_interval={s + 1}", f"train.dtype={DTYPE}", f"train.seed={SEED}", "train.tensorboard=false",
             "train.grad_clip=1.0", "train.weight_decay=0", "train.threads=2", "train.log_interval=50",
             f"adalora.tinit={s // 10}", f"adalora.tfinal={s // 5}", "adalora.deltaT=10"]  # fmt: skip
 
@@ -140,8 +141,14 @@ def ours(name: str, prep: Path, train_file: Path, test_file: Path, steps: int, o
         if not (base / "checkpoint").is_dir():
             quantize_run(prep, base, name[5:])
     method, sets = METHODS[name]
+    import torch
+
     import gptkit.finetune.instruct as instruct
     from gptkit.training.train import Trainer
+
+    # Making an optimizer imports torch._dynamo (69 MB resident here): an import, made before
+    # measuring, as the PEFT row's imports of transformers and peft have already made it
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], fused=True)
 
     peak, step, start_model = StepPeak(), Trainer._optimizer_step, instruct.finetune_start
     before_model = []
@@ -212,6 +219,7 @@ def peft_row(name: str, prep: Path, train_file: Path, test_file: Path, steps: in
                              tinit=steps // 10, tfinal=steps // 5, deltaT=10, total_step=steps,
                              target_modules=targets, lora_dropout=0.0, fan_in_fan_out=True,
                              task_type="CAUSAL_LM")  # fmt: skip
+    torch.manual_seed(SEED)  # PEFT draws its adapters' initial weights: the same ones every run
     pm = get_peft_model(model, pcfg)
     pm.train()
     params = [p for p in pm.parameters() if p.requires_grad]
@@ -363,7 +371,7 @@ def memory_row(scheme: str, steps: int = 4) -> dict:
 
 def in_subprocess(kind: str, name: str, args: argparse.Namespace) -> dict:
     cmd = [sys.executable, __file__, "--worker", kind, "--name", name, "--steps", str(args.steps), "--out", args.out,
-           "--dtype", args.dtype, "--rounds", str(args.rounds)]  # fmt: skip
+           "--dtype", args.dtype, "--rounds", str(args.rounds), "--seeds", str(SEED)]  # fmt: skip
     if args.base:
         cmd += ["--base", args.base]
     # A fixed mmap threshold: glibc then gives large freed blocks back at once, so resident
@@ -385,6 +393,7 @@ def main() -> None:
     ap.add_argument("--rows", default=",".join([*METHODS, "peft-lora", "peft-adalora"]))
     ap.add_argument("--memory", default="fp32,int8,int4", help="schemes for the 124M-shape memory rows ('' to skip)")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--seeds", default="1337", help="seeds of the quality rows; several: their mean, and each")
     ap.add_argument("--rounds", type=int, default=7, help="rounds of the in-turn speed comparison")
     ap.add_argument(
         "--speed",
@@ -394,8 +403,9 @@ def main() -> None:
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     ap.add_argument("--name", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    global DTYPE
-    DTYPE = args.dtype
+    global DTYPE, SEED
+    DTYPE, seeds = args.dtype, [int(s) for s in args.seeds.split(",")]
+    SEED = seeds[0]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.worker:
@@ -414,7 +424,11 @@ def main() -> None:
     print(f"{args.steps} steps of batch 16, lr 1e-2 (full: 1e-3), cosine, {args.dtype}; 250 held-out tasks\n")
     print(f"{'method':<14}{'exact match':>12}{'resp. loss':>11}{'trainable':>11}{'tokens/s':>10}{'memory MB':>11}")
     for name in [r for r in args.rows.split(",") if r]:
-        row = in_subprocess("peft" if name.startswith("peft-") else "ours", name, args)
+        per_seed = []
+        for SEED in seeds:  # noqa: B007  (in_subprocess passes it on)
+            per_seed.append(in_subprocess("peft" if name.startswith("peft-") else "ours", name, args))
+        row = {k: sum(r[k] for r in per_seed) / len(per_seed) for k in per_seed[0]}
+        row["exact_match_each"] = [r["exact_match"] for r in per_seed]
         rows[name] = row
         print(f"{name:<14}{row['exact_match']:>12.3f}{row['response_loss']:>11.3f}{row['trainable']:>11,}"
               f"{row['tokens_per_s']:>10,.0f}{row['memory_mb']:>11.0f}", flush=True)  # fmt: skip
@@ -425,6 +439,13 @@ def main() -> None:
                 f"{ours_name} vs PEFT: exact match {100 * (a['exact_match'] - b['exact_match']):+.1f} points, "
                 f"response loss {a['response_loss'] - b['response_loss']:+.3f}, memory x{a['memory_mb'] / b['memory_mb']:.2f}"
             )
+    if len(seeds) > 1:
+        print(
+            f"(means over seeds {args.seeds}; exact match each: "
+            + "; ".join(f"{n} {', '.join(f'{e:.3f}' for e in r['exact_match_each'])}" for n, r in rows.items())
+            + ")"
+        )
+    SEED = seeds[0]
     speed = in_subprocess("speed", args.speed, args) if args.speed else {}
     if speed:
         print(f"\ntraining tokens/s, the methods in turns in one process ({args.rounds} rounds, medians):")

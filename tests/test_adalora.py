@@ -19,8 +19,6 @@ from gptkit.training.train import train
 from .conftest import SHAKESPEARE
 from .hf_models import hf_model
 
-peft = pytest.importorskip("peft")
-
 STEPS, BATCH, T = 30, 4, 24
 # tinit, budget phase, tfinal: masks change in the middle and are held at the end
 SCHEDULE = dict(init_r=6, target_r=2, tinit=4, tfinal=8, deltaT=3, total_step=STEPS, beta1=0.85,
