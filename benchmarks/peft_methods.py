@@ -428,6 +428,7 @@ def main() -> None:
         for SEED in seeds:  # noqa: B007  (in_subprocess passes it on)
             per_seed.append(in_subprocess("peft" if name.startswith("peft-") else "ours", name, args))
         row = {k: sum(r[k] for r in per_seed) / len(per_seed) for k in per_seed[0]}
+        row["trainable"] = per_seed[0]["trainable"]
         row["exact_match_each"] = [r["exact_match"] for r in per_seed]
         rows[name] = row
         print(f"{name:<14}{row['exact_match']:>12.3f}{row['response_loss']:>11.3f}{row['trainable']:>11,}"

@@ -20,6 +20,21 @@ from gptkit.peft.methods import adapter_state
 from tests.conftest import DEVICE
 from tests.test_finetune import FT_SET, gptkit_cli
 
+
+def in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
+    """`gptkit ARGS` through the command line's own main(), in this process: the exit status and
+    stderr (a subprocess each would cost seconds of start-up)."""
+    from gptkit.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    return code, capsys.readouterr().err
+
+
 ADALORA = ["train.patience=0", "train.lr=1e-2", "adalora.init_r=4", "adalora.target_r=2", "adalora.tinit=3",
            "adalora.tfinal=6", "adalora.deltaT=2"]  # fmt: skip
 
@@ -82,7 +97,7 @@ def test_adalora_resume_equals_straight_run(trained_run: Path, tasks_file: Path,
 
 @pytest.mark.cuda
 def test_adapter_run_loads_over_its_base_and_refuses_whole_weight_work(
-    trained_run: Path, tasks_file: Path, tmp_path: Path
+    trained_run: Path, tasks_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
     out = tmp_path / "adapter"
     cfg = finetune_config(None, FT_SET + ["train.lr=1e-2", "adapter.reduction_factor=4", "finetune.method=adapter"])
@@ -107,8 +122,8 @@ def test_adapter_run_loads_over_its_base_and_refuses_whole_weight_work(
         (["quantize", str(out), "--out", str(tmp_path / "q")], "no whole weights to quantize"),
         (["finetune", "--resume", str(out), "--method", "lora"], "fine-tuned with adapter"),
     ]:
-        r = gptkit_cli(*args)
-        assert r.returncode == 2 and message in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        code, err = in_process(capsys, *args)
+        assert code == 2 and message in err and "Traceback" not in err, (args, err)
     assert not (tmp_path / "hf").exists() and not (tmp_path / "m.gguf").exists() and not (tmp_path / "q").exists()
 
 
@@ -127,17 +142,19 @@ def test_adapter_run_loads_over_its_base_and_refuses_whole_weight_work(
         (["--lora", "--method", "adapter"], "disagree"),
     ],
 )  # fmt: skip
-def test_bad_method_settings(trained_run: Path, tasks_file: Path, tmp_path: Path, args: list[str], message: str) -> None:
+def test_bad_method_settings(trained_run: Path, tasks_file: Path, tmp_path: Path, args: list[str], message: str,
+                             capsys: pytest.CaptureFixture) -> None:  # fmt: skip
     out = tmp_path / "bad"
-    r = gptkit_cli("finetune", str(trained_run), "--data", str(tasks_file), "--out", str(out), "--no-progress", *args)
-    assert r.returncode == 2 and message in r.stderr, r.stderr
-    assert "Traceback" not in r.stderr and not out.exists()
+    code, err = in_process(capsys, "finetune", str(trained_run), "--data", str(tasks_file), "--out", str(out),
+                           "--no-progress", *args)  # fmt: skip
+    assert code == 2 and message in err, err
+    assert "Traceback" not in err and not out.exists()
 
 
 def test_every_method_key_has_help() -> None:
     from gptkit.config import all_keys
 
     r = gptkit_cli("finetune", "--help")
-    assert r.returncode == 0
+    out = r.stdout
     keys = [k for k in all_keys() if k.split(".")[0] in ("lora", "adalora", "adapter") and k != "lora.enabled"]
-    assert len(keys) == 20 and all(f"  {k} " in r.stdout for k in keys), [k for k in keys if f"  {k} " not in r.stdout]
+    assert len(keys) == 20 and all(f"  {k} " in out for k in keys), [k for k in keys if f"  {k} " not in out]
