@@ -128,12 +128,16 @@ def prepare(args: argparse.Namespace, out: Path) -> tuple[Path, Path, Path]:
 
 def ours(name: str, prep: Path, train_file: Path, test_file: Path, steps: int, out: Path) -> dict:
     """One gptkit row, in this (fresh) process."""
+    import torch
+
+    import gptkit.finetune.instruct as instruct
     from gptkit.checkpoint import checkpoint_info
     from gptkit.evaluate.instructions import evaluate_instructions
     from gptkit.finetune.instruct import finetune, finetune_config
     from gptkit.inference.quantize import quantize_run
     from gptkit.loader import load_model
     from gptkit.peft.methods import parameter_counts
+    from gptkit.training.train import Trainer
 
     base = prep
     if name.startswith("lora-int"):
@@ -141,10 +145,6 @@ def ours(name: str, prep: Path, train_file: Path, test_file: Path, steps: int, o
         if not (base / "checkpoint").is_dir():
             quantize_run(prep, base, name[5:])
     method, sets = METHODS[name]
-    import torch
-
-    import gptkit.finetune.instruct as instruct
-    from gptkit.training.train import Trainer
 
     # Making an optimizer imports torch._dynamo (69 MB resident here): an import, made before
     # measuring, as the PEFT row's imports of transformers and peft have already made it
@@ -169,21 +169,53 @@ def ours(name: str, prep: Path, train_file: Path, test_file: Path, steps: int, o
                       overwrite=True, progress=False, quiet=True)  # fmt: skip
     added = peak.peak - before_model[0]
     tokens = checkpoint_info(run)["tokens_seen"]
-    model, _, _ = load_model(run)
-    trainable = parameter_counts(model)["trainable"] if model.adapters is not None else sum(p.numel() for p in model.parameters())
+    trainable = parameter_counts(load_model(run)[0])["trainable"]
     report = evaluate_instructions(run, [str(test_file)], "cpu", 24)
     return {"exact_match": report["exact_match"], "response_loss": report["response_loss"],
             "trainable": trainable, "tokens_per_s": tokens / result.train_s, "memory_mb": added}  # fmt: skip
 
 
-def peft_row(name: str, prep: Path, train_file: Path, test_file: Path, steps: int, out: Path) -> dict:
-    """PEFT's LoRA or AdaLoRA on the prep model exported to transformers, in this process."""
+def peft_model(name: str, hf_dir: Path, steps: int) -> tuple[object, list, object]:
+    """PEFT's LoRA or AdaLoRA (as LORA / ADALORA, its schedule over `steps`) on the exported prep
+    model, its initial adapters drawn with SEED; its trainable parameters and a fused AdamW."""
     import torch
     import transformers
     from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
+    model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32)
+    common = dict(target_modules=["c_attn", "c_proj", "c_fc"], lora_dropout=0.0, fan_in_fan_out=True,
+                  task_type="CAUSAL_LM")  # fmt: skip
+    if name == "peft-lora":
+        pcfg = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], **common)
+    else:
+        pcfg = AdaLoraConfig(init_r=ADALORA["init_r"], target_r=ADALORA["target_r"], lora_alpha=ADALORA["alpha"],
+                             tinit=steps // 10, tfinal=steps // 5, deltaT=10, total_step=steps, **common)  # fmt: skip
+    torch.manual_seed(SEED)  # PEFT draws its adapters' initial weights: the same ones every run
+    pm = get_peft_model(model, pcfg).train()
+    params = [p for p in pm.parameters() if p.requires_grad]
+    return pm, params, torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+
+
+def peft_step(pm: object, params: list, opt: object, x: object, y: object, step: int, grad_clip: float) -> None:
+    """One step of PEFT's documented loop: forward with labels (AdaLoRA's orthogonality term
+    joins the loss there), backward, clip, AdamW, update_and_allocate(step) for AdaLoRA."""
+    import torch
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=DTYPE == "bfloat16"):
+        loss = pm(input_ids=x, labels=y, shift_labels=y).loss
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+    if hasattr(pm.base_model, "update_and_allocate"):
+        pm.base_model.update_and_allocate(step)
+    opt.zero_grad(set_to_none=True)
+
+
+def peft_row(name: str, prep: Path, train_file: Path, test_file: Path, steps: int, out: Path) -> dict:
+    """PEFT's LoRA or AdaLoRA on the prep model exported to transformers, in this process."""
+    import torch
+
     from gptkit.checkpoint import RunFolder
-    from gptkit.config import apply_overrides
     from gptkit.evaluate.instructions import evaluate_answers
     from gptkit.finetune.instruct import finetune_config, finetune_tokenizer
     from gptkit.finetune.instructions import InstructionData, load_conversations
@@ -199,7 +231,7 @@ def peft_row(name: str, prep: Path, train_file: Path, test_file: Path, steps: in
         shutil.copytree(prep, bare, ignore=shutil.ignore_patterns("tokenizer"))
         export_hf(bare, hf_dir)
     torch.set_num_threads(2)
-    cfg = apply_overrides(finetune_config(None, common_sets(steps)), [])
+    cfg = finetune_config(None, common_sets(steps))
     tc = cfg.train
     convs = load_conversations([str(train_file)])
     tok = finetune_tokenizer(load_tokenizer(RunFolder(prep).tokenizer), convs)
@@ -209,21 +241,8 @@ def peft_row(name: str, prep: Path, train_file: Path, test_file: Path, steps: in
                            cfg.finetune.val_fraction)  # fmt: skip
     batches = [data.next() for _ in range(steps)]  # the order gptkit's loop draws them in
     start = rss_mb()  # the batches are made: from here on, as gptkit's row counts
-    model = transformers.GPT2LMHeadModel.from_pretrained(hf_dir, dtype=torch.float32)
-    targets = ["c_attn", "c_proj", "c_fc"]
-    if name == "peft-lora":
-        pcfg = LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], target_modules=targets, lora_dropout=0.0,
-                          fan_in_fan_out=True, task_type="CAUSAL_LM")  # fmt: skip
-    else:
-        pcfg = AdaLoraConfig(init_r=ADALORA["init_r"], target_r=ADALORA["target_r"], lora_alpha=ADALORA["alpha"],
-                             tinit=steps // 10, tfinal=steps // 5, deltaT=10, total_step=steps,
-                             target_modules=targets, lora_dropout=0.0, fan_in_fan_out=True,
-                             task_type="CAUSAL_LM")  # fmt: skip
-    torch.manual_seed(SEED)  # PEFT draws its adapters' initial weights: the same ones every run
-    pm = get_peft_model(model, pcfg)
-    pm.train()
-    params = [p for p in pm.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=tc.lr, betas=(tc.beta1, tc.beta2), weight_decay=0.0, fused=True)
+    pm, params, opt = peft_model(name, hf_dir, steps)
+    assert (tc.beta1, tc.beta2) == opt.defaults["betas"], "PEFT's AdamW as gptkit's"
     t0, tokens, peak = time.perf_counter(), 0, StepPeak()
     peak.before_first()
     for step in range(steps):
@@ -231,14 +250,7 @@ def peft_row(name: str, prep: Path, train_file: Path, test_file: Path, steps: in
             group["lr"] = tc.lr * lr_factor(step, tc)
         x, y = batches[step]
         tokens += x.numel()
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=DTYPE == "bfloat16"):
-            loss = pm(input_ids=x, labels=y, shift_labels=y).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
-        if name == "peft-adalora":
-            pm.base_model.update_and_allocate(step + 1)
-        opt.zero_grad(set_to_none=True)
+        peft_step(pm, params, opt, x, y, step + 1, tc.grad_clip)
         peak.after_step()
     seconds = time.perf_counter() - t0
     added = peak.peak - start
@@ -258,8 +270,6 @@ def speed_rows(prep: Path, train_file: Path, names: list[str], rounds: int, step
     import statistics
 
     import torch
-    import transformers
-    from peft import AdaLoraConfig, LoraConfig, get_peft_model
 
     from gptkit.checkpoint import RunFolder
     from gptkit.finetune.instruct import config_from_base, finetune_config, finetune_tokenizer
@@ -277,37 +287,25 @@ def speed_rows(prep: Path, train_file: Path, names: list[str], rounds: int, step
         method, sets = METHODS.get(name, ("lora", []))
         cfg = config_from_base(finetune_config(None, common_sets(1000) + sets), prep, [], method, tok)
         if name.startswith("peft-"):
-            model = transformers.GPT2LMHeadModel.from_pretrained(prep.parent / "prep-hf", dtype=torch.float32)
-            targets = ["c_attn", "c_proj", "c_fc"]
-            pcfg = (LoraConfig(r=LORA["rank"], lora_alpha=LORA["alpha"], target_modules=targets, fan_in_fan_out=True,
-                               task_type="CAUSAL_LM") if name == "peft-lora" else
-                    AdaLoraConfig(init_r=ADALORA["init_r"], target_r=ADALORA["target_r"], lora_alpha=ADALORA["alpha"],
-                                  total_step=1000, tinit=100, tfinal=200, target_modules=targets, fan_in_fan_out=True,
-                                  task_type="CAUSAL_LM"))  # fmt: skip
-            pm = get_peft_model(model, pcfg).train()
-            params = [p for p in pm.parameters() if p.requires_grad]
-            opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95), weight_decay=0.0, fused=True)
+            pm, params, opt = peft_model(name, prep.parent / "prep-hf", 1000)
 
-            def step(x, y, pm=pm, params=params, opt=opt):  # noqa: ANN001, ANN202
-                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=DTYPE == "bfloat16"):
-                    loss = pm(input_ids=x, labels=y, shift_labels=y).loss
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                opt.step()
-                opt.zero_grad(set_to_none=True)
+            def step(x, y, n, pm=pm, params=params, opt=opt):  # noqa: ANN001, ANN202
+                peft_step(pm, params, opt, x, y, n, 1.0)
         else:  # the steps of gptkit's loop (Trainer._optimizer_step) with its optimizers and autocast
             model = finetune_start(cfg).train()
             opts = build_optimizers(model, cfg.train, torch.device("cpu"), model.adapters)
             amp = autocast_context(torch.device("cpu"), resolve_dtype(cfg.train.dtype, torch.device("cpu")))
             hooks = model.adapters.step_hooks if model.adapters is not None else None
 
-            def step(x, y, model=model, opts=opts, amp=amp, hooks=hooks):  # noqa: ANN001, ANN202
+            def step(x, y, n, model=model, opts=opts, amp=amp, hooks=hooks):  # noqa: ANN001, ANN202
                 with amp:
                     _, loss = model(x, y)
                 (loss if hooks is None else loss + hooks.regularizer()).backward()
                 torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
                 for opt in opts:
                     opt.step()
+                if hooks is not None:  # AdaLoRA's scores, as PEFT's update_and_allocate
+                    hooks.after_step(n)
                 for opt in opts:
                     opt.zero_grad(set_to_none=True)
 
@@ -319,8 +317,8 @@ def speed_rows(prep: Path, train_file: Path, names: list[str], rounds: int, step
     for r in range(rounds + 1):
         for name, step in steppers.items():
             t = time.perf_counter()
-            for x, y in batches:
-                step(x, y)
+            for i, (x, y) in enumerate(batches):
+                step(x, y, r * steps + i + 1)  # inside AdaLoRA's warm-up (tinit 100): scores, no pruning
             if r:  # the first round warms up
                 times[name].append(time.perf_counter() - t)
     return {n: tokens / statistics.median(ts) for n, ts in times.items()}

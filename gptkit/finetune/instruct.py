@@ -16,10 +16,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 
 from gptkit.checkpoint import (
-    ADAPTER_FILE,
     RunFolder,
     TrainingState,
     checkpoint_info,
@@ -35,7 +33,8 @@ from gptkit.errors import GptkitError
 from gptkit.finetune.instructions import Conversations, InstructionData, load_conversations
 from gptkit.loader import finetune_start, load_model
 from gptkit.model import GPT
-from gptkit.peft.adalora import rank_table, saved_ranks
+from gptkit.peft.adalora import rank_table
+from gptkit.peft.adalora import ranks as adalora_ranks
 from gptkit.peft.methods import describe, parameter_counts
 from gptkit.template import ChatTemplate
 from gptkit.tokenizer import Tokenizer, load_tokenizer
@@ -179,13 +178,15 @@ def _run(
         print(_start_line(cfg, model, convs, len(data.train)), flush=True)
     result = train(cfg, out, opts, init_from=model, data=data, quiet=quiet)
     if cfg.finetune.method == "adalora" and int(os.environ.get("RANK", "0")) == 0:
-        _record_ranks(out, cfg, quiet or result.interrupted)
+        _record_ranks(out, cfg, model, quiet or result.interrupted)
     return result
 
 
-def _record_ranks(out: Path, cfg: Config, quiet: bool) -> dict[str, int]:
-    """AdaLoRA's ranks in the latest checkpoint: RUN/ranks.json, and a table on stdout."""
-    ranks = saved_ranks(load_file(str(RunFolder(out).checkpoint / ADAPTER_FILE)))
+def _record_ranks(out: Path, cfg: Config, model: GPT, quiet: bool) -> dict[str, int]:
+    """AdaLoRA's ranks as the run ends (what its last checkpoint holds: train() saves the
+    weights it ends with, the best evaluation's under early stopping): RUN/ranks.json, and a
+    table on stdout."""
+    ranks = adalora_ranks(model)
     RunFolder(out).ranks.write_text(json.dumps(ranks, indent=1) + "\n")
     if not quiet:
         a = cfg.adalora

@@ -25,47 +25,27 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gptkit.config import AdaLoraConfig
 from gptkit.model import GPT
 from gptkit.peft.base import Adapters, find_targets, finish, freeze, replace
+from gptkit.peft.lora import LowRankLinear
 
 
-class SVDLinear(nn.Module):
+class SVDLinear(LowRankLinear):
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float) -> None:
-        super().__init__()
-        self.base = base
+        # PEFT divides by (ranknum + 1e-5) with ranknum = init_r throughout
+        super().__init__(base, alpha / (rank + 1e-5), dropout)
         dev = base.weight.device
         self.lora_A = nn.Parameter(torch.randn(rank, base.in_features, device=dev) * 0.02)
         self.lora_E = nn.Parameter(torch.zeros(rank, 1, device=dev))
         self.lora_B = nn.Parameter(torch.randn(base.out_features, rank, device=dev) * 0.02)
-        # PEFT divides by (ranknum + 1e-5) with ranknum = init_r throughout
-        self.scale = alpha / (rank + 1e-5)
-        self.dropout = nn.Dropout(dropout)
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.base.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        low = F.linear(self.dropout(x) if self.dropout.p > 0 else x, self.lora_A * self.lora_E)
-        y = self.base(x)  # the sum in the product's kernel, as LoRALinear
-        flat = torch.addmm(
-            y.reshape(-1, y.size(-1)), low.reshape(-1, low.size(-1)), (self.lora_B * self.scale).t()
-        )
-        return flat.view(y.shape)
+    def down(self) -> torch.Tensor:
+        return self.lora_A * self.lora_E
 
     def rank(self) -> int:
         return int((self.lora_E != 0).sum())
-
-    def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ (self.lora_A.float() * self.lora_E.float())) * self.scale
-
-    @torch.no_grad()
-    def merged(self) -> nn.Linear:
-        self.base.weight += self.delta_weight().to(self.base.weight.dtype)
-        return self.base
 
 
 class RankAllocator:
@@ -171,9 +151,6 @@ class RankAllocator:
             elif kind in ("sens", "unc"):
                 getattr(self, kind)[name] = v.clone()
 
-    def ranks(self) -> dict[str, int]:
-        return {name: m.rank() for name, m in self.layers.items()}
-
 
 def apply_adalora(
     model: GPT, cfg: AdaLoraConfig, total_step: int, base_vocab_size: int | None = None
@@ -210,11 +187,3 @@ def rank_table(ranks: dict[str, int]) -> str:
         cells = (str(rows[block].get(c, "")).rjust(width) for c in cols)
         lines.append(f"{block:>5}  " + "  ".join(cells))
     return "\n".join(lines)
-
-
-def saved_ranks(adapter: dict[str, torch.Tensor]) -> dict[str, int]:
-    """The ranks an AdaLoRA adapter file holds: its nonzero singular values, per matrix."""
-    suffix = ".lora_E"
-    return {
-        k[: -len(suffix)]: int((v != 0).sum()) for k, v in adapter.items() if k.endswith(suffix)
-    }

@@ -15,7 +15,7 @@ from gptkit.model import GPT
 from gptkit.peft.adalora import apply_adalora
 from gptkit.peft.base import NEW_ROWS, Adapters, replace
 from gptkit.peft.bottleneck import apply_bottleneck
-from gptkit.peft.lora import apply_lora
+from gptkit.peft.lora import LowRankLinear, apply_lora
 
 TITLES = {
     "full": "full fine-tuning",
@@ -111,13 +111,14 @@ def merge_adapters(model: GPT) -> GPT:
             "they cannot be merged into the base"
         )
     for name, module in list(model.named_modules()):
-        if hasattr(module, "delta_weight") and not isinstance(module.base, nn.Linear):
+        if not isinstance(module, LowRankLinear):
+            continue
+        if not isinstance(module.base, nn.Linear):
             raise GptkitError(
                 f"{name} adapts a {module.base.scheme} weight: merging would mean quantizing "
                 "again; use the run as it is (generate, chat, serve and eval load it so)"
             )
-        if hasattr(module, "delta_weight"):
-            replace(model, name, module.merged())
+        replace(model, name, module.merged())
     for hook in adapters.hooks:
         hook.remove()
     model.adapters = None
