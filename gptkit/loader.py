@@ -95,6 +95,12 @@ def load_for_finetune(
     run is a base only for adapting (LoRA over int8/int4 weights: QLoRA's idea): its Linears stay
     quantized and frozen, its head returns to full precision (new tokens' rows train there)."""
     run_cfg = load_run_config(Path(run_dir))
+    if run_cfg.model.quantization != "none" and run_cfg.adapted:
+        raise GptkitError(
+            f"{run_dir} adapts an {run_cfg.model.quantization}-quantized base; its adapter cannot "
+            "be folded into those weights to start another fine-tune from; fine-tune its base "
+            f"{run_cfg.finetune.base} instead"
+        )
     if run_cfg.model.quantization != "none" and not adapting:
         raise GptkitError(
             f"{run_dir} is quantized ({run_cfg.model.quantization}): its weights cannot train; "

@@ -309,5 +309,10 @@ def test_lora_over_a_quantized_base(runs: dict, int4_runs: dict, tmp_path: Path,
             assert torch.equal(b, qbase[n.replace(".base.", ".")]), n
     r = cli("merge", str(out))
     assert r.returncode == 2 and "quantizing again" in r.stderr
+    for method in ("lora", "full"):  # such a run is no base: its adapter cannot be folded in
+        with pytest.raises(GptkitError, match="fine-tune its base"):
+            finetune(out, [str(DATA / "self_instruct_seed_tasks.chat.jsonl")], tmp_path / "again",
+                     finetune_config(None, sets), method=method, progress=False, quiet=True)  # fmt: skip
+    assert not (tmp_path / "again").exists()
     r = cli("generate", str(out), "--prompt", "To be", "--max-new-tokens", "4")
     assert r.returncode == 0, r.stderr
