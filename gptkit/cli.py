@@ -151,6 +151,15 @@ def _check_cuda_graph(a: argparse.Namespace) -> None:
         )
 
 
+def _add_index(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--index",
+        metavar="INDEX",
+        help="answer each question from its best passages in this index (gptkit index)",
+    )
+    _opt(p, "--passages", 3, "with --index: passages put into each question's prompt")
+
+
 def _add_sampling(p: argparse.ArgumentParser) -> None:
     _opt(p, "--max-new-tokens", 256, "most tokens to generate")
     _opt(p, "--temperature", 0.8, "sampling temperature (0 = greedy)")
@@ -249,6 +258,15 @@ def build_parser() -> argparse.ArgumentParser:
         "adapter); each method's options are its config section's keys, set with --set",
     )
     p.add_argument("--lora", action="store_true", help="the same as --method lora")
+    p.add_argument(
+        "--task",
+        choices=["instruct", "classify"],
+        help="instruct (default): instruction or chat records; classify: JSONL of "
+        '{"text": ..., "label": ...} records, the label learnt as the answer',
+    )
+    p.add_argument(
+        "--label-field", help="with --task classify: the record key holding the label (label)"
+    )
     p.add_argument("--config", help="YAML or TOML config (default: the bundled finetune preset)")
     p.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key"
@@ -300,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("run", help="run folder")
     p.add_argument("--system", default="", help="system message")
+    _add_index(p)
     _add_sampling(p)
 
     p = sub.add_parser(
@@ -367,7 +386,32 @@ def build_parser() -> argparse.ArgumentParser:
         10.0,
         "seconds a connection has to send a request's headers before it is closed",
     )
+    _add_index(p)
+    _opt(p, "--max-classify-inputs", 64, "texts one /v1/classify request may send")
     _add_device(p)
+
+    p = sub.add_parser(
+        "index", help="index a folder of documents for grounded answers (BM25, saved to --out)"
+    )
+    p.add_argument("docs", help="a folder of text documents (.txt, .md ...; any depth)")
+    p.add_argument("--out", required=True, help="index folder to write")
+    p.add_argument(
+        "--run",
+        help="measure passages in this run's tokens (the index then serves runs with its "
+        "tokenizer only); default: in words",
+    )
+    _opt(p, "--chunk", 120, "passage length, words (tokens with --run)")
+    _opt(p, "--overlap", 30, "words (tokens) each passage shares with the next")
+    p.add_argument("--overwrite", action="store_true", help="replace an index already in --out")
+
+    p = sub.add_parser(
+        "make-helpdesk",
+        help="write the bundled help-desk documents, their index, and grounded question sets",
+    )
+    p.add_argument(
+        "--out", required=True, help="folder to write: docs/, index/, train.jsonl, test.jsonl"
+    )
+    _opt(p, "--passages", 3, "passages retrieved for each question")
 
     p = sub.add_parser(
         "make-tasks", help="write synthetic instruction tasks (the fine-tuning demo)"
@@ -429,6 +473,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="pass@k by running the generated code: HumanEval, or a JSONL of your tasks "
         "(task_id, prompt, test, entry_point)",
     )
+    p.add_argument(
+        "--classify",
+        metavar="FILE",
+        help="a classification run on labelled JSONL: accuracy, macro-F1, confusion matrix",
+    )
+    p.add_argument(
+        "--grounded",
+        metavar="FILE",
+        help="questions with known answers and sources (JSONL): recall@k of --index, exact match "
+        "with and without retrieval",
+    )
+    _add_index(p)
+    p.add_argument(
+        "--confusion-png",
+        metavar="PNG",
+        help="for --classify: draw the confusion matrix here (default: RUN/confusion.png)",
+    )
     _opt(p, "--samples", 1, "for --code-tasks: completions per task (n of pass@k)")
     p.add_argument("--k", default="1", help="for --code-tasks: the k of pass@k, e.g. 1,10")
     p.add_argument(
@@ -437,6 +498,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="for --code-tasks: sampling temperature (default: greedy for one sample, else 0.8)",
     )
+
+    p = sub.add_parser(
+        "classify",
+        help="label lines of text with a classification run; --alert watches one label's share",
+    )
+    p.add_argument("run", help="a run from gptkit finetune --task classify")
+    p.add_argument("input", nargs="?", default="-", help="text file, one item a line (-: stdin)")
+    p.add_argument(
+        "--json", action="store_true", help="one JSON object a line, with every label's probability"
+    )
+    _opt(p, "--batch-size", 16, "lines scored together (stdin from a terminal: 1)")
+    p.add_argument("--alert", metavar="LABEL", help="the label to watch")
+    _opt(p, "--window", 50, "with --alert: the last N items")
+    _opt(p, "--threshold", 0.5, "with --alert: alert when LABEL's share passes this")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
     p = sub.add_parser(
         "convert",
@@ -654,6 +730,8 @@ def cmd_finetune(a: argparse.Namespace) -> None:
     flags = (["finetune.skip_invalid=true"] if a.skip_invalid else []) + (
         ["train.fsdp=true"] if a.fsdp else []
     )
+    if a.label_field:
+        flags.append(f"finetune.label_field={a.label_field}")
     cfg = finetune_config(a.config, flags + a.set)
     result = finetune(
         a.base,
@@ -663,8 +741,15 @@ def cmd_finetune(a: argparse.Namespace) -> None:
         overwrite=a.overwrite,
         method="lora" if a.lora else a.method,
         progress=not a.no_progress,
+        task=a.task,
     )
     _exit_if_interrupted(result)
+    if (a.task or cfg.finetune.task) == "classify":
+        print(
+            f"gptkit: try it: gptkit classify {quote(a.out)} FILE   or   gptkit eval "
+            f"{quote(a.out)} --classify FILE"
+        )
+        return
     print(
         f"gptkit: try it: gptkit chat {quote(a.out)}   or   gptkit eval {quote(a.out)} "
         "--instructions FILE"
@@ -689,7 +774,8 @@ def cmd_chat(a: argparse.Namespace) -> None:
     from gptkit.inference.chat import ChatSession, run_chat
 
     model, tok, _ = _load_for_sampling(a)
-    session = ChatSession(model, tok, _sampling(a), a.system)
+    index = _load_index(a, tok)
+    session = ChatSession(model, tok, _sampling(a), a.system, index, a.passages)
     session.static = a.cuda_graph
     run_chat(
         session,
@@ -697,6 +783,18 @@ def cmd_chat(a: argparse.Namespace) -> None:
         sys.stdout,
         interactive=sys.stdin.isatty(),
     )
+
+
+def _load_index(a: argparse.Namespace, tok: Any) -> Any:
+    if a.passages < 1:
+        raise GptkitError(f"--passages must be >= 1, got {a.passages}")
+    if not a.index:
+        return None
+    from gptkit.retrieval import Index
+
+    index = Index.load(a.index)
+    index.check_tokenizer(tok, a.run)
+    return index
 
 
 def cmd_serve(a: argparse.Namespace) -> None:
@@ -746,7 +844,16 @@ def cmd_serve(a: argparse.Namespace) -> None:
         cuda_graph=a.cuda_graph,
         prefix_cache_tokens=a.prefix_cache_tokens,
         prefill_chunk=a.prefill_chunk,
+        index=a.index or "",
+        passages=a.passages,
+        max_classify_inputs=a.max_classify_inputs,
     )
+    if a.passages < 1 or a.max_classify_inputs < 1:
+        raise GptkitError("--passages and --max-classify-inputs must be >= 1")
+    if a.index:
+        from gptkit.retrieval import Index
+
+        Index.load(a.index)  # a clear error for a wrong folder before anything starts
     serve(a.run, a.host, a.port, sc, a.device, a.dtype)
 
 
@@ -809,14 +916,20 @@ def _generate_batched(a: argparse.Namespace, model: Any, tok: Any, template: Any
 def cmd_eval(a: argparse.Namespace) -> None:
     from gptkit.evaluate.loss import evaluate
 
-    modes = [m for m in ("tasks", "instructions", "code_tasks") if getattr(a, m)]
+    modes = [
+        m for m in ("tasks", "instructions", "code_tasks", "classify", "grounded") if getattr(a, m)
+    ]
     flags = [f"--{m.replace('_', '-')}" for m in modes] + ["--data/--text"] * bool(a.data or a.text)
     if len(modes) > 1 or (modes and len(flags) > 1):
         raise GptkitError(f"{' and '.join(flags)} are different evaluations; choose one")
     if modes:
-        {"tasks": _eval_tasks, "instructions": _eval_instructions, "code_tasks": _eval_code}[
-            modes[0]
-        ](a)
+        {
+            "tasks": _eval_tasks,
+            "instructions": _eval_instructions,
+            "code_tasks": _eval_code,
+            "classify": _eval_classify,
+            "grounded": _eval_grounded,
+        }[modes[0]](a)
         return
     print(
         json.dumps(
@@ -861,6 +974,84 @@ def _eval_instructions(a: argparse.Namespace) -> None:
         a.run, a.instructions, a.device, a.max_new_tokens, batch_size, a.limit
     )
     print(json.dumps(summary))
+
+
+def _eval_classify(a: argparse.Namespace) -> None:
+    from gptkit.classify import evaluate_classifier
+
+    batch_size = 16 if a.batch_size is None else a.batch_size
+    png = a.confusion_png or str(Path(a.run) / "confusion.png")
+    print(json.dumps(evaluate_classifier(a.run, a.classify, a.device, batch_size, png)))
+
+
+def _eval_grounded(a: argparse.Namespace) -> None:
+    from gptkit.evaluate.grounded import evaluate_grounded
+
+    if not a.index:
+        raise GptkitError("--grounded needs --index INDEX, the index to retrieve from")
+    batch_size = 16 if a.batch_size is None else a.batch_size
+    summary = evaluate_grounded(
+        a.run, a.grounded, a.index, a.passages, a.device, batch_size, a.max_new_tokens, a.limit
+    )
+    print(json.dumps(summary))
+
+
+def cmd_index(a: argparse.Namespace) -> None:
+    from gptkit.retrieval import Index
+
+    tok = None
+    if a.run:
+        from gptkit.checkpoint import RunFolder, load_run_config
+        from gptkit.tokenizer import load_tokenizer
+
+        load_run_config(Path(a.run))  # a clear error for a wrong folder
+        tok = load_tokenizer(RunFolder(a.run).tokenizer)
+    index = Index.build(
+        a.docs, a.chunk, a.overlap, tok, str(Path(a.run).resolve()) if a.run else ""
+    )
+    out = index.save(a.out, a.overwrite)
+    m = index.meta
+    skipped = f"; {len(m['skipped'])} files skipped as not text" if m["skipped"] else ""
+    print(
+        f"gptkit: indexed {m['documents']} documents as {m['passages']} passages of up to "
+        f"{m['chunk']} {m['unit']} -> {out}{skipped}; try: gptkit chat RUN --index "
+        f"{quote(str(out))}"
+    )
+
+
+def cmd_make_helpdesk(a: argparse.Namespace) -> None:
+    from gptkit.finetune.grounded import DOCUMENTS, write_grounded
+    from gptkit.retrieval import Index
+
+    out = Path(a.out)
+    if (out / "docs").exists():
+        raise GptkitError(f"{out}/docs already exists; choose another --out")
+    shutil.copytree(DOCUMENTS, out / "docs")
+    index = Index.build(out / "docs")
+    index.save(out / "index")
+    for split in ("train", "test"):
+        write_grounded(out / f"{split}.jsonl", split, index, a.passages)
+    print(
+        f"gptkit: wrote {out}/docs ({index.meta['documents']} pages), {out}/index, "
+        f"{out}/train.jsonl and {out}/test.jsonl"
+    )
+
+
+def cmd_classify(a: argparse.Namespace) -> None:
+    from gptkit.classify import check_alert, classify_stream, load_classifier
+
+    if a.batch_size < 1:
+        raise GptkitError(f"--batch-size must be >= 1, got {a.batch_size}")
+    if a.input != "-" and not Path(a.input).is_file():
+        raise GptkitError(f"{a.input}: no such file (give a text file, or - for stdin)")
+    clf, _ = load_classifier(a.run, a.device, a.batch_size)
+    alert = check_alert(clf.labels, a.alert, a.window, a.threshold) if a.alert else None
+    if a.input == "-":
+        batch = 1 if sys.stdin.isatty() else a.batch_size
+        classify_stream(clf, sys.stdin, sys.stdout, batch, alert, a.json)
+        return
+    with open(a.input, encoding="utf-8", errors="replace") as f:
+        classify_stream(clf, f, sys.stdout, a.batch_size, alert, a.json)
 
 
 def _eval_code(a: argparse.Namespace) -> None:
@@ -967,6 +1158,9 @@ COMMANDS = {
     "quantize": cmd_quantize,
     "chat": cmd_chat,
     "make-tasks": cmd_make_tasks,
+    "classify": cmd_classify,
+    "index": cmd_index,
+    "make-helpdesk": cmd_make_helpdesk,
     "serve": cmd_serve,
 }
 

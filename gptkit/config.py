@@ -158,6 +158,11 @@ class FinetuneConfig:
     # full: every weight trains; lora, adapter, adalora: a small module over the frozen base
     # (sections lora, adapter, adalora), saved apart from it
     method: Literal["full", "lora", "adapter", "adalora"] = "full"
+    # instruct: instruction or chat records; classify: {"text", label} records, the label as the
+    # answer (gptkit/classify.py)
+    task: Literal["instruct", "classify"] = "instruct"
+    label_field: str = "label"  # classify: the record key that holds the label
+    labels: list[str] = field(default_factory=list)  # classify: the labels, found in the data
 
 
 @dataclass

@@ -111,3 +111,18 @@ def bpe_runs(tmp_path_factory: pytest.TempPathFactory, small_text: Path) -> dict
         train(cfg, tmp / name, progress=False, quiet=True)
         out[name] = tmp / name
     return out
+
+
+def cli(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str, str]:
+    """`gptkit ARGS` through the command line's own main(), in this process: the exit status,
+    stdout and stderr (a subprocess each would cost seconds of start-up)."""
+    from gptkit.cli import main
+
+    capsys.readouterr()
+    try:
+        main(list(args))
+        code = 0
+    except SystemExit as e:
+        code = int(e.code or 0)
+    out = capsys.readouterr()
+    return code, out.out, out.err

@@ -66,7 +66,7 @@ def test_json_list_records_know_their_lines(tmp_path: Path) -> None:
         ("", "the file is empty"),
         ("   \n", "the file is empty"),
         ('{"instruction": "a", "output": "b"}\n{"instruction": "c"}\n', ":2: record 2: Alpaca record has no 'output'"),
-        ('[{"instruction": "a", "output": "b"}, {"prompt": "x"}]', "neither 'messages' (chat format) nor"),
+        ('[{"instruction": "a", "output": "b"}, {"prompt": "x"}]', "neither 'messages' (chat format), 'instruction'"),
         ('{"messages": [{"content": "hi"}, {"role": "assistant", "content": "x"}]}', "message 0 has no 'role'"),
         ('{"messages": [{"role": "user"}, {"role": "assistant", "content": "x"}]}', "message 0 has no 'content'"),
         ('{"messages": [{"role": "user", "content": "hi"}]}', "no assistant turn"),

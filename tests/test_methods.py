@@ -17,22 +17,14 @@ from gptkit.finetune.tasks import write_tasks
 from gptkit.loader import load_model
 from gptkit.peft.adalora import SVDLinear, ranks
 from gptkit.peft.methods import adapter_state
-from tests.conftest import DEVICE
+from tests.conftest import DEVICE, cli
 from tests.test_finetune import FT_SET, gptkit_cli
 
 
 def in_process(capsys: pytest.CaptureFixture, *args: str) -> tuple[int, str]:
-    """`gptkit ARGS` through the command line's own main(), in this process: the exit status and
-    stderr (a subprocess each would cost seconds of start-up)."""
-    from gptkit.cli import main
-
-    capsys.readouterr()
-    try:
-        main(list(args))
-        code = 0
-    except SystemExit as e:
-        code = int(e.code or 0)
-    return code, capsys.readouterr().err
+    """`gptkit ARGS` in this process: the exit status and stderr."""
+    code, _, err = cli(capsys, *args)
+    return code, err
 
 
 ADALORA = ["train.patience=0", "train.lr=1e-2", "adalora.init_r=4", "adalora.target_r=2", "adalora.tinit=3",

@@ -27,6 +27,7 @@ from gptkit.checkpoint import (
     staged_folder,
     weights_sha256,
 )
+from gptkit.classify import fit_texts, read_training_files, training_conversations
 from gptkit.config import Config, apply_overrides, load_config, model_config_from_base
 from gptkit.data import preset
 from gptkit.errors import GptkitError
@@ -110,19 +111,21 @@ def finetune(
     quiet: bool = False,
     stop_at: int | None = None,
     on_eval: Callable[[int, float], None] | None = None,
+    task: str | None = None,
 ) -> TrainResult:
     """Fine-tune the run `base` on instruction files `data` (default: cfg.finetune.data) into the
     run folder `out` with `method` (full, lora, adalora, adapter; None: as cfg.finetune.method
-    says; lora=True is method="lora"). on_eval(step, val_loss) follows each periodic evaluation
-    (hyperparameter search prunes with it)."""
+    says; lora=True is method="lora"). task="classify" reads labelled {"text", label} records
+    instead and learns to answer with the label (gptkit/classify.py). on_eval(step, val_loss)
+    follows each periodic evaluation (hyperparameter search prunes with it)."""
     if base is None:
         raise GptkitError(
             "name the base run to fine-tune: gptkit finetune BASE_RUN --data FILE --out RUN"
         )
     cfg = cfg if cfg is not None else finetune_config()
-    convs = load_conversations(
-        [str(d) for d in data] if data else cfg.finetune.data, cfg.finetune.skip_invalid
-    )
+    if task is not None:
+        cfg = cfg.updated({"finetune.task": task})
+    convs, cfg = _examples(cfg, [str(d) for d in data] if data else cfg.finetune.data)
     tok = finetune_tokenizer(load_tokenizer(RunFolder(base).tokenizer), convs)
     if lora is not None and method is None:
         method = "lora" if lora else "full"
@@ -155,15 +158,33 @@ def resume_finetune(
         raise GptkitError(
             f"{out} is not a fine-tuning run; continue it with gptkit train --resume {out}"
         )
-    convs = load_conversations(cfg.finetune.data, cfg.finetune.skip_invalid)
+    convs, cfg = _examples(cfg, cfg.finetune.data)
     opts = TrainOptions(resume=True, progress=progress, quiet=quiet, stop_at=stop_at)
     return _run(cfg, out, load_tokenizer(RunFolder(out).tokenizer), convs, opts)
+
+
+def _examples(cfg: Config, files: list[str]) -> tuple[Conversations, Config]:
+    """The training conversations: instruction records, or for task classify labelled texts
+    (whose label set the config then records)."""
+    if cfg.finetune.task != "classify":
+        return load_conversations(files, cfg.finetune.skip_invalid), cfg
+    if not files:
+        raise GptkitError('no labelled data: pass --data FILE (JSONL of {"text", "label"})')
+    data = read_training_files(files, cfg.finetune.label_field)
+    if cfg.finetune.labels and cfg.finetune.labels != data.label_set:
+        raise GptkitError(
+            f"the data's labels ({', '.join(data.label_set)}) are not the ones this run was "
+            f"trained with ({', '.join(cfg.finetune.labels)})"
+        )
+    return training_conversations(data), cfg.updated({"finetune.labels": data.label_set})
 
 
 def _run(
     cfg: Config, out: Path, tok: Tokenizer, convs: Conversations, opts: TrainOptions
 ) -> TrainResult:
     t = cfg.train
+    if cfg.finetune.task == "classify":
+        convs = fit_texts(convs, tok, cfg.model.block_size)
     data = InstructionData(
         convs.items, tok, cfg.model.block_size, t.batch_size, t.seed, cfg.finetune.val_fraction
     )

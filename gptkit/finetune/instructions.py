@@ -91,8 +91,9 @@ def read_records(path: str | Path) -> list[tuple[int, Any]]:
 
 
 def to_messages(record: Any) -> list[Message]:
-    """An Alpaca record ({instruction, input?, output}) or a chat record ({messages: [...]}) as
-    messages; ValueError says what is wrong."""
+    """An Alpaca record ({instruction, input?, output}), a chat record ({messages: [...]}) or a
+    grounded-answer record ({question, passages: [{source, text}], answer}, rendered by
+    retrieval.grounded_prompt) as messages; ValueError says what is wrong."""
     if not isinstance(record, dict):
         raise ValueError(f"a record must be a JSON object, got {type(record).__name__}")
     if "messages" in record:
@@ -129,6 +130,11 @@ def to_messages(record: Any) -> list[Message]:
             raise ValueError("'instruction' is empty")
         prompt = record["instruction"] + ("\n\n" + extra if extra.strip() else "")
         return [Message("user", prompt), Message("assistant", record["output"])]
+    if "question" in record and "passages" in record:
+        from gptkit.retrieval import grounded_messages
+
+        user, answer = grounded_messages(record)
+        return [Message("user", user), Message("assistant", answer)]
     if "conversations" in record:
         raise ValueError(
             "this looks like ShareGPT ('conversations' with from/value), which is not read; "
@@ -136,8 +142,8 @@ def to_messages(record: Any) -> list[Message]:
             '{"messages": [{"role": "user"|"assistant", "content": ...}]}'
         )
     raise ValueError(
-        "has neither 'messages' (chat format) nor 'instruction' and 'output' (Alpaca format); its "
-        f"keys: {sorted(record)[:6]}"
+        "has neither 'messages' (chat format), 'instruction' and 'output' (Alpaca format) nor "
+        f"'question', 'passages' and 'answer' (grounded answers); its keys: {sorted(record)[:6]}"
     )
 
 

@@ -10,6 +10,7 @@ from typing import TextIO
 from gptkit.errors import GptkitError
 from gptkit.inference.generate import SamplingParams
 from gptkit.model import GPT
+from gptkit.retrieval import Index, fit_passages
 from gptkit.template import ChatTemplate, Message
 from gptkit.tokenizer import Tokenizer
 
@@ -21,7 +22,13 @@ HELP = (
 
 class ChatSession:
     def __init__(
-        self, model: GPT, tok: Tokenizer, params: SamplingParams, system: str = ""
+        self,
+        model: GPT,
+        tok: Tokenizer,
+        params: SamplingParams,
+        system: str = "",
+        index: Index | None = None,
+        k: int = 3,
     ) -> None:
         self.model, self.params = model, params
         self.template = ChatTemplate(tok)
@@ -29,6 +36,9 @@ class ChatSession:
         self.history: list[Message] = []
         self.trimmed = 0  # turns dropped so far to fit the context
         self.static = False  # decode through a CUDA graph (generate.StaticDecoder)
+        # grounded answers: each question goes to the model with its best k passages
+        self.index, self.k = index, k
+        self.sources: list[str] = []  # the last reply's passages' sources, best first
 
     def reset(self) -> None:
         self.history.clear()
@@ -38,6 +48,8 @@ class ChatSession:
         oldest exchanges dropped (for good) while they leave too little room for the reply
         (ChatTemplate.fit)."""
         system = [Message("system", self.system)] if self.system else []
+        if self.index is not None:
+            user = self.ground(user, system)
         messages = system + self.history + [Message("user", user)]
         ids, dropped = self.template.fit(
             messages, self.model.config.block_size, self.params.max_new_tokens
@@ -45,6 +57,20 @@ class ChatSession:
         del self.history[:dropped]
         self.trimmed += dropped
         return ids
+
+    def ground(self, question: str, system: list[Message]) -> str:
+        """The question with as many of its best passages as leave room for the reply (the
+        history keeps the question alone: old passages would crowd out new ones)."""
+        budget = self.model.config.block_size - max(
+            1, min(self.params.max_new_tokens, self.model.config.block_size // 2)
+        )
+
+        def fits(text: str) -> bool:
+            return len(self.template.prompt_ids([*system, Message("user", text)])) <= budget
+
+        prompt, kept = fit_passages(question, self.index.search(question, self.k), fits)
+        self.sources = [p.source for p in kept]
+        return prompt
 
     def reply(self, user: str) -> Iterator[str]:
         """Stream the assistant's reply; the exchange joins the history when it is complete."""
@@ -99,5 +125,8 @@ def run_chat(
         # e.g. a character the model's vocabulary lacks: say so, keep chatting
         except GptkitError as e:
             stdout.write(f"(error: {e})")
+        if interactive and session.index is not None:
+            found = ", ".join(f"[{i}] {s}" for i, s in enumerate(session.sources, 1))
+            stdout.write(f"\n(passages: {found or 'none matched'})")
         stdout.write("\n")
         stdout.flush()

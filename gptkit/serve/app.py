@@ -3,7 +3,9 @@
     GET  /health                 liveness and the model's name
     GET  /v1/models              the one model served
     POST /v1/completions         text completion (stream, n, stop, seed, usage ...)
-    POST /v1/chat/completions    chat through the run's chat template
+    POST /v1/chat/completions    chat through the run's chat template (with --index: each
+                                 question answered from its best passages, cited in "sources")
+    POST /v1/classify            a classification run's labels and probabilities for texts
     GET  /                       a small chat page that streams from /v1/chat/completions
 
 This module is the HTTP layer only: request models and their checks, auth and limits (Guard),
@@ -28,10 +30,12 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from gptkit.classify import Classifier
 from gptkit.errors import GptkitError
 from gptkit.inference.engine import Engine, Job, QueueFull, TokenLogprob
 from gptkit.inference.generate import SamplingParams
 from gptkit.model import GPT
+from gptkit.retrieval import Index, fit_passages
 from gptkit.serve.guard import Guard, ServeConfig
 from gptkit.serve.openapi import openapi_schema
 from gptkit.serve.protocol import (
@@ -40,6 +44,7 @@ from gptkit.serve.protocol import (
     UNSUPPORTED,
     ApiError,
     ChatRequest,
+    ClassifyRequest,
     CompletionRequest,
     SamplingRequest,
     error_response,
@@ -64,7 +69,9 @@ class Served:
     """What every route shares: the model's tokenizer and chat template, the engine, the limits.
     The request checks that both endpoints make are its methods."""
 
-    def __init__(self, model: GPT, tok: Tokenizer, sc: ServeConfig) -> None:
+    def __init__(
+        self, model: GPT, tok: Tokenizer, sc: ServeConfig, labels: list[str] | None = None
+    ) -> None:
         self.tok, self.sc = tok, sc
         self.engine = Engine(
             model,
@@ -80,6 +87,13 @@ class Served:
         self.block = model.config.block_size
         self.created = int(time.time())
         self.special_ids = frozenset(tok.special_tokens.values()) - {tok.eot_id}
+        self.index = Index.load(sc.index) if sc.index else None
+        if self.index is not None:
+            self.index.check_tokenizer(tok, sc.model_name)
+        # a classification run scores its labels on a thread of its own, one request at a time
+        self.classifier = Classifier(model, tok, labels) if labels else None
+        self.classify_lock = asyncio.Lock()
+        self.classify_waiting = 0
         self.chat_page = CHAT_PAGE.read_text(encoding="utf-8")
         self.page_files = {name: (STATIC / name).read_bytes() for name in PAGE_FILES}
 
@@ -101,6 +115,20 @@ class Served:
                 param,
             ) from None
         return text
+
+    def ground(self, msgs: list[Message], max_new_tokens: int) -> tuple[Message, list]:
+        """The last user message with its best passages (as many as leave room for the reply),
+        and their sources."""
+        budget = self.block - max(1, min(max_new_tokens, self.block // 2))
+        question = msgs[-1].content
+
+        def fits(text: str) -> bool:
+            return len(self.template.prompt_ids([*msgs[:-1], Message("user", text)])) <= budget
+
+        assert self.index is not None
+        found = self.index.search(question, self.sc.passages)
+        prompt, kept = fit_passages(question, found, fits)
+        return Message("user", prompt), [{"source": p.source, "score": p.score} for p in kept]
 
     def sampling(self, r: SamplingRequest, default_max: int, n_prompts: int = 1) -> SamplingParams:
         """The request's sampling settings, checked against this server's model and limits."""
@@ -589,6 +617,9 @@ async def chat(r: ChatRequest, request: Request) -> Any:
         for m in r.messages
     ]
     # roles are checked by the request model; a system message may come anywhere, as OpenAI allows
+    sources = None
+    if s.index is not None and msgs[-1].role == "user":
+        msgs[-1], sources = s.ground(msgs, params.max_new_tokens)
     dropped = None
     try:
         if r.truncate == "oldest_turns":
@@ -609,8 +640,52 @@ async def chat(r: ChatRequest, request: Request) -> Any:
         (r.top_logprobs or 0) if r.logprobs else None,
     )
     # With "oldest_turns", every chunk (and the response) says how many messages were left out.
-    extra = {} if dropped is None else {"truncated_messages": dropped}
+    extra: dict[str, Any] = {} if dropped is None else {"truncated_messages": dropped}
+    if sources is not None:  # with --index: the passages the answer was given, best first
+        extra["sources"] = sources
     return await Reply(s, r, jobs, prompts, extra=extra).send(request, events)
+
+
+@router.post("/v1/classify", responses=ERROR_RESPONSES)
+async def classify(r: ClassifyRequest, request: Request) -> dict[str, Any]:
+    """Labels and probabilities from a classification run (gptkit finetune --task classify)."""
+    s = _served(request)
+    if r.model is not None and r.model != s.sc.model_name:
+        raise ApiError(404, f"model {r.model!r} does not exist; this server has "
+                       f"{s.sc.model_name!r}", "model_not_found", "model")  # fmt: skip
+    if s.classifier is None:
+        raise ApiError(
+            400,
+            "this server's model was not fine-tuned to classify; serve a run made with gptkit "
+            "finetune BASE --task classify",
+            "invalid_request_error",
+        )
+    texts = [r.input] if isinstance(r.input, str) else list(r.input)
+    if not texts or len(texts) > s.sc.max_classify_inputs:
+        raise ApiError(400, f"input: send 1 to {s.sc.max_classify_inputs} texts, got "
+                       f"{len(texts)}", "invalid_value", "input")  # fmt: skip
+    for i, t in enumerate(texts):
+        s.check_text(t, f"input[{i}]")
+        if not t:
+            raise ApiError(400, f"input[{i}] is empty", "invalid_value", "input")
+    if s.classify_waiting >= s.sc.queue_limit:
+        raise ApiError(429, "the server is busy (its queue is full); retry shortly",
+                       "rate_limit_exceeded")  # fmt: skip
+    s.classify_waiting += 1
+    try:
+        async with s.classify_lock:
+            probs = await asyncio.to_thread(s.classifier.probabilities, texts)
+    except GptkitError as e:
+        raise ApiError(400, f"input: {e}", "invalid_value", "input") from None
+    finally:
+        s.classify_waiting -= 1
+    labels = s.classifier.labels
+    data = []
+    for i, p in enumerate(probs.tolist()):
+        best = max(range(len(p)), key=p.__getitem__)
+        data.append({"index": i, "label": labels[best],
+                     "probabilities": dict(zip(labels, p))})  # fmt: skip
+    return {"object": "list", "model": s.sc.model_name, "labels": labels, "data": data}
 
 
 async def _http_error(request: Request, e: StarletteHTTPException) -> JSONResponse:
@@ -656,12 +731,15 @@ async def _crash(request: Request, e: Exception) -> JSONResponse:
     return error_response(500, f"internal error: {type(e).__name__}")
 
 
-def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
-    """The FastAPI application serving `model` (call from Python to embed it elsewhere)."""
+def create_app(
+    model: GPT, tok: Tokenizer, sc: ServeConfig, labels: list[str] | None = None
+) -> FastAPI:
+    """The FastAPI application serving `model` (call from Python to embed it elsewhere); labels:
+    a classification run's, for /v1/classify."""
     # No /docs: Swagger UI loads its scripts from a CDN, blank offline. /openapi.json describes the
     # API.
     app = FastAPI(title="gptkit", version="1", docs_url=None, redoc_url=None)
-    served = Served(model, tok, sc)
+    served = Served(model, tok, sc, labels)
     app.state.served = served
     app.state.engine = served.engine
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]
@@ -669,5 +747,7 @@ def create_app(model: GPT, tok: Tokenizer, sc: ServeConfig) -> FastAPI:
     app.add_exception_handler(Exception, _crash)
     app.add_middleware(Guard, sc=sc)
     app.include_router(router)
-    app.openapi = lambda: openapi_schema(app, sc, tok, served.template, served.block)  # type: ignore[method-assign]
+    app.openapi = lambda: openapi_schema(
+        app, sc, tok, served.template, served.block, served.classifier is not None
+    )  # type: ignore[method-assign]
     return app

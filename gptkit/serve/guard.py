@@ -31,6 +31,9 @@ class ServeConfig:
     cuda_graph: bool = False  # continuous decode steps captured in a CUDA graph (Engine static)
     prefix_cache_tokens: int | None = None  # Engine's prefix cache; None: the pool's size, 0: off
     prefill_chunk: int = 256  # prompt positions prefilled between two decode steps
+    index: str = ""  # a `gptkit index` folder: chat questions are answered from its passages
+    passages: int = 3  # with index: the best passages put into each question's prompt
+    max_classify_inputs: int = 64  # texts one /v1/classify request may send
 
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")

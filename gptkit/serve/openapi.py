@@ -14,7 +14,12 @@ from gptkit.tokenizer import Tokenizer
 
 
 def openapi_schema(
-    app: FastAPI, sc: ServeConfig, tok: Tokenizer, template: ChatTemplate, block: int
+    app: FastAPI,
+    sc: ServeConfig,
+    tok: Tokenizer,
+    template: ChatTemplate,
+    block: int,
+    classifies: bool = False,
 ) -> dict[str, Any]:
     """The schema as this server behaves, so that a request valid by it is accepted: 400 (not
     FastAPI's 422) for invalid bodies, bearer auth on /v1 when a key is set, errors in OpenAI's
@@ -49,6 +54,15 @@ def openapi_schema(
         ]
     }
     schemas["TextPart"]["properties"]["text"] = chat_text
+    if classifies:  # a text longer than the context is cut to fit, so no maxLength
+        item = {k: v for k, v in text.items() if k != "maxLength"} | {"minLength": 1}
+        many = {"type": "array", "items": item, "minItems": 1, "maxItems": sc.max_classify_inputs}
+        props = schemas["ClassifyRequest"]["properties"]
+        props["input"] = {"anyOf": [item, many]}
+        props["model"] = {"anyOf": [{"type": "string", "enum": [sc.model_name]}, {"type": "null"}]}
+    else:  # only a classification run has the endpoint
+        schema["paths"].pop("/v1/classify", None)
+        schemas.pop("ClassifyRequest", None)
     _refused_combinations(schemas)
     app.openapi_schema = schema
     return schema

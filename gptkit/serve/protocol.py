@@ -86,6 +86,12 @@ class ChatRequest(SamplingRequest):
     truncate: bool | Literal["oldest_turns"] = False
 
 
+class ClassifyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+    model: str | None = None
+    input: str | list[str]
+
+
 class ErrorBody(BaseModel):
     message: str
     type: str

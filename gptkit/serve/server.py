@@ -64,14 +64,15 @@ def serve(
 
     import uvicorn
 
-    model, tok, _ = load_model(run, resolve_device(device), merge_adapters=True)
+    model, tok, cfg = load_model(run, resolve_device(device), merge_adapters=True)
     if dtype == "bfloat16":
         model = model.to(torch.bfloat16)
     sc = sc or ServeConfig(model_name=Path(run).resolve().name)
     if sc.allowed_hosts is None and not is_loopback(host):
         # bound to a public address on purpose: any name reaches it
         sc = replace(sc, allowed_hosts=["*"])
-    app = create_app(model, tok, sc)
+    labels = cfg.finetune.labels if cfg.finetune.task == "classify" else None
+    app = create_app(model, tok, sc, labels)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
