@@ -3,16 +3,17 @@ without it, on held-out questions about the bundled help-desk pages (gptkit/fine
 
 Each held-out question asks a fact that no training question asked. The facts are random, so no
 model knows them beforehand; the decoder (no pretrained model is on this machine, so a 4-layer
-GPT from nothing, BPE of 2,048 tokens) is first pretrained on the pages themselves (it may
-remember them: the closed-book row measures that), then fine-tuned on the training questions
-with their retrieved passages (`gptkit finetune --data train.jsonl`). Rows:
+GPT from nothing, BPE of 2,048 tokens) is first pretrained briefly on the pages themselves (it
+may remember them: the closed-book row measures that), then fine-tuned on `gptkit make-helpdesk`'s
+train.jsonl with its retrieved passages: questions about the bundled pages, and about 1,000
+made-up pages whose answers can only be read, never remembered. Rows:
 
 - with retrieval: `gptkit eval RUN --grounded test.jsonl --index INDEX` (BM25, k passages);
 - without retrieval: the same run, the question alone;
 - closed-book fine-tune: a run fine-tuned on the same questions without passages, then asked
   the held-out questions alone (what the pages' facts in the weights give).
 
-    python benchmarks/grounded.py        # about 25 minutes on 2 cores
+    python benchmarks/grounded.py        # about 35 minutes on 2 cores
 
 Ends with one JSON line of the figures.
 """
@@ -30,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 PRETRAIN = [
-    "model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=384", "model.dropout=0.0",
+    "model.n_layer=4", "model.n_head=4", "model.n_embd=256", "model.block_size=320", "model.dropout=0.0",
     "train.batch_size=16", "train.lr=2e-3", "train.warmup_steps=30", "train.eval_interval=100",
     "train.eval_batches=4", "train.log_interval=50", "train.tensorboard=false", "train.sample_tokens=0",
     "train.dtype=float32", "train.patience=0",
@@ -43,9 +44,10 @@ FINETUNE = ["train.batch_size=16", "train.lr=1e-3", "train.warmup_steps=30", "tr
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--work", default=str(ROOT / "benchmarks" / "results" / "grounded"))
-    ap.add_argument("--pretrain-steps", type=int, default=300)
-    ap.add_argument("--epochs", type=float, default=6.0)
-    ap.add_argument("--k", type=int, default=3)
+    ap.add_argument("--pretrain-steps", type=int, default=150)
+    ap.add_argument("--steps", type=int, default=1500)
+    ap.add_argument("--k", type=int, default=2)
+    ap.add_argument("--practice", type=int, default=1000)
     a = ap.parse_args()
     from gptkit.cli import main as gptkit
     from gptkit.config import load_config
@@ -58,11 +60,15 @@ def main() -> None:
     if work.exists():
         shutil.rmtree(work)
     work.mkdir(parents=True)
-    gptkit(["make-helpdesk", "--out", str(work / "hd"), "--passages", str(a.k)])
+    gptkit(["make-helpdesk", "--out", str(work / "hd"), "--passages", str(a.k), "--practice",
+            str(a.practice)])  # fmt: skip
     hd = work / "hd"
     pages = sorted((hd / "docs").glob("*.md"))
     corpus = work / "pages.txt"
-    corpus.write_text("\n\n".join(p.read_text() for p in pages))
+    from gptkit.finetune.grounded import practice_pages
+
+    made_up = list(practice_pages(a.practice)[0].values())
+    corpus.write_text("\n\n".join([p.read_text() for p in pages] + made_up))
     t0 = time.perf_counter()
     prepare([str(corpus)], work / "data", "bpe", vocab_size=2048, progress=False, val_fraction=0.05)
     cfg = load_config(None, [*PRETRAIN, f"train.max_steps={a.pretrain_steps}"])
@@ -79,7 +85,7 @@ def main() -> None:
     for name, data in (("grounded", hd / "train.jsonl"), ("closed", closed)):
         t0 = time.perf_counter()
         finetune(work / "base", [str(data)], work / name,
-                 finetune_config(None, [*FINETUNE, f"finetune.epochs={a.epochs}"]), progress=False,
+                 finetune_config(None, [*FINETUNE, f"train.max_steps={a.steps}"]), progress=False,
                  quiet=True)  # fmt: skip
         times[f"finetune_{name}_s"] = time.perf_counter() - t0
         results[name] = evaluate_grounded(work / name, hd / "test.jsonl", hd / "index", a.k, "cpu", 32)

@@ -412,6 +412,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", required=True, help="folder to write: docs/, index/, train.jsonl, test.jsonl"
     )
     _opt(p, "--passages", 3, "passages retrieved for each question")
+    _opt(
+        p,
+        "--practice",
+        1000,
+        "made-up pages (not in docs/) whose questions join train.jsonl: they teach reading the "
+        "passages, as their answers cannot be remembered",
+    )
 
     p = sub.add_parser(
         "make-tasks", help="write synthetic instruction tasks (the fine-tuning demo)"
@@ -1024,13 +1031,15 @@ def cmd_make_helpdesk(a: argparse.Namespace) -> None:
     from gptkit.retrieval import Index
 
     out = Path(a.out)
+    if a.passages < 1 or a.practice < 0:
+        raise GptkitError("--passages must be >= 1 and --practice >= 0")
     if (out / "docs").exists():
         raise GptkitError(f"{out}/docs already exists; choose another --out")
     shutil.copytree(DOCUMENTS, out / "docs")
     index = Index.build(out / "docs")
     index.save(out / "index")
     for split in ("train", "test"):
-        write_grounded(out / f"{split}.jsonl", split, index, a.passages)
+        write_grounded(out / f"{split}.jsonl", split, index, a.passages, a.practice)
     print(
         f"gptkit: wrote {out}/docs ({index.meta['documents']} pages), {out}/index, "
         f"{out}/train.jsonl and {out}/test.jsonl"

@@ -133,30 +133,45 @@ class Index:
         tok: Tokenizer | None = None,
         run: str = "",
     ) -> Index:
+        """The index of a folder's text documents (read_documents)."""
+        docs, skipped = read_documents(folder)
+        index = cls.from_documents(docs, size, overlap, tok, run)
+        index.meta.update(skipped=skipped, folder=str(Path(folder).resolve()))
+        return index
+
+    @classmethod
+    def from_documents(
+        cls,
+        docs: dict[str, str],
+        size: int = 120,
+        overlap: int = 30,
+        tok: Tokenizer | None = None,
+        run: str = "",
+    ) -> Index:
+        """The index of {source name: text} documents."""
         bm25s = _bm25s()
         if size < 8:
             raise GptkitError(f"--chunk must be at least 8, got {size}")
         if not 0 <= overlap < size:
             raise GptkitError(f"--overlap must be in [0, --chunk), got {overlap}")
-        docs, skipped = read_documents(folder)
         passages = [
-            Passage(src, p)
+            Passage(src, piece)
             for src, text in docs.items()
-            for p in split_passages(text, size, overlap, tok)
+            for piece in split_passages(text, size, overlap, tok)
         ]
         bm25 = bm25s.BM25()
         bm25.index(_terms([f"{p.source}\n{p.text}" for p in passages]), show_progress=False)
         meta = {
             "format": FORMAT,
             "documents": len(docs),
-            "skipped": skipped,
+            "skipped": [],
             "passages": len(passages),
             "chunk": size,
             "overlap": overlap,
             "unit": "tokens" if tok is not None else "words",
             "tokenizer": tokenizer_fingerprint(tok) if tok is not None else "",
             "run": run,
-            "folder": str(Path(folder).resolve()),
+            "folder": "",
         }
         return cls(passages, meta, bm25)
 

@@ -66,6 +66,20 @@ def test_held_out_questions_ask_facts_no_training_question_asked() -> None:
     assert {f for _, f in train | test} == set(FACTS)
 
 
+def test_practice_questions_can_only_be_read(helpdesk: Path) -> None:
+    """make-helpdesk's training set adds questions about 1,000 made-up pages: none of their
+    products is a bundled one, and each record's passages hold its answer."""
+    rows = [json.loads(x) for x in (helpdesk / "train.jsonl").open()]
+    drill = [r for r in rows if r["source"].startswith("practice/")]
+    assert len(drill) == 2000 and len(rows) == 2000 + len(questions("train"))
+    bundled = {p["name"] for p in facts()}
+    assert not {r["source"][len("practice/"):] for r in drill} & {p.name for p in DOCUMENTS.iterdir()}
+    assert not any(name in r["question"] for r in drill for name in bundled)
+    for r in drill:
+        answer, cited = strip_citation(r["answer"])
+        assert cited == r["source"] and any(answer in p["text"] for p in r["passages"] if p["source"] == cited)
+
+
 @given(st.text(min_size=1).filter(lambda s: "[" not in s and "]" not in s and s.strip() == s),
        st.from_regex(r"[a-z0-9-]{1,20}\.md", fullmatch=True))  # fmt: skip
 def test_a_cited_answer_reads_back(answer: str, source: str) -> None:

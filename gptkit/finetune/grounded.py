@@ -62,9 +62,10 @@ FACTS: dict[str, dict[str, list[str]]] = {
 }  # fmt: skip
 
 
-def _products(rng: random.Random, n: int) -> list[dict[str, Any]]:
-    names = [f"{a} {k}" for a in NAMES for k in KINDS]
-    rng.shuffle(names)
+def _products(rng: random.Random, n: int, names: list[str] | None = None) -> list[dict[str, Any]]:
+    if names is None:
+        names = [f"{a} {k}" for a in NAMES for k in KINDS]
+        rng.shuffle(names)
     out = []
     for name in names[:n]:
         out.append({
@@ -80,6 +81,30 @@ def _products(rng: random.Random, n: int) -> list[dict[str, Any]]:
     return out
 
 
+def _page(rng: random.Random, p: dict[str, Any]) -> str:
+    kind = p["name"].split()[-1]
+    said = [rng.choice(FACTS[k]["say"]).format(name=p["name"], v=p[k]) for k in FACTS]
+    rng.shuffle(said)
+    return (f"# {p['name']}\n\nThe {p['name']} is a {kind} from our home range. "
+            + " ".join(said) + "\n")  # fmt: skip
+
+
+def practice_pages(n: int, seed: int = SEED) -> tuple[dict[str, str], list[dict[str, Any]]]:
+    """n pages like the bundled ones, of made-up products (names of two made-up syllables) with
+    facts of their own: training questions about them teach reading the passages, since none
+    of their answers can be remembered from anywhere else."""
+    rng = random.Random(seed + 3)
+    first = "Ka Lo Mi Ne Po Ru Sa Te Vi Zo Bra Cle Dru Fen Gri".split()
+    second = "ra len vo mik sa dor pel tin wex quo".split()
+    names = list(dict.fromkeys(f"{a}{b} {k}" for a in first for b in second for k in KINDS))
+    rng.shuffle(names)
+    if n > len(names):
+        raise GptkitError(f"at most {len(names)} practice pages, asked for {n}")
+    products = _products(rng, n, names)
+    pages = {f"practice/{source_name(p['name'])}": _page(rng, p) for p in products}
+    return pages, products
+
+
 def source_name(name: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") + ".md"
 
@@ -91,12 +116,7 @@ def write_documents(out: str | Path = DOCUMENTS, n: int = 120, seed: int = SEED)
     out.mkdir(parents=True, exist_ok=True)
     facts = _products(rng, n)
     for p in facts:
-        kind = p["name"].split()[-1]
-        said = [rng.choice(FACTS[k]["say"]).format(name=p["name"], v=p[k]) for k in FACTS]
-        rng.shuffle(said)
-        text = (f"# {p['name']}\n\nThe {p['name']} is a {kind} from our home range. "
-                + " ".join(said) + "\n")  # fmt: skip
-        (out / source_name(p["name"])).write_text(text, encoding="utf-8")
+        (out / source_name(p["name"])).write_text(_page(rng, p), encoding="utf-8")
     (out.parent / "helpdesk-facts.json").write_text(json.dumps(facts, indent=0) + "\n")
     return out
 
@@ -139,15 +159,31 @@ def strip_citation(reply: str) -> tuple[str, str]:
     return (m.group(1), m.group(2)) if m else (reply.strip(), "")
 
 
-def write_grounded(out: str | Path, split: str, index: Any, k: int = 3) -> Path:
+def write_grounded(
+    out: str | Path, split: str, index: Any, k: int = 3, practice: int = 0, seed: int = SEED
+) -> Path:
     """A split as JSONL of {question, passages, answer} records, passages from `index` (a
-    retrieval.Index over the documents)."""
+    retrieval.Index over the documents). Training may add questions about `practice` made-up
+    pages (practice_pages; two facts each), their passages from an index of those pages."""
+    from gptkit.retrieval import Index
+
     out = Path(out)
+    asked = [(q, index) for q in questions(split)]
+    if practice and split == "train":
+        pages, products = practice_pages(practice, seed)
+        drill = Index.from_documents(pages)
+        rng = random.Random(seed + 4)
+        for p in products:
+            for key in rng.sample(list(FACTS), 2):
+                q = rng.choice(FACTS[key]["ask"]).format(name=p["name"])
+                src = f"practice/{source_name(p['name'])}"
+                asked.append(({"question": q, "answer": p[key], "source": src, "fact": key}, drill))
+        rng.shuffle(asked)
     rows = []
-    for q in questions(split):
-        found = index.search(q["question"], k)
+    for q, idx in asked:
+        found = idx.search(q["question"], k)
         if split == "train" and q["source"] not in {p.source for p in found}:
-            page = next(p for p in index.passages if p.source == q["source"])
+            page = next(p for p in idx.passages if p.source == q["source"])
             found = [*found[: k - 1], page]
         rows.append({
             "question": q["question"],
