@@ -181,6 +181,11 @@ class Classifier:
         self.continuations = []
         for label in self.labels:
             whole = self.template.encode([Message("user", ""), Message("assistant", label)])[0]
+            if whole[: len(empty)] != empty:  # a chat template that rewrites earlier turns
+                raise GptkitError(
+                    "this run's chat template does not render a reply after its prompt, so its "
+                    f"labels cannot be scored (label {label!r})"
+                )
             self.continuations.append(whole[len(empty) :])
         self.room = self.block + 1 - max(len(c) for c in self.continuations)
 

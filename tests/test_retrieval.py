@@ -135,6 +135,10 @@ def test_the_server_answers_from_the_index(long_run: Path, helpdesk: Path) -> No
         sources = r.model_extra["sources"]
         assert sources[0]["source"] == "glade-lamp.md" and len(sources) <= 2
         assert r.usage.prompt_tokens > len(q) + 100  # the passages went into the prompt
+        # a question no passage matches goes alone, and says so
+        r = s.client().chat.completions.create(model=s.name, messages=[{"role": "user", "content": "zzz qqq"}],
+                                               max_tokens=2, temperature=0)  # fmt: skip
+        assert r.model_extra["sources"] == []
     finally:
         s.stop()
 

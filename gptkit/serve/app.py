@@ -618,10 +618,10 @@ async def chat(r: ChatRequest, request: Request) -> Any:
     ]
     # roles are checked by the request model; a system message may come anywhere, as OpenAI allows
     sources = None
-    if s.index is not None and msgs[-1].role == "user":
-        msgs[-1], sources = s.ground(msgs, params.max_new_tokens)
     dropped = None
     try:
+        if s.index is not None and msgs[-1].role == "user":
+            msgs[-1], sources = s.ground(msgs, params.max_new_tokens)
         if r.truncate == "oldest_turns":
             ids, dropped = s.template.fit(msgs, s.block, params.max_new_tokens)
         else:
