@@ -91,8 +91,9 @@ def head_on_last_token(base: Path, train: list[dict], test: list[dict], key: str
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    xs = StandardScaler().fit(last_token_features(base, [r["text"] for r in train]))
-    x_train = xs.transform(last_token_features(base, [r["text"] for r in train]))
+    features = last_token_features(base, [r["text"] for r in train])
+    xs = StandardScaler().fit(features)
+    x_train = xs.transform(features)
     x_test = xs.transform(last_token_features(base, [r["text"] for r in test]))
     m = LogisticRegression(C=1.0, max_iter=3000).fit(x_train, [r[key] for r in train])
     return list(m.predict(x_test))

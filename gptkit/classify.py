@@ -153,8 +153,10 @@ def fit_text(tok: Tokenizer, text: str, room: int, template: ChatTemplate) -> st
             "the model's context leaves no room for a text before the label; raise "
             "model.block_size (finetune.block_size) or use shorter labels"
         )
-    overhead = len(template.prompt_ids([Message("user", "")]))
+    overhead = None
     while len(template.prompt_ids([Message("user", text)])) > room and text:
+        if overhead is None:  # most texts fit: the template's own tokens are counted only here
+            overhead = len(template.prompt_ids([Message("user", "")]))
         ids = tok.encode_plain(text)
         keep = max(0, min(len(ids) - 1, room - overhead))
         text = tok.decode(ids[:keep])

@@ -819,6 +819,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         "max_request_bytes",
         "max_request_work",
         "max_connections",
+        "passages",
+        "max_classify_inputs",
     ):
         if getattr(a, name) < 1:
             raise GptkitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -855,8 +857,6 @@ def cmd_serve(a: argparse.Namespace) -> None:
         passages=a.passages,
         max_classify_inputs=a.max_classify_inputs,
     )
-    if a.passages < 1 or a.max_classify_inputs < 1:
-        raise GptkitError("--passages and --max-classify-inputs must be >= 1")
     if a.index:
         from gptkit.retrieval import Index
 

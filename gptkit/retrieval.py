@@ -268,9 +268,17 @@ def grounded_messages(record: dict[str, Any]) -> tuple[str, str]:
     return grounded_prompt(q, passages), answer
 
 
-def fit_passages(question: str, passages: list[Passage], fits: Any) -> tuple[str, list[Passage]]:
-    """The grounded prompt with as many of the best passages as `fits(prompt)` allows."""
+def fit_passages(
+    template: Any, before: list[Any], question: str, passages: list[Passage], budget: int
+) -> tuple[str, list[Passage]]:
+    """The grounded user turn with as many of the best passages as keep the prompt (the
+    messages `before` it, this turn, the assistant marker) within `budget` tokens."""
+    from gptkit.template import Message
+
     kept = list(passages)
-    while kept and not fits(grounded_prompt(question, kept)):
+    while kept:
+        prompt = grounded_prompt(question, kept)
+        if len(template.prompt_ids([*before, Message("user", prompt)])) <= budget:
+            return prompt, kept
         kept.pop()
-    return grounded_prompt(question, kept), kept
+    return question, kept

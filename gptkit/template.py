@@ -186,6 +186,12 @@ class ChatTemplate:
             return self._tokenize(self._render_jinja(messages, True)).ids
         return self.encode(messages, generation_prompt=True)[0]
 
+    @staticmethod
+    def prompt_budget(block: int, max_new_tokens: int) -> int:
+        """Prompt tokens that leave room for a reply of max_new_tokens (at most half the
+        context)."""
+        return block - max(1, min(max_new_tokens, block // 2))
+
     def fit(
         self, messages: list[Message], block: int, max_new_tokens: int
     ) -> tuple[list[int], int]:
@@ -195,7 +201,7 @@ class ChatTemplate:
         for the reply (max_new_tokens, at most half the context). If the last turn alone is still
         too long, the prompt keeps its last tokens. The one rule of `gptkit chat` and of the
         server's "truncate": "oldest_turns"."""
-        budget = block - max(1, min(max_new_tokens, block // 2))
+        budget = self.prompt_budget(block, max_new_tokens)
         kept = list(messages)
         dropped = 0
         while True:

@@ -71,12 +71,8 @@ def grounded_scores(
 ) -> dict[str, Any]:
     template = ChatTemplate(tok)
     budget = model.config.block_size - max_new_tokens
-
-    def fits(text: str) -> bool:
-        return len(template.prompt_ids([Message("user", text)])) <= budget
-
     found = [index.search(q["question"], k) for q in qs]
-    grounded = [fit_passages(q["question"], f, fits)[0] for q, f in zip(qs, found)]
+    grounded = [fit_passages(template, [], q["question"], f, budget)[0] for q, f in zip(qs, found)]
     params = SamplingParams(max_new_tokens=max_new_tokens, temperature=0.0)
 
     def answers(users: list[str]) -> list[str]:

@@ -61,14 +61,11 @@ class ChatSession:
     def ground(self, question: str, system: list[Message]) -> str:
         """The question with as many of its best passages as leave room for the reply (the
         history keeps the question alone: old passages would crowd out new ones)."""
-        budget = self.model.config.block_size - max(
-            1, min(self.params.max_new_tokens, self.model.config.block_size // 2)
+        budget = self.template.prompt_budget(
+            self.model.config.block_size, self.params.max_new_tokens
         )
-
-        def fits(text: str) -> bool:
-            return len(self.template.prompt_ids([*system, Message("user", text)])) <= budget
-
-        prompt, kept = fit_passages(question, self.index.search(question, self.k), fits)
+        found = self.index.search(question, self.k)
+        prompt, kept = fit_passages(self.template, system, question, found, budget)
         self.sources = [p.source for p in kept]
         return prompt
 

@@ -119,15 +119,10 @@ class Served:
     def ground(self, msgs: list[Message], max_new_tokens: int) -> tuple[Message, list]:
         """The last user message with its best passages (as many as leave room for the reply),
         and their sources."""
-        budget = self.block - max(1, min(max_new_tokens, self.block // 2))
-        question = msgs[-1].content
-
-        def fits(text: str) -> bool:
-            return len(self.template.prompt_ids([*msgs[:-1], Message("user", text)])) <= budget
-
         assert self.index is not None
-        found = self.index.search(question, self.sc.passages)
-        prompt, kept = fit_passages(question, found, fits)
+        budget = self.template.prompt_budget(self.block, max_new_tokens)
+        found = self.index.search(msgs[-1].content, self.sc.passages)
+        prompt, kept = fit_passages(self.template, msgs[:-1], msgs[-1].content, found, budget)
         return Message("user", prompt), [{"source": p.source, "score": p.score} for p in kept]
 
     def sampling(self, r: SamplingRequest, default_max: int, n_prompts: int = 1) -> SamplingParams:
