@@ -12,7 +12,13 @@ tests/data/llms_from_scratch_instruction_data.json) -- once over whole windows (
 token through the KV cache at batch 1, the path decoding takes (int8: activations quantized too) -- and the share of 20
 prompts whose first 32 greedy tokens equal fp32's.
 
+Then speculative decoding (`--draft`): at each shape a target and a draft about a tenth its size are trained here on
+tiny Shakespeare (GPT-2's tokenizer), and batch-1 tokens/s with and without the draft (fp32, int8, int8 weight-only,
+int4 targets; the draft int8), greedy and sampled, are measured beside llama.cpp on the target's own GGUF files, with
+the acceptance rates, each round's cost in plain decoding steps and the acceptance it would need to pay off.
+
     python benchmarks/cpu_decode.py [--rounds 3] [--new-tokens 128] [--shape gpt2-124M smollm2-135M]
+        [--parts speed quality speculative] [--spec-train-minutes 8] [--draft-tokens 4]
 
 Ends with one JSON line including ratio_int8_vs_llamacpp_q8_b1 (GPT-2 124M shape),
 ratio_int8_vs_fp32_b8, int8_ppl_change (relative), and the same for int4 against llama.cpp's
@@ -22,6 +28,7 @@ q4_0 and q8_0.
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import math
@@ -36,7 +43,7 @@ from common import ROOT, llama, run_folder
 from gptkit.config import load_config
 from gptkit.data import prepare
 from gptkit.formats.gguf import export_gguf
-from gptkit.inference.generate import SamplingParams, generate_ids
+from gptkit.inference.generate import SamplingParams, generate_ids, seeded_generator
 from gptkit.inference.quantize import quantize_run
 from gptkit.loader import load_model
 from gptkit.model import KVCache
@@ -182,6 +189,142 @@ def quality(minutes: float) -> dict:
     return out
 
 
+# Speculative decoding: the target at the shape and a draft about a tenth its size, both trained
+# here on tiny Shakespeare with GPT-2's tokenizer (SmolLM2's shape then has 50,257 rows, not
+# 49,152), the draft for half the target's minutes, so that it agrees with the target as a draft
+# trained on the target's data would.
+TARGETS = {
+    "gpt2-124M": ["model.n_layer=12", "model.n_head=12", "model.n_embd=768"],
+    "smollm2-135M": ["model.n_layer=30", "model.n_head=9", "model.n_kv_head=3", "model.n_embd=576",
+                     "model.mlp_size=1536", "model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu",
+                     "model.bias=false", "model.rope_base=100000"],
+}  # fmt: skip
+DRAFTS = {  # ~11M parameters, most of them the embedding
+    "gpt2-124M": ["model.n_layer=4", "model.n_head=3", "model.n_embd=192"],
+    "smollm2-135M": ["model.n_layer=4", "model.n_head=3", "model.n_kv_head=1", "model.n_embd=192", "model.mlp_size=512",
+                     "model.pos_embedding=rope", "model.norm=rmsnorm", "model.mlp=swiglu", "model.bias=false"],
+}  # fmt: skip
+
+
+def trained(shape_sets: list[str], data: Path, out: Path, minutes: float) -> tuple[Path, dict]:
+    """A run trained for `minutes`, and its steps and final validation loss."""
+    sets = [*shape_sets, "model.block_size=256", "train.batch_size=4", f"train.max_time_s={minutes * 60}",
+            "train.max_steps=100000", "train.warmup_steps=20", "train.eval_interval=100000", "train.dtype=bfloat16",
+            "train.tensorboard=false", "train.sample_tokens=0"]  # fmt: skip
+    cfg = load_config(None, sets)
+    cfg.data.dir = str(data)
+    result = train(cfg, out, progress=False, quiet=True)
+    return out, {"steps": result.step, "val_loss": round(result.val.get("loss", float("nan")), 3)}
+
+
+def speculative(shape: str, rounds: int, n: int, minutes: float, k: int) -> dict:
+    """Batch-1 greedy tokens/s with and without a draft (fp32 / int8 / int4 targets, the draft
+    int8), beside llama.cpp on the same trained target's GGUF files, and the acceptance rates,
+    greedy and sampled. Every greedy speculative sample is checked to equal the target's own."""
+    from gptkit.inference.speculative import load_speculator
+
+    with tempfile.TemporaryDirectory() as name:
+        tmp = Path(name)
+        text = (ROOT / "gptkit" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
+        (tmp / "corpus.txt").write_text(text)
+        prepare([str(tmp / "corpus.txt")], tmp / "data", f"gpt2:{ROOT / 'tests' / 'data' / 'gpt2'}", progress=False)
+        t0 = time.perf_counter()
+        target_run, target_training = trained(TARGETS[shape], tmp / "data", tmp / "target", minutes)
+        draft_run, draft_training = trained(DRAFTS[shape], tmp / "data", tmp / "draft", minutes / 2)
+        trained_s = time.perf_counter() - t0
+        fp32, tok, _ = load_model(target_run)
+        # int8_bf16act: weight-only products, whose numbers do not depend on the row count, so a
+        # verification costs less than int8's row-by-row products
+        targets = {"fp32": fp32, "int8": load_model(quantize_run(target_run, tmp / "int8"))[0],
+                   "int8_bf16act": load_model(quantize_run(target_run, tmp / "int8w", activations="bf16"))[0],
+                   "int4": load_model(quantize_run(target_run, tmp / "int4", "int4"))[0]}  # fmt: skip
+        draft_int8 = quantize_run(draft_run, tmp / "draft-int8")
+        t0 = time.perf_counter()
+        spec = load_speculator(draft_int8, fp32, tok, k)
+        draft_load_s = time.perf_counter() - t0
+        sizes = {"target_params": fp32.num_params(False), "draft_params": spec.draft.num_params(False),
+                 "target_training": target_training, "draft_training": draft_training}  # fmt: skip
+        ids = tok.encode(text[int(len(text) * 0.9) :])
+        prompts = [torch.tensor([ids[i * 499 : i * 499 + PROMPT]]) for i in range(3)]  # held-out text
+        llms = {t: llama(export_gguf(target_run, tmp / f"{t}.gguf", t), PROMPT + n + 16, THREADS) for t in ("f32", "q8_0")}
+        greedy = SamplingParams(max_new_tokens=n, temperature=0)
+        reference: dict[str, list[list[int]]] = {}
+
+        def ours(kind: str, draft: bool, params: SamplingParams = greedy) -> float:
+            model, used = targets[kind], spec if draft else None
+            t0 = time.perf_counter()
+            outs = [[int(t) for t in generate_ids(model, p, params, seeded_generator(i), speculator=used)]
+                    for i, p in enumerate(prompts)]  # fmt: skip
+            took = time.perf_counter() - t0
+            if params.temperature == 0:  # speculation's greedy tokens are the target's own
+                assert reference.setdefault(kind, outs) == outs, f"{kind}: speculative greedy tokens differ"
+            return len(prompts) * n / took
+
+        def cpp(llm: object) -> float:
+            t0 = time.perf_counter()
+            for p in prompts:
+                llm.reset()
+                got = list(itertools.islice(llm.generate(p[0].tolist(), top_k=1, temp=0.0, repeat_penalty=1.0), n))
+                assert len(got) == n
+            return len(prompts) * n / (time.perf_counter() - t0)
+
+        runs = {f"gptkit_{kind}{'_draft' * d}": functools.partial(ours, kind, d) for kind in targets for d in (False, True)}
+        runs |= {f"llama.cpp_{t}": functools.partial(cpp, llm) for t, llm in llms.items()}
+        sampled = SamplingParams(max_new_tokens=n, temperature=0.8)
+        runs["gptkit_int8_sampled"] = functools.partial(ours, "int8", False, sampled)
+        runs["gptkit_int8_draft_sampled"] = functools.partial(ours, "int8", True, sampled)
+        torch.set_num_threads(THREADS)
+        for fn in runs.values():  # warm-up (and the greedy references)
+            fn()
+        results: dict[str, list[float]] = {key: [] for key in runs}
+        counts: dict[str, list[int]] = {key: [0, 0, 0] for key in runs if "draft" in key}  # proposed, kept, rounds
+        for _ in range(rounds):
+            for key, fn in runs.items():
+                before = (spec.proposed, spec.accepted, spec.rounds)
+                results[key].append(fn())
+                for i, now in enumerate((spec.proposed, spec.accepted, spec.rounds) if key in counts else ()):
+                    counts[key][i] += now - before[i]
+        for llm in llms.values():
+            llm.close()
+    med = {key: statistics.median(v) for key, v in results.items()}
+    out = {f"{key}_b1": round(v, 1) for key, v in med.items()}
+    for key, (proposed, kept, n_rounds) in counts.items():
+        out[f"acceptance_{key}"] = round(kept / proposed, 3)
+        per_pass = (kept + n_rounds) / n_rounds
+        out[f"tokens_per_pass_{key}"] = round(per_pass, 2)
+        # a round's cost in plain decoding steps: what acceptance would have to reach to pay off
+        plain = med[key.replace("_draft", "")]
+        cost = per_pass * plain / med[key]
+        out[f"round_cost_steps_{key}"] = round(cost, 2)
+        out[f"break_even_acceptance_{key}"] = acceptance_for(cost, k)
+    out["acceptance_for_1.5x_llamacpp_q8_int8"] = acceptance_for(
+        1.5 * med["llama.cpp_q8_0"] / med["gptkit_int8"] * out["round_cost_steps_gptkit_int8_draft"], k
+    )
+    out |= sizes | {"draft_tokens": k, "train_minutes_target": minutes, "train_s": round(trained_s),
+                    "draft_load_s": round(draft_load_s, 2)}  # fmt: skip
+    for kind in targets:
+        out[f"speedup_{kind}_draft"] = round(med[f"gptkit_{kind}_draft"] / med[f"gptkit_{kind}"], 2)
+    out["ratio_int8_vs_llamacpp_q8"] = round(med["gptkit_int8"] / med["llama.cpp_q8_0"], 2)
+    out["ratio_int8_draft_vs_llamacpp_q8"] = round(med["gptkit_int8_draft"] / med["llama.cpp_q8_0"], 2)
+    print(f"\n{shape}, trained target and draft: greedy decode tokens/s at batch 1, median of {rounds}")
+    for key, v in med.items():
+        print(f"  {key:28s} {v:8.1f} tok/s   {v / med['llama.cpp_q8_0']:.2f}x llama.cpp q8_0")
+    print(f"  {json.dumps(out)}")
+    return out
+
+
+def acceptance_for(tokens: float, k: int) -> float | None:
+    """The acceptance rate a at which a round yields `tokens` on average, (1 - a^(k+1)) / (1 - a)
+    with guesses kept independently; None past k + 1 (no acceptance reaches it)."""
+    if tokens >= k + 1:
+        return None
+    lo, hi = 0.0, 1.0
+    for _ in range(50):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if sum(mid**i for i in range(k + 1)) < tokens else (lo, mid)
+    return round(lo, 3)
+
+
 def largest_change(q: dict, scheme: str) -> float:
     """The perplexity change of largest size, over both texts, whole windows and decoding."""
     keys = (f"{scheme}_change", f"decode_{scheme}_change")
@@ -194,8 +337,18 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--shape", nargs="+", default=["gpt2-124M", "smollm2-135M"], choices=["gpt2-124M", "smollm2-135M"])
     ap.add_argument("--train-minutes", type=float, default=1.0)
+    parts = ["speed", "quality", "speculative"]
+    ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
+    ap.add_argument("--spec-train-minutes", type=float, default=8.0, help="minutes of training for each target (drafts: half)")
+    ap.add_argument("--draft-tokens", type=int, default=4)
     a = ap.parse_args()
     result: dict = {"new_tokens": a.new_tokens}
+    if "speculative" in a.parts:
+        for shape in a.shape:
+            result[f"{shape}_speculative"] = speculative(shape, a.rounds, a.new_tokens, a.spec_train_minutes, a.draft_tokens)
+    if "speed" not in a.parts or "quality" not in a.parts:
+        print(json.dumps(result))
+        return
     for shape in a.shape:
         result[shape] = speed(shape, a.rounds, a.new_tokens)
     q = quality(a.train_minutes)

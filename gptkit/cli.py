@@ -140,6 +140,27 @@ def _add_device(p: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_draft(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--draft",
+        metavar="RUN",
+        help="decode speculatively: this small run (the model's tokenizer) guesses tokens that "
+        "the model checks in one pass; the same greedy text, the same distribution sampled",
+    )
+    _opt(p, "--draft-tokens", 4, "with --draft: tokens the draft guesses a round")
+
+
+def _speculator(a: argparse.Namespace, model: Any, tok: Any) -> Any:
+    """--draft's Speculator for model, or None."""
+    if not a.draft:
+        return None
+    if a.cuda_graph:
+        raise GptkitError("--draft and --cuda-graph cannot be combined yet; drop one of them")
+    from gptkit.inference.speculative import load_speculator
+
+    return load_speculator(a.draft, model, tok, a.draft_tokens, next(model.parameters()).device)
+
+
 def _check_cuda_graph(a: argparse.Namespace) -> None:
     from gptkit.runtime import resolve_device
 
@@ -174,6 +195,7 @@ def _add_sampling(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--seed", type=int, default=None, help="random seed, for repeatable samples")
     _add_device(p)
+    _add_draft(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,6 +411,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_index(p)
     _opt(p, "--max-classify-inputs", 64, "texts one /v1/classify request may send")
     _add_device(p)
+    _add_draft(p)
 
     p = sub.add_parser(
         "index", help="index a folder of documents for grounded answers (BM25, saved to --out)"
@@ -784,6 +807,7 @@ def cmd_chat(a: argparse.Namespace) -> None:
     index = _load_index(a, tok)
     session = ChatSession(model, tok, _sampling(a), a.system, index, a.passages)
     session.static = a.cuda_graph
+    session.speculator = _speculator(a, model, tok)
     run_chat(
         session,
         sys.stdin,
@@ -838,6 +862,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise GptkitError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
     if a.cuda_graph and a.scheduler == "static":
         raise GptkitError("--cuda-graph is for the continuous scheduler; drop --scheduler static")
+    if a.draft and a.cuda_graph:
+        raise GptkitError("--draft and --cuda-graph cannot be combined yet; drop one of them")
     sc = ServeConfig(
         model_name=a.model_name or Path(a.run).resolve().name,
         api_key=a.api_key or os.environ.get("GPTKIT_API_KEY") or None,
@@ -856,6 +882,8 @@ def cmd_serve(a: argparse.Namespace) -> None:
         index=a.index or "",
         passages=a.passages,
         max_classify_inputs=a.max_classify_inputs,
+        draft=a.draft or "",
+        draft_tokens=a.draft_tokens,
     )
     if a.index:
         from gptkit.retrieval import Index
@@ -880,9 +908,11 @@ def cmd_generate(a: argparse.Namespace) -> None:
     if a.num_samples < 1:
         raise GptkitError(f"--num-samples must be >= 1, got {a.num_samples}")
     model, tok, _ = _load_for_sampling(a)
+    spec = _speculator(a, model, tok)
     template = ChatTemplate(tok)
     if a.num_samples > 1 and not a.cuda_graph:
-        _generate_batched(a, model, tok, template)
+        _generate_batched(a, model, tok, template, spec)
+        _report_speculation(spec)
         return
     for i in range(a.num_samples):
         params = _sampling(a, i)
@@ -890,17 +920,30 @@ def cmd_generate(a: argparse.Namespace) -> None:
             print(f"--- sample {i + 1} ---")
         if a.chat:
             ids = template.prompt_ids([Message("user", a.prompt)])
-            stream = template.reply(model, ids, params, a.cuda_graph)
+            stream = template.reply(model, ids, params, a.cuda_graph, spec)
         else:
             sys.stdout.write(a.prompt)
-            stream = TextStream(model, tok, a.prompt, params, static=a.cuda_graph)
+            stream = TextStream(model, tok, a.prompt, params, static=a.cuda_graph, speculator=spec)
         for piece in stream:
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")
+    _report_speculation(spec)
 
 
-def _generate_batched(a: argparse.Namespace, model: Any, tok: Any, template: Any) -> None:
+def _report_speculation(spec: Any) -> None:
+    if spec is not None and spec.rounds:
+        stats = spec.stats()
+        print(
+            f"gptkit: draft guesses kept {stats['acceptance_rate']:.0%}, "
+            f"{stats['tokens_per_round']} tokens a pass of the model",
+            file=sys.stderr,
+        )
+
+
+def _generate_batched(
+    a: argparse.Namespace, model: Any, tok: Any, template: Any, spec: Any
+) -> None:
     """--num-samples N: the samples decode together through the engine (continuous batching),
     each the text it would be alone (sample i has seed --seed + i), printed as they come in
     order."""
@@ -914,7 +957,7 @@ def _generate_batched(a: argparse.Namespace, model: Any, tok: Any, template: Any
         ids, stop_ids, stops = tok.encode_prompt(a.prompt), (), ()
     params = [_sampling(a, i) for i in range(a.num_samples)]
     texts = generate_many(model, tok, [ids] * a.num_samples, params, min(a.num_samples, 16),
-                          stop_ids, stops)  # fmt: skip
+                          stop_ids, stops, spec)  # fmt: skip
     for i, text in enumerate(texts):
         print(f"--- sample {i + 1} ---")
         print(("" if a.chat else a.prompt) + text)

@@ -628,7 +628,8 @@ def validate(cfg: Config) -> None:
         f"train.device must be auto, cpu, cuda, cuda:N or mps, got {t.device!r}",
     )
     _check(
-        d.tokenizer in ("char", "bpe") or d.tokenizer.startswith(("gpt2:", "run:")),
+        # gpt2 and hf: the kind a prepared folder's tokenizer records (its files are there)
+        d.tokenizer in ("char", "bpe", "gpt2", "hf") or d.tokenizer.startswith(("gpt2:", "run:")),
         f"data.tokenizer must be char, bpe, gpt2:PATH or run:RUN_DIR, got {d.tokenizer!r}",
     )
     _check(

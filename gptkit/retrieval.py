@@ -13,7 +13,6 @@ context) and the index records the tokenizer; a run with another tokenizer is re
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -21,16 +20,10 @@ from pathlib import Path
 from typing import Any
 
 from gptkit.errors import GptkitError
-from gptkit.tokenizer import Tokenizer
+from gptkit.tokenizer import Tokenizer, fingerprint
 
 FORMAT = 1
 TEXT_SUFFIXES = {".txt", ".md", ".markdown", ".rst", ".text"}
-# Encoded to recognise a tokenizer: the same ids, the same tokenizer (ASCII letters only, so that
-# a character vocabulary can encode it too).
-PROBE = (
-    "Passages are measured in the tokens of the model that reads them, so the index knows "
-    "which tokenizer counted them and refuses another one"
-)
 INSTRUCTION = "Answer the question from the passages and cite the source of the answer."
 
 
@@ -95,10 +88,6 @@ def split_passages(text: str, size: int, overlap: int, tok: Tokenizer | None = N
             for i in range(0, max(1, len(ids) - overlap), size - overlap)
         ]
     return [p for p in pieces if p]
-
-
-def tokenizer_fingerprint(tok: Tokenizer) -> str:
-    return hashlib.sha256(json.dumps(tok.encode_plain(PROBE)).encode()).hexdigest()[:16]
 
 
 def _bm25s() -> Any:
@@ -169,7 +158,7 @@ class Index:
             "chunk": size,
             "overlap": overlap,
             "unit": "tokens" if tok is not None else "words",
-            "tokenizer": tokenizer_fingerprint(tok) if tok is not None else "",
+            "tokenizer": fingerprint(tok) if tok is not None else "",
             "run": run,
             "folder": "",
         }
@@ -216,7 +205,7 @@ class Index:
     def check_tokenizer(self, tok: Tokenizer, where: str) -> None:
         """An index measured in one tokenizer's tokens is refused for a model with another."""
         made = self.meta.get("tokenizer", "")
-        if made and made != tokenizer_fingerprint(tok):
+        if made and made != fingerprint(tok):
             made_by = self.meta.get("run") or "another run"
             raise GptkitError(
                 f"the index was built with another tokenizer (that of {made_by}), not {where}'s: "

@@ -20,7 +20,7 @@ import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import jinja2
 from jinja2.ext import loopcontrols
@@ -30,6 +30,9 @@ from gptkit.errors import GptkitError
 from gptkit.inference.generate import SamplingParams, TextStream
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from gptkit.inference.speculative import Speculator
 
 ROLES = ("system", "user", "assistant")
 SPECIAL_TEMPLATE = {
@@ -216,11 +219,19 @@ class ChatTemplate:
                 dropped += 1
 
     def reply(
-        self, model: GPT, ids: list[int], params: SamplingParams, static: bool = False
+        self,
+        model: GPT,
+        ids: list[int],
+        params: SamplingParams,
+        static: bool = False,
+        speculator: Speculator | None = None,
     ) -> TextStream:
         """The assistant's turn after `ids` (a conversation encoded with generation_prompt), through
-        the one sampling core, ending at the template's end of turn (static: TextStream's)."""
-        return TextStream(model, self.tok, ids, params, self.stop_ids, self.stop_strings, static)
+        the one sampling core, ending at the template's end of turn (static, speculator:
+        TextStream's)."""
+        return TextStream(
+            model, self.tok, ids, params, self.stop_ids, self.stop_strings, static, speculator
+        )
 
     def render(self, messages: list[Message], generation_prompt: bool = False) -> str:
         """The conversation as text, markers spelled out (for display and debugging)."""

@@ -3,6 +3,7 @@ and GPT-2's published BPE. Each saves to and loads from a folder as JSON."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import unicodedata
 from collections.abc import Iterable
@@ -443,3 +444,17 @@ def build_tokenizer(
     if spec == "bpe":
         return HFTokenizer.train(texts, vocab_size)
     raise GptkitError(f"unknown tokenizer {spec!r}; use char, bpe, gpt2:PATH or run:RUN_DIR")
+
+
+# Encoded to recognise a tokenizer: the same ids, the same tokenizer (ASCII letters only, so that
+# a character vocabulary can encode it too).
+PROBE = (
+    "Passages are measured in the tokens of the model that reads them, so the index knows "
+    "which tokenizer counted them and refuses another one"
+)
+
+
+def fingerprint(tok: Tokenizer) -> str:
+    """A short hash of the ids tok gives a fixed text: two tokenizers that differ (a search
+    index's and a model's, a draft's and its target's) almost surely give different ones."""
+    return hashlib.sha256(json.dumps(tok.encode_plain(PROBE)).encode()).hexdigest()[:16]

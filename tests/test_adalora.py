@@ -74,8 +74,7 @@ def _peft_model(folder: Path) -> object:
     torch.manual_seed(0)
     # task_type: a PeftModelForCausalLM, whose forward adds the orthogonality term (a bare
     # PeftModel calls the transformers model directly and leaves it out)
-    cfg = AdaLoraConfig(**SCHEDULE, lora_alpha=8, lora_dropout=0.0, target_modules=list(PAIRS.values()),
-                        task_type="CAUSAL_LM")
+    cfg = AdaLoraConfig(**SCHEDULE, lora_alpha=8, lora_dropout=0.0, target_modules=list(PAIRS.values()), task_type="CAUSAL_LM")
     return get_peft_model(hf, cfg)
 
 

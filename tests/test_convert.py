@@ -235,6 +235,17 @@ def test_prepare_with_gpt2_tokenizer(tmp_path: Path, small_text: Path) -> None:
     ids = ds.split("train").tolist() + ds.split("val").tolist()
     assert ds.tokenizer.decode(ids) == text
     assert abs(len(ids) - len(THEIRS_GPT2(text)["input_ids"])) <= 2  # only the split point may differ
+    # a run trains on the folder and records its tokenizer's kind (once refused by validation)
+    from gptkit.checkpoint import load_run_config
+    from gptkit.config import load_config
+    from gptkit.training.train import train
+
+    from .conftest import tiny_overrides
+
+    cfg = load_config(None, tiny_overrides(**{"train.max_steps": 1}))
+    cfg.data.dir = str(tmp_path / "d")
+    train(cfg, tmp_path / "r", progress=False, quiet=True)
+    assert load_run_config(tmp_path / "r").data.tokenizer == "gpt2"
 
 
 # --- the Llama family: Llama, Qwen2, Qwen3 ---

@@ -73,7 +73,7 @@ def test_practice_questions_can_only_be_read(helpdesk: Path) -> None:
     drill = [r for r in rows if r["source"].startswith("practice/")]
     assert len(drill) == 2000 and len(rows) == 2000 + len(questions("train"))
     bundled = {p["name"] for p in facts()}
-    assert not {r["source"][len("practice/"):] for r in drill} & {p.name for p in DOCUMENTS.iterdir()}
+    assert not {r["source"][len("practice/") :] for r in drill} & {p.name for p in DOCUMENTS.iterdir()}
     assert not any(name in r["question"] for r in drill for name in bundled)
     for r in drill:
         answer, cited = strip_citation(r["answer"])

@@ -9,6 +9,7 @@ from typing import TextIO
 
 from gptkit.errors import GptkitError
 from gptkit.inference.generate import SamplingParams
+from gptkit.inference.speculative import Speculator
 from gptkit.model import GPT
 from gptkit.retrieval import Index, fit_passages
 from gptkit.template import ChatTemplate, Message
@@ -36,6 +37,7 @@ class ChatSession:
         self.history: list[Message] = []
         self.trimmed = 0  # turns dropped so far to fit the context
         self.static = False  # decode through a CUDA graph (generate.StaticDecoder)
+        self.speculator: Speculator | None = None  # decode speculatively with a draft
         # grounded answers: each question goes to the model with its best k passages
         self.index, self.k = index, k
         self.sources: list[str] = []  # the last reply's passages' sources, best first
@@ -72,7 +74,7 @@ class ChatSession:
     def reply(self, user: str) -> Iterator[str]:
         """Stream the assistant's reply; the exchange joins the history when it is complete."""
         ids = self.prompt_ids(user)
-        stream = self.template.reply(self.model, ids, self.params, self.static)
+        stream = self.template.reply(self.model, ids, self.params, self.static, self.speculator)
         yield from stream
         self.history += [Message("user", user), Message("assistant", stream.text.strip())]
 

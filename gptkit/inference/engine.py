@@ -9,7 +9,9 @@ share a step. Rows sit right-aligned on the pool's time axis: a row's tokens occ
 each row computes what it would alone. When the pool's time axis is full, rows at the full
 context drop their oldest quarter (recomputed, as generate_ids does) and everyone moves left.
 A prompt that begins like a recent one (the same system prompt, the next turn of a chat) copies
-that beginning's keys and values from a bounded prefix cache instead of computing it.
+that beginning's keys and values from a bounded prefix cache instead of computing it. With a
+draft model (speculative.py), a row decoding alone is decoded speculatively: up to k + 1 tokens
+a step. Batched rows already share each pass over the weights, so they decode one token each.
 
 The static scheduler (`continuous=False`, `gptkit serve --scheduler static`), kept for
 comparison: requests waiting together are decoded together when their sampling settings match,
@@ -35,10 +37,11 @@ from gptkit.inference.generate import (
     StaticDecoder,
     choose_next,
     generate_ids,
-    process_logits,
+    process_history,
     seeded_generator,
     stop_token_ids,
 )
+from gptkit.inference.speculative import Drafter, Speculator, check, verify
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import Tokenizer
 
@@ -181,6 +184,7 @@ class _Row:
     context: list[int]
     prompt_len: int
     gen: torch.Generator | None
+    drafter: Drafter | None = None  # speculative decoding: the draft's cache for this row
 
 
 @dataclass(eq=False)
@@ -205,16 +209,19 @@ class Engine:
         static: bool = False,
         prefix_cache_tokens: int | None = None,
         prefill_chunk: int = 256,
+        speculator: Speculator | None = None,
     ) -> None:
         """static (continuous only): every decode step runs at the pool's full width through a
         StaticDecoder, captured in a CUDA graph on CUDA (`gptkit serve --cuda-graph`).
         prefix_cache_tokens (continuous only): positions of keys and values kept for prompts that
         begin alike (PrefixCache); default as many as the pool holds, 0 for none.
         prefill_chunk (continuous only): prompt positions prefilled between two decode steps, so
-        that a long prompt delays the rows decoding by one chunk at a time, not its whole length."""
+        that a long prompt delays the rows decoding by one chunk at a time, not its whole length.
+        speculator: a draft model; a row decoding alone is decoded speculatively with it."""
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         self.prefill_chunk = prefill_chunk
+        self.speculator = speculator
         self.filling: deque[_Prefill] = deque()  # continuous: prompts being prefilled, in order
         self.model, self.tok = model, tok
         if prefix_cache_tokens is None:
@@ -390,6 +397,7 @@ class Engine:
             pad if pad.any() else None,
             keep if top_n is not None else None,
             score_prompts if echo else None,
+            speculator=self.speculator if len(live) == 1 else None,
         )
         for nxt in steps:
             self.steps += 1
@@ -455,7 +463,11 @@ class Engine:
             self._fill()
             if self.rows_live:
                 try:
-                    self._step()
+                    alone = len(self.rows_live) == 1 and not self.filling and not self.queue
+                    if alone and self.speculator is not None:
+                        self._speculate(self.rows_live[0])
+                    else:
+                        self._step()
                 except Exception as e:  # noqa: BLE001 -- the engine thread must outlive any bug
                     for row in list(self.rows_live):
                         self._fail(row.job, e)
@@ -600,16 +612,16 @@ class Engine:
     def _sample(self, row: _Row, logits: torch.Tensor) -> None:
         """The row's next token from its (1, V) logits with its own settings, through the one
         sampling core (process_logits, choose_next); then its text, or its end."""
-        job, p = row.job, row.job.params
-        context = generated = None  # the token history, as a tensor only for a penalty to read
-        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
-            context = torch.tensor([row.context], device=self.device)
-            generated = context[:, row.prompt_len :]
-        processed = process_logits(logits, context, p, generated)
-        nxt = choose_next(processed, p, row.gen)
+        p = row.job.params
+        processed = process_history(logits, p, row.context, row.prompt_len)
+        self._take(row, int(choose_next(processed, p, row.gen)[0]), processed)
+
+    def _take(self, row: _Row, token: int, processed: torch.Tensor) -> None:
+        """The row's next token, drawn from processed (1, V) logits: its text, or its end."""
+        job = row.job
         if job.logprobs is not None:
+            nxt = torch.tensor([token], device=processed.device)
             job.token_logprobs += token_logprobs(processed.log_softmax(-1), nxt, job.logprobs)
-        token = int(nxt[0])
         row.context.append(token)
         self.tokens += 1
         delta = job.detok.feed(token)  # type: ignore[union-attr]
@@ -668,6 +680,41 @@ class Engine:
         logits, _ = self.model(x, cache=view, last_only=True, pad=pad if bool(pad.any()) else None)
         return logits[:, -1]
 
+    def _speculate(self, row: _Row) -> None:
+        """A decode step for a row alone: its draft guesses up to k tokens, and one forward pass
+        of the pool's slot 0 checks them (speculative.verify); a step yields 1 to k + 1 tokens."""
+        job, pool, spec = row.job, self.pool, self.speculator
+        assert pool is not None and spec is not None and job.detok is not None
+        if job.cancelled:
+            self._end(job)
+            return
+        block = self.model.config.block_size
+        left = job.params.max_new_tokens - job.detok.completion_tokens
+        k = min(spec.k, left - 1, block - pool.pos - 1)
+        if k < 1:
+            self._step()
+            return
+        if row.drafter is None:
+            row.drafter = spec.sequence()
+        guesses, draft_dists = row.drafter.propose(
+            row.context, k, job.params, row.gen, row.prompt_len
+        )
+        view = KVCache(pool.k[:, :1], pool.v[:, :1], pool.pos)
+        pad = torch.tensor([row.start], device=self.device) if row.start else None
+        logits = check(self.model, row.context[-1:] + guesses, view, pad)
+        tokens, dists = verify(logits[0], guesses, draft_dists, job.params, row.gen,
+                               row.context, row.prompt_len)  # fmt: skip
+        self.steps += 1
+        self.step_rows += 1
+        self.batches += 1
+        spec.record(k, len(tokens))
+        before = pool.pos
+        for i, (token, dist) in enumerate(zip(tokens, dists)):
+            pool.pos = before + i + 1  # the cache holds every token of the row but its newest
+            self._take(row, token, dist)
+            if job.detok.done:
+                return
+
     def _step(self) -> None:
         for row in [r for r in self.rows_live if r.job.cancelled]:
             self._end(row.job)
@@ -712,10 +759,13 @@ def generate_many(
     max_batch: int,
     stop_ids: Iterable[int] = (),
     stops: Iterable[str] = (),
+    speculator: Speculator | None = None,
 ) -> list[str]:
     """Engine.generate_many on an engine of its own (max_batch rows at a time), closed after:
     for callers that decode many prompts once (evaluation, `generate --num-samples`)."""
-    engine = Engine(model, tok, max_batch=max_batch, queue_limit=max(max_batch, 64))
+    engine = Engine(
+        model, tok, max_batch=max_batch, queue_limit=max(max_batch, 64), speculator=speculator
+    )
     try:
         return engine.generate_many(prompts, params, stop_ids, stops)
     finally:

@@ -9,13 +9,16 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from gptkit.errors import GptkitError, check_number
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import Tokenizer
+
+if TYPE_CHECKING:
+    from gptkit.inference.speculative import Speculator
 
 
 @dataclass
@@ -121,6 +124,18 @@ def process_logits(
         drop[:, 0] = False  # a top_p below float32's range (1e-100) would otherwise drop it too
         logits = logits.masked_fill(drop.scatter(1, order, drop), float("-inf"))
     return logits
+
+
+def process_history(
+    logits: torch.Tensor, p: SamplingParams, history: list[int], prompt_len: int
+) -> torch.Tensor:
+    """process_logits for one sequence's (1, V) logits given its tokens so far as a list (the
+    prompt's first prompt_len of them): the list becomes a tensor only when a penalty reads it."""
+    context = generated = None
+    if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty:
+        context = torch.tensor([history], device=logits.device)
+        generated = context[:, prompt_len:]
+    return process_logits(logits, context, p, generated)
 
 
 def sample_next(
@@ -240,6 +255,7 @@ def generate_ids(
     on_distribution: Callable[[torch.Tensor], None] | None = None,
     on_prompt: Callable[[torch.Tensor], None] | None = None,
     static: bool = False,
+    speculator: Speculator | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) for a batch of prompts (B, T), one step at a time. Prompts
     of unequal length come left-padded, pad[b] tokens in row b (see GPT.forward).
@@ -247,7 +263,13 @@ def generate_ids(
     drawn from: after penalties, temperature, top-k and top-p (greedy: the model's, penalised).
     on_prompt receives the prefill's (B, T, V) logits at every prompt position, so that scoring
     a prompt (echo) costs no forward pass of its own.
-    static: decode through a StaticDecoder (a CUDA graph on CUDA); the same tokens."""
+    static: decode through a StaticDecoder (a CUDA graph on CUDA); the same tokens.
+    speculator: one prompt decoded speculatively with its draft (speculative.py); the same
+    tokens greedy, the same distribution sampled."""
+    if speculator is not None and prompt.size(0) == 1 and pad is None:
+        gen1 = gen[0] if isinstance(gen, list) else gen
+        yield from speculator.decode(model, prompt, params, gen1, on_distribution, on_prompt)
+        return
     block = model.config.block_size
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -370,12 +392,14 @@ class TextStream:
         stop_ids: list[int] | None = None,
         extra_stop: list[str] | None = None,
         static: bool = False,
+        speculator: Speculator | None = None,
     ) -> None:
         """stop_ids: token ids that end the sample (besides end-of-text, when params.stop_at_eot);
         extra_stop: stop strings added to params.stop (a chat template's end of turn);
-        static: decode through a StaticDecoder (a CUDA graph on CUDA)."""
+        static: decode through a StaticDecoder (a CUDA graph on CUDA);
+        speculator: decode speculatively with its draft (speculative.py)."""
         self.model, self.tok, self.params = model, tok, params.validate()
-        self.static = static
+        self.static, self.speculator = static, speculator
         ids = stop_token_ids(tok, params, stop_ids or [])
         self.prompt_ids = tok.encode_prompt(prompt) if isinstance(prompt, str) else list(prompt)
         if not self.prompt_ids:  # an empty prompt starts a fresh document
@@ -404,7 +428,10 @@ class TextStream:
         device = next(self.model.parameters()).device
         gen = seeded_generator(self.params.seed, device)
         prompt = torch.tensor([self.prompt_ids], dtype=torch.long)
-        for nxt in generate_ids(self.model, prompt, self.params, gen, static=self.static):
+        steps = generate_ids(
+            self.model, prompt, self.params, gen, static=self.static, speculator=self.speculator
+        )
+        for nxt in steps:
             delta = self.detok.feed(int(nxt[0]))
             if delta:
                 yield delta

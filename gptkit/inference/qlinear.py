@@ -19,9 +19,11 @@ values two to a byte in plain row order; the kernel's own packed layout is made 
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import threading
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -39,6 +41,22 @@ ACTIVATIONS = ("int8", "bf16")
 
 
 GROUP = 32  # int4: weights per scale and zero
+# rows_alone(): set on the thread that checks a draft's guesses
+_ROWS_ALONE = threading.local()
+
+
+@contextlib.contextmanager
+def rows_alone() -> Iterator[None]:
+    """Inside it, an int8-activation product of several rows runs a row at a time, so that each
+    row's numbers are exactly those it gets alone (the kernel quantizes its whole input over one
+    range): a speculative verification of k + 1 positions then gives the logits that k + 1
+    decoding steps give. The weight is in cache after the first row, but each row still costs
+    about what a decoding step's product does."""
+    _ROWS_ALONE.on = True
+    try:
+        yield
+    finally:
+        _ROWS_ALONE.on = False
 
 
 class QuantizedLinear(nn.Module):
@@ -127,18 +145,20 @@ class Int8Linear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # One row (batch-1 decoding): straight to the int8 x int8 kernel, bias included, with
         # no reshaping around it -- at 121 products a token, each call's overhead counts.
-        if (
-            self.int8_activations
-            and x.numel() == self.in_features
-            and x.dtype == torch.float32
-            and not x.requires_grad
-        ):
-            if self._kernel is None:
-                self._make_kernel()
-            if self._kernel[1] is None:
-                self._kernel[1] = _fbgemm_pack(self.weight, self.scale, self.bias)
-            if self._kernel[1] is not False:
-                return _int8_product()(x.contiguous(), self._kernel[1])
+        if self.int8_activations and x.dtype == torch.float32 and not x.requires_grad:
+            rows = x.numel() // self.in_features
+            one = rows == 1 or getattr(_ROWS_ALONE, "on", False)
+            if one:
+                if self._kernel is None:
+                    self._make_kernel()
+                if self._kernel[1] is None:
+                    self._kernel[1] = _fbgemm_pack(self.weight, self.scale, self.bias)
+            if one and self._kernel[1] is not False:
+                product = _int8_product()
+                if rows == 1:
+                    return product(x.contiguous(), self._kernel[1])
+                x = x.contiguous()
+                return torch.cat([product(x[:, t], self._kernel[1]) for t in range(rows)])[None]
         return super().forward(x)
 
     def dequantized(self) -> torch.Tensor:

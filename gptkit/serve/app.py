@@ -34,6 +34,7 @@ from gptkit.classify import Classifier
 from gptkit.errors import GptkitError
 from gptkit.inference.engine import Engine, Job, QueueFull, TokenLogprob
 from gptkit.inference.generate import SamplingParams
+from gptkit.inference.speculative import Speculator
 from gptkit.model import GPT
 from gptkit.retrieval import Index, fit_passages
 from gptkit.serve.guard import Guard, ServeConfig
@@ -70,7 +71,12 @@ class Served:
     The request checks that both endpoints make are its methods."""
 
     def __init__(
-        self, model: GPT, tok: Tokenizer, sc: ServeConfig, labels: list[str] | None = None
+        self,
+        model: GPT,
+        tok: Tokenizer,
+        sc: ServeConfig,
+        labels: list[str] | None = None,
+        speculator: Speculator | None = None,
     ) -> None:
         self.tok, self.sc = tok, sc
         self.engine = Engine(
@@ -82,6 +88,7 @@ class Served:
             static=sc.cuda_graph,
             prefix_cache_tokens=sc.prefix_cache_tokens,
             prefill_chunk=sc.prefill_chunk,
+            speculator=speculator,
         )
         self.template = ChatTemplate(tok)
         self.block = model.config.block_size
@@ -510,6 +517,8 @@ async def health(request: Request) -> dict[str, Any]:
         "prefix_hits": e.prefixes.hits if e.prefixes else 0,
         "prefix_tokens_reused": e.prefixes.reused if e.prefixes else 0,
         "prefix_cache_tokens": e.prefixes.tokens if e.prefixes else 0,
+        # --draft: the draft, its guesses made and kept (acceptance_rate); null without one
+        "speculative": e.speculator.stats() if e.speculator else None,
     }
 
 
@@ -727,14 +736,19 @@ async def _crash(request: Request, e: Exception) -> JSONResponse:
 
 
 def create_app(
-    model: GPT, tok: Tokenizer, sc: ServeConfig, labels: list[str] | None = None
+    model: GPT,
+    tok: Tokenizer,
+    sc: ServeConfig,
+    labels: list[str] | None = None,
+    speculator: Speculator | None = None,
 ) -> FastAPI:
     """The FastAPI application serving `model` (call from Python to embed it elsewhere); labels:
-    a classification run's, for /v1/classify."""
+    a classification run's, for /v1/classify; speculator: a draft model to decode lone rows
+    speculatively with."""
     # No /docs: Swagger UI loads its scripts from a CDN, blank offline. /openapi.json describes the
     # API.
     app = FastAPI(title="gptkit", version="1", docs_url=None, redoc_url=None)
-    served = Served(model, tok, sc, labels)
+    served = Served(model, tok, sc, labels, speculator)
     app.state.served = served
     app.state.engine = served.engine
     app.add_exception_handler(StarletteHTTPException, _http_error)  # type: ignore[arg-type]

@@ -33,6 +33,8 @@ class ServeConfig:
     prefill_chunk: int = 256  # prompt positions prefilled between two decode steps
     index: str = ""  # a `gptkit index` folder: chat questions are answered from its passages
     passages: int = 3  # with index: the best passages put into each question's prompt
+    draft: str = ""  # a draft run: a row decoding alone is decoded speculatively with it
+    draft_tokens: int = 4  # with draft: tokens it guesses a round
     max_classify_inputs: int = 64  # texts one /v1/classify request may send
 
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from gptkit.errors import GptkitError
+from gptkit.inference.speculative import load_speculator
 from gptkit.loader import load_model
 from gptkit.runtime import resolve_device
 from gptkit.serve.app import create_app
@@ -72,7 +73,10 @@ def serve(
         # bound to a public address on purpose: any name reaches it
         sc = replace(sc, allowed_hosts=["*"])
     labels = cfg.finetune.labels if cfg.finetune.task == "classify" else None
-    app = create_app(model, tok, sc, labels)
+    spec = None
+    if sc.draft:
+        spec = load_speculator(sc.draft, model, tok, sc.draft_tokens, resolve_device(device))
+    app = create_app(model, tok, sc, labels, spec)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
