@@ -58,6 +58,10 @@ def test_greedy_tokens_are_the_targets_own(arch: str, scheme: str) -> None:
         alone = [int(t) for t in generate_ids(target, prompt, params)]
         fast = [int(t) for t in generate_ids(target, prompt, params, speculator=draft)]
         assert fast == alone
+    # a draft whose vocabulary is padded to another size: the same tokens
+    for vocab in (190, 232):
+        other = Speculator(random_gpt(2, vocab), k=3, vocab=200)
+        assert [int(t) for t in generate_ids(target, prompt, params, speculator=other)] == alone
     # a random draft rarely guesses right, but it was asked every round
     assert draft.rounds > 0 and draft.proposed >= draft.rounds and 0 <= draft.accepted <= draft.proposed
 
