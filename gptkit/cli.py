@@ -150,12 +150,16 @@ def _add_draft(p: argparse.ArgumentParser) -> None:
     _opt(p, "--draft-tokens", 4, "with --draft: tokens the draft guesses a round")
 
 
+def _check_draft(a: argparse.Namespace) -> None:
+    if a.draft and a.cuda_graph:
+        raise GptkitError("--draft and --cuda-graph cannot be combined yet; drop one of them")
+
+
 def _speculator(a: argparse.Namespace, model: Any, tok: Any) -> Any:
     """--draft's Speculator for model, or None."""
+    _check_draft(a)
     if not a.draft:
         return None
-    if a.cuda_graph:
-        raise GptkitError("--draft and --cuda-graph cannot be combined yet; drop one of them")
     from gptkit.inference.speculative import load_speculator
 
     return load_speculator(a.draft, model, tok, a.draft_tokens, next(model.parameters()).device)
@@ -862,8 +866,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise GptkitError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
     if a.cuda_graph and a.scheduler == "static":
         raise GptkitError("--cuda-graph is for the continuous scheduler; drop --scheduler static")
-    if a.draft and a.cuda_graph:
-        raise GptkitError("--draft and --cuda-graph cannot be combined yet; drop one of them")
+    _check_draft(a)
     sc = ServeConfig(
         model_name=a.model_name or Path(a.run).resolve().name,
         api_key=a.api_key or os.environ.get("GPTKIT_API_KEY") or None,

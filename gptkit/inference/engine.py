@@ -41,7 +41,7 @@ from gptkit.inference.generate import (
     seeded_generator,
     stop_token_ids,
 )
-from gptkit.inference.speculative import Drafter, Speculator, check, verify
+from gptkit.inference.speculative import Drafter, Speculator
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import Tokenizer
 
@@ -696,18 +696,13 @@ class Engine:
             return
         if row.drafter is None:
             row.drafter = spec.sequence()
-        guesses, draft_dists = row.drafter.propose(
-            row.context, k, job.params, row.gen, row.prompt_len
-        )
         view = KVCache(pool.k[:, :1], pool.v[:, :1], pool.pos)
         pad = torch.tensor([row.start], device=self.device) if row.start else None
-        logits = check(self.model, row.context[-1:] + guesses, view, pad)
-        tokens, dists = verify(logits[0], guesses, draft_dists, job.params, row.gen,
-                               row.context, row.prompt_len)  # fmt: skip
+        tokens, dists = row.drafter.speculate(self.model, row.context, k, job.params, row.gen,
+                                          row.prompt_len, view, pad)  # fmt: skip
         self.steps += 1
         self.step_rows += 1
         self.batches += 1
-        spec.record(k, len(tokens))
         before = pool.pos
         for i, (token, dist) in enumerate(zip(tokens, dists)):
             pool.pos = before + i + 1  # the cache holds every token of the row but its newest

@@ -100,17 +100,13 @@ class Speculator:
             # guesses only up to the full context, so the rebuilds fall where generate_ids' do
             k = min(self.k, params.max_new_tokens - made - 1, block - cache.pos - 1)
             before = cache.pos
-            guesses: list[int] = []
-            draft_dists: list[torch.Tensor] = []
             if k > 0:
-                guesses, draft_dists = drafter.propose(context, k, params, gen, prompt_len)
-            logits = check(model, context[-1:] + guesses, cache)
-            tokens, dists = verify(
-                logits[0], guesses, draft_dists, params, gen, context, prompt_len
-            )
+                tokens, dists = drafter.speculate(model, context, k, params, gen, prompt_len, cache)
+            else:  # one token left to make, or one position left in the context: a plain step
+                logits, _ = model(torch.tensor([context[-1:]], device=device), cache=cache)
+                dists = [process_history(logits[:, -1], params, context, prompt_len)]
+                tokens = [int(choose_next(dists[0], params, gen)[0])]
             cache.pos = before + len(tokens)  # the last token and the guesses kept
-            if k > 0:
-                self.record(k, len(tokens))
 
     def record(self, k: int, tokens: int) -> None:
         """A round of k guesses that yielded `tokens` (the guesses kept and one of the target's)."""
@@ -184,6 +180,27 @@ class Drafter:
                 logits = self._next(torch.tensor([[token]], device=param.device))
         self.tokens = want + guesses[:-1]
         return guesses, dists
+
+    def speculate(
+        self,
+        model: GPT,
+        context: list[int],
+        k: int,
+        p: SamplingParams,
+        gen: torch.Generator | None,
+        prompt_len: int,
+        cache: KVCache,
+        pad: torch.Tensor | None = None,
+    ) -> tuple[list[int], list[torch.Tensor]]:
+        """One round: k guesses after context, checked in one pass of the target over its cache
+        (which holds context but its last token; pad: a pool row's left padding). Returns the
+        tokens it yields and, for each, the target's processed (1, V) logits; the cache's
+        position is the caller's to set."""
+        guesses, draft_dists = self.propose(context, k, p, gen, prompt_len)
+        logits = check(model, context[-1:] + guesses, cache, pad)
+        tokens, dists = verify(logits[0], guesses, draft_dists, p, gen, context, prompt_len)
+        self.spec.record(k, len(tokens))
+        return tokens, dists
 
     def _next(self, x: torch.Tensor) -> torch.Tensor:
         """The draft's (1, V) logits after x, cut or padded (never chosen) to the target's V."""
