@@ -150,14 +150,8 @@ def _add_draft(p: argparse.ArgumentParser) -> None:
     _opt(p, "--draft-tokens", 4, "with --draft: tokens the draft guesses a round")
 
 
-def _check_draft(a: argparse.Namespace) -> None:
-    if a.draft and a.cuda_graph:
-        raise GptkitError("--draft and --cuda-graph cannot be combined yet; drop one of them")
-
-
 def _speculator(a: argparse.Namespace, model: Any, tok: Any) -> Any:
-    """--draft's Speculator for model, or None."""
-    _check_draft(a)
+    """--draft's Speculator for model, or None (_check_cuda_graph has checked the flags)."""
     if not a.draft:
         return None
     from gptkit.inference.speculative import load_speculator
@@ -169,6 +163,8 @@ def _check_cuda_graph(a: argparse.Namespace) -> None:
     from gptkit.runtime import resolve_device
 
     device = resolve_device(a.device)
+    if a.cuda_graph and a.draft:
+        raise GptkitError("--draft and --cuda-graph cannot be combined yet; drop one of them")
     if a.cuda_graph and device.type != "cuda":
         raise GptkitError(
             f"--cuda-graph needs a CUDA GPU, and this runs on {device}; drop --cuda-graph "
@@ -866,7 +862,6 @@ def cmd_serve(a: argparse.Namespace) -> None:
         raise GptkitError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
     if a.cuda_graph and a.scheduler == "static":
         raise GptkitError("--cuda-graph is for the continuous scheduler; drop --scheduler static")
-    _check_draft(a)
     sc = ServeConfig(
         model_name=a.model_name or Path(a.run).resolve().name,
         api_key=a.api_key or os.environ.get("GPTKIT_API_KEY") or None,

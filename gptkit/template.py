@@ -20,19 +20,16 @@ import functools
 import json
 from dataclasses import dataclass
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import jinja2
 from jinja2.ext import loopcontrols
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from gptkit.errors import GptkitError
-from gptkit.inference.generate import SamplingParams, TextStream
+from gptkit.inference.generate import SamplingParams, Speculation, TextStream
 from gptkit.model import GPT
 from gptkit.tokenizer import Tokenizer
-
-if TYPE_CHECKING:
-    from gptkit.inference.speculative import Speculator
 
 ROLES = ("system", "user", "assistant")
 SPECIAL_TEMPLATE = {
@@ -224,7 +221,7 @@ class ChatTemplate:
         ids: list[int],
         params: SamplingParams,
         static: bool = False,
-        speculator: Speculator | None = None,
+        speculator: Speculation | None = None,
     ) -> TextStream:
         """The assistant's turn after `ids` (a conversation encoded with generation_prompt), through
         the one sampling core, ending at the template's end of turn (static, speculator:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
 
@@ -17,8 +17,12 @@ from gptkit.errors import GptkitError, check_number
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import Tokenizer
 
-if TYPE_CHECKING:
-    from gptkit.inference.speculative import Speculator
+
+class Speculation(Protocol):
+    """What generate_ids needs of a draft (speculative.Speculator, which imports this module)."""
+
+    def decode(self, model: GPT, prompt: torch.Tensor, params: SamplingParams, gen: Any,
+               on_distribution: Any, on_prompt: Any) -> Iterator[torch.Tensor]: ...  # fmt: skip
 
 
 @dataclass
@@ -255,7 +259,7 @@ def generate_ids(
     on_distribution: Callable[[torch.Tensor], None] | None = None,
     on_prompt: Callable[[torch.Tensor], None] | None = None,
     static: bool = False,
-    speculator: Speculator | None = None,
+    speculator: Speculation | None = None,
 ) -> Iterator[torch.Tensor]:
     """Yield the next token ids (B,) for a batch of prompts (B, T), one step at a time. Prompts
     of unequal length come left-padded, pad[b] tokens in row b (see GPT.forward).
@@ -264,12 +268,10 @@ def generate_ids(
     on_prompt receives the prefill's (B, T, V) logits at every prompt position, so that scoring
     a prompt (echo) costs no forward pass of its own.
     static: decode through a StaticDecoder (a CUDA graph on CUDA); the same tokens.
-    speculator: one prompt decoded speculatively with its draft (speculative.py); the same
-    tokens greedy, the same distribution sampled."""
+    speculator: one prompt decoded speculatively (speculative.py); the same tokens greedy."""
     if speculator is not None and prompt.size(0) == 1 and pad is None:
-        gen1 = gen[0] if isinstance(gen, list) else gen
-        yield from speculator.decode(model, prompt, params, gen1, on_distribution, on_prompt)
-        return
+        g = gen[0] if isinstance(gen, list) else gen
+        return (yield from speculator.decode(model, prompt, params, g, on_distribution, on_prompt))
     block = model.config.block_size
     device = next(model.parameters()).device
     dtype = next(model.parameters()).dtype
@@ -392,7 +394,7 @@ class TextStream:
         stop_ids: list[int] | None = None,
         extra_stop: list[str] | None = None,
         static: bool = False,
-        speculator: Speculator | None = None,
+        speculator: Speculation | None = None,
     ) -> None:
         """stop_ids: token ids that end the sample (besides end-of-text, when params.stop_at_eot);
         extra_stop: stop strings added to params.stop (a chat template's end of turn);
