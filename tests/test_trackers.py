@@ -137,6 +137,27 @@ def test_resume_continues_the_same_tracker_runs(tmp_path: Path, small_data: Path
     assert steps[-1] == 20
 
 
+def test_mlflow_rows_committed_before_a_kill_are_not_sent_again(tmp_path: Path) -> None:
+    """The window a kill -9 can hit: MLflow committed steps past the checkpoint and nothing of
+    ours recorded it. A reopened tracker asks the store, so the redone steps are sent once."""
+    pytest.importorskip("mlflow")
+    from gptkit.training.trackers import Mlflow
+
+    cfg = load_config(None, tiny_overrides(**{"track.backends": "mlflow"}))
+    first = Mlflow(tmp_path, cfg, None)
+    for step in (5, 10, 15):  # checkpoint at 10; 15 reached the store before the kill
+        first.log(step, {"loss": 1.0 / step, "lr": 0.1})
+    first.log(15, {"val_loss": 2.0})
+    again = Mlflow(tmp_path, cfg, first.id)
+    for step in (15, 20):  # redone after --resume
+        again.log(step, {"loss": 1.0 / step, "lr": 0.1})
+    again.log(15, {"val_loss": 2.0})
+    again.log(20, {"val_loss": 1.5})
+    for key, steps in (("loss", [5, 10, 15, 20]), ("lr", [5, 10, 15, 20]), ("val_loss", [15, 20])):
+        history = sorted(m.step for m in again.client.get_metric_history(first.id, key))
+        assert history == steps, (key, history)
+
+
 def _artifacts(run: Path, run_id: str) -> list[str]:
     from mlflow.tracking import MlflowClient
 
@@ -184,6 +205,7 @@ def test_kill_9_and_resume_leave_no_gap_and_no_repeated_step(tmp_path: Path, sma
     want = _jsonl(run, "loss")
     assert [s for s, _ in want] == list(range(5, 601, 5))
     got, mlrun = _mlflow(run, "loss")
+    assert [s for s, _ in got] == [s for s, _ in want], (saved, killed_at, got)
     assert _same(got, want, rel=1e-5) and mlrun.info.status == "FINISHED"
 
 

@@ -24,10 +24,7 @@ from gptkit.errors import GptkitError
 
 
 class Tracker:
-    """What the training loop calls; each backend implements these. `durable`: a row logged is
-    stored when log returns (so after a kill -9 the tracker is known to hold it)."""
-
-    durable = False
+    """What the training loop calls; each backend implements these."""
 
     def log(self, step: int, values: dict[str, float]) -> None:
         raise NotImplementedError
@@ -117,9 +114,14 @@ class Wandb(Tracker):
 
 class Mlflow(Tracker):
     """An MLflow run of the experiment `track.project`, in `track.mlflow_uri` (by default a local
-    SQLite store, RUN/mlflow.db)."""
+    SQLite store, RUN/mlflow.db).
 
-    durable = True  # each log_batch is a committed SQL transaction
+    A resumed run redoes the steps after its checkpoint exactly (the same losses;
+    tests/test_train.py). Each log_batch is a committed SQL transaction, so on resume the store
+    itself says which steps it already holds (`self.last`, the last step of each key), and those
+    rows are not sent again: the curve has no gap and no repeated step, whenever a kill -9 came.
+    (Keeping that count in a file of our own would leave a window between MLflow's commit and the
+    file's write.)"""
 
     def __init__(self, run_dir: Path, cfg: Config, run_id: str | None) -> None:
         _require("mlflow", "MLflow")
@@ -144,6 +146,7 @@ class Mlflow(Tracker):
             exp_id = self.client.create_experiment(t.project, artifact_location=where)
         else:
             exp_id = exp.experiment_id
+        self.last: dict[str, int] = {}
         if run_id is None:
             tags = {"gptkit.run_dir": str(Path(run_dir).resolve())}
             if t.group:
@@ -155,14 +158,20 @@ class Mlflow(Tracker):
                 self.client.log_batch(run_id, params=params[i : i + 100])
         else:
             self.client.update_run(run_id, status="RUNNING")
+            for key in self.client.get_run(run_id).data.metrics:
+                history = self.client.get_metric_history(run_id, key)
+                self.last[key] = max((m.step for m in history), default=-1)
         self.id = run_id
 
     def log(self, step: int, values: dict[str, float]) -> None:
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
-        metrics = [Metric(k, float(v), now, step) for k, v in values.items()]
-        self.client.log_batch(self.id, metrics=metrics)
+        metrics = [
+            Metric(k, float(v), now, step) for k, v in values.items() if step > self.last.get(k, -1)
+        ]
+        if metrics:
+            self.client.log_batch(self.id, metrics=metrics)
 
     def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
         for k, v in summary.items():
@@ -177,13 +186,11 @@ class Mlflow(Tracker):
 
 
 class Trackers:
-    """The trackers of one run and what each already holds (RUN/trackers.json: its run id, the
-    last step logged and the keys logged at that step). A resumed run redoes the steps after its
-    checkpoint exactly (the same losses; tests/test_train.py), so the rows a tracker already holds
-    are not sent again: its curve has no gap and no repeated step, even after a kill -9 between
-    two checkpoints. W&B's service buffers rows for seconds, so after a kill -9 it may not hold
-    what it was sent: it gets every row, and its own resume keeps each step once. TensorBoard
-    drops its own events past the checkpoint (purge_step)."""
+    """The trackers of one run, and their run ids in RUN/trackers.json, so `--resume` continues
+    the same W&B and MLflow runs. MLflow skips the redone rows it already holds (`Mlflow`). W&B's
+    service buffers rows for seconds, so after a kill -9 it may not hold what it was sent: it gets
+    every row, and its own resume keeps each step once. TensorBoard drops its own events past the
+    checkpoint (purge_step)."""
 
     def __init__(
         self, run_dir: Path, cfg: Config, tensorboard: bool, resume_step: int | None
@@ -197,39 +204,22 @@ class Trackers:
                 pass  # TensorBoard is a core dependency; a broken install only loses its events
         state = json.loads(self.path.read_text()) if self.path.is_file() else {}
         self.named: dict[str, Tracker] = {}
-        self.held: dict[str, dict[str, Any]] = {}
         for name in cfg.track.backends:
-            held = state.get(name, {})
-            tracker = (Wandb if name == "wandb" else Mlflow)(run_dir, cfg, held.get("id"))
-            self.named[name] = tracker
-            self.held[name] = {"id": tracker.id, "step": held.get("step", -1),
-                               "keys": held.get("keys", [])}  # fmt: skip
+            kind = Wandb if name == "wandb" else Mlflow
+            self.named[name] = kind(run_dir, cfg, state.get(name, {}).get("id"))
         if self.named:
-            self._save()
+            tmp = self.path.with_suffix(".tmp")  # a kill mid-write leaves the previous file whole
+            tmp.write_text(json.dumps({name: {"id": t.id} for name, t in self.named.items()}))
+            tmp.replace(self.path)
 
     def log(self, step: int, values: dict[str, float]) -> None:
         if self.tensorboard is not None:
             self.tensorboard.log(step, values)
-        for name, tracker in self.named.items():
-            held = self.held[name]
-            redone = step < held["step"] or (
-                step == held["step"] and set(values) & set(held["keys"])
-            )
-            if redone and tracker.durable:
-                continue  # redone after a resume: the tracker has this row already
+        for tracker in self.named.values():
             tracker.log(step, values)
-            keys = held["keys"] if step == held["step"] else []
-            held["step"], held["keys"] = step, sorted({*keys, *values})
-        if self.named:
-            self._save()
 
     def finish(self, summary: dict[str, Any], checkpoint: Path | None) -> None:
         for tracker in [self.tensorboard, *self.named.values()]:
             if tracker is not None:
                 tracker.finish(summary, checkpoint)
         self.tensorboard, self.named = None, {}
-
-    def _save(self) -> None:
-        tmp = self.path.with_suffix(".tmp")  # a kill mid-write leaves the previous file whole
-        tmp.write_text(json.dumps(self.held))
-        tmp.replace(self.path)
