@@ -19,6 +19,7 @@ the acceptance rates, each round's cost in plain decoding steps and the acceptan
 
     python benchmarks/cpu_decode.py [--rounds 3] [--new-tokens 128] [--shape gpt2-124M smollm2-135M]
         [--parts speed quality speculative] [--spec-train-minutes 8] [--draft-tokens 4]
+        [--draft-p-min 0 0.5 0.8] [--keep DIR]
 
 Ends with one JSON line including ratio_int8_vs_llamacpp_q8_b1 (GPT-2 124M shape),
 ratio_int8_vs_fp32_b8, int8_ppl_change (relative), and the same for int4 against llama.cpp's
@@ -217,20 +218,27 @@ def trained(shape_sets: list[str], data: Path, out: Path, minutes: float) -> tup
     return out, {"steps": result.step, "val_loss": round(result.val.get("loss", float("nan")), 3)}
 
 
-def speculative(shape: str, rounds: int, n: int, minutes: float, k: int) -> dict:
+def speculative(shape: str, rounds: int, n: int, minutes: float, k: int, p_mins: list[float], keep: Path | None) -> dict:
     """Batch-1 greedy tokens/s with and without a draft (fp32 / int8 / int4 targets, the draft
     int8), beside llama.cpp on the same trained target's GGUF files, and the acceptance rates,
-    greedy and sampled. Every greedy speculative sample is checked to equal the target's own."""
+    greedy and sampled; the first of p_mins for every target, the others for fp32 and int8. Every
+    greedy speculative sample is checked to equal the target's own. keep: a folder where the
+    trained target and draft stay, and are reused by the next run."""
     from gptkit.inference.speculative import load_speculator
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
+        kept = (keep / shape) if keep else tmp
         text = (ROOT / "gptkit" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
-        (tmp / "corpus.txt").write_text(text)
-        prepare([str(tmp / "corpus.txt")], tmp / "data", f"gpt2:{ROOT / 'tests' / 'data' / 'gpt2'}", progress=False)
         t0 = time.perf_counter()
-        target_run, target_training = trained(TARGETS[shape], tmp / "data", tmp / "target", minutes)
-        draft_run, draft_training = trained(DRAFTS[shape], tmp / "data", tmp / "draft", minutes / 2)
+        if not (kept / "draft" / "checkpoint").is_dir():
+            (tmp / "corpus.txt").write_text(text)
+            prepare([str(tmp / "corpus.txt")], tmp / "data", f"gpt2:{ROOT / 'tests' / 'data' / 'gpt2'}", progress=False)
+            training = {"target_training": trained(TARGETS[shape], tmp / "data", kept / "target", minutes)[1],
+                        "draft_training": trained(DRAFTS[shape], tmp / "data", kept / "draft", minutes / 2)[1]}  # fmt: skip
+            (kept / "training.json").write_text(json.dumps(training))
+        training = json.loads((kept / "training.json").read_text())
+        target_run, draft_run = kept / "target", kept / "draft"
         trained_s = time.perf_counter() - t0
         fp32, tok, _ = load_model(target_run)
         # int8_bf16act: weight-only products, whose numbers do not depend on the row count, so a
@@ -240,18 +248,17 @@ def speculative(shape: str, rounds: int, n: int, minutes: float, k: int) -> dict
                    "int4": load_model(quantize_run(target_run, tmp / "int4", "int4"))[0]}  # fmt: skip
         draft_int8 = quantize_run(draft_run, tmp / "draft-int8")
         t0 = time.perf_counter()
-        spec = load_speculator(draft_int8, fp32, tok, k)
-        draft_load_s = time.perf_counter() - t0
-        sizes = {"target_params": fp32.num_params(False), "draft_params": spec.draft.num_params(False),
-                 "target_training": target_training, "draft_training": draft_training}  # fmt: skip
+        specs = {pm: load_speculator(draft_int8, fp32, tok, k, p_min=pm) for pm in p_mins}
+        draft_load_s = (time.perf_counter() - t0) / len(p_mins)
+        sizes = {"target_params": fp32.num_params(False), "draft_params": specs[p_mins[0]].draft.num_params(False), **training}
         ids = tok.encode(text[int(len(text) * 0.9) :])
         prompts = [torch.tensor([ids[i * 499 : i * 499 + PROMPT]]) for i in range(3)]  # held-out text
         llms = {t: llama(export_gguf(target_run, tmp / f"{t}.gguf", t), PROMPT + n + 16, THREADS) for t in ("f32", "q8_0")}
         greedy = SamplingParams(max_new_tokens=n, temperature=0)
         reference: dict[str, list[list[int]]] = {}
 
-        def ours(kind: str, draft: bool, params: SamplingParams = greedy) -> float:
-            model, used = targets[kind], spec if draft else None
+        def ours(kind: str, p_min: float | None, params: SamplingParams = greedy) -> float:
+            model, used = targets[kind], specs.get(p_min)
             t0 = time.perf_counter()
             outs = [[int(t) for t in generate_ids(model, p, params, seeded_generator(i), speculator=used)]
                     for i, p in enumerate(prompts)]  # fmt: skip
@@ -268,47 +275,55 @@ def speculative(shape: str, rounds: int, n: int, minutes: float, k: int) -> dict
                 assert len(got) == n
             return len(prompts) * n / (time.perf_counter() - t0)
 
-        runs = {f"gptkit_{kind}{'_draft' * d}": functools.partial(ours, kind, d) for kind in targets for d in (False, True)}
-        runs |= {f"llama.cpp_{t}": functools.partial(cpp, llm) for t, llm in llms.items()}
+        def label(kind: str, p_min: float | None, sampled: str = "") -> str:
+            draft = "" if p_min is None else "_draft" if p_min == p_mins[0] else f"_draft_pmin{p_min}"
+            return f"gptkit_{kind}{draft}{sampled}"
+
         sampled = SamplingParams(max_new_tokens=n, temperature=0.8)
-        runs["gptkit_int8_sampled"] = functools.partial(ours, "int8", False, sampled)
-        runs["gptkit_int8_draft_sampled"] = functools.partial(ours, "int8", True, sampled)
+        runs, which = {}, {}
+        for kind in targets:
+            for pm in [None, *(p_mins if kind in ("fp32", "int8") else p_mins[:1])]:
+                runs[label(kind, pm)] = functools.partial(ours, kind, pm)
+                which[label(kind, pm)] = pm
+        for pm in [None, *p_mins]:
+            runs[label("int8", pm, "_sampled")] = functools.partial(ours, "int8", pm, sampled)
+            which[label("int8", pm, "_sampled")] = pm
+        runs |= {f"llama.cpp_{t}": functools.partial(cpp, llm) for t, llm in llms.items()}
         torch.set_num_threads(THREADS)
         for fn in runs.values():  # warm-up (and the greedy references)
             fn()
         results: dict[str, list[float]] = {key: [] for key in runs}
-        counts: dict[str, list[int]] = {key: [0, 0, 0] for key in runs if "draft" in key}  # proposed, kept, rounds
+        counts: dict[str, list[int]] = {key: [0, 0, 0] for key in runs if which.get(key) is not None}  # proposed, kept, rounds
         for _ in range(rounds):
             for key, fn in runs.items():
-                before = (spec.proposed, spec.accepted, spec.rounds)
+                spec = specs.get(which.get(key))
+                before = (spec.proposed, spec.accepted, spec.rounds) if spec else ()
                 results[key].append(fn())
-                for i, now in enumerate((spec.proposed, spec.accepted, spec.rounds) if key in counts else ()):
+                for i, now in enumerate((spec.proposed, spec.accepted, spec.rounds) if spec else ()):
                     counts[key][i] += now - before[i]
         for llm in llms.values():
             llm.close()
     med = {key: statistics.median(v) for key, v in results.items()}
     out = {f"{key}_b1": round(v, 1) for key, v in med.items()}
-    for key, (proposed, kept, n_rounds) in counts.items():
-        out[f"acceptance_{key}"] = round(kept / proposed, 3)
-        per_pass = (kept + n_rounds) / n_rounds
+    for key, (proposed, kept_guesses, n_rounds) in counts.items():
+        out[f"acceptance_{key}"] = round(kept_guesses / max(proposed, 1), 3)
+        out[f"guesses_per_pass_{key}"] = round(proposed / n_rounds, 2)
+        per_pass = (kept_guesses + n_rounds) / n_rounds
         out[f"tokens_per_pass_{key}"] = round(per_pass, 2)
-        # a round's cost in plain decoding steps: what acceptance would have to reach to pay off
-        plain = med[key.replace("_draft", "")]
-        cost = per_pass * plain / med[key]
-        out[f"round_cost_steps_{key}"] = round(cost, 2)
-        out[f"break_even_acceptance_{key}"] = acceptance_for(cost, k)
-    out["acceptance_for_1.5x_llamacpp_q8_int8"] = acceptance_for(
-        1.5 * med["llama.cpp_q8_0"] / med["gptkit_int8"] * out["round_cost_steps_gptkit_int8_draft"], k
-    )
-    out |= sizes | {"draft_tokens": k, "train_minutes_target": minutes, "train_s": round(trained_s),
-                    "draft_load_s": round(draft_load_s, 2)}  # fmt: skip
-    for kind in targets:
-        out[f"speedup_{kind}_draft"] = round(med[f"gptkit_{kind}_draft"] / med[f"gptkit_{kind}"], 2)
+        plain = med[label(key.split("_draft")[0].removeprefix("gptkit_"), None, "_sampled" if key.endswith("_sampled") else "")]
+        out[f"speedup_{key}"] = round(med[key] / plain, 2)
+        if which[key] == 0.0:  # a round's cost in plain decoding steps, and the acceptance that pays for it
+            cost = per_pass * plain / med[key]
+            out[f"round_cost_steps_{key}"] = round(cost, 2)
+            out[f"break_even_acceptance_{key}"] = acceptance_for(cost, k)
+    out |= sizes | {"draft_tokens": k, "draft_p_mins": p_mins, "train_minutes_target": minutes,
+                    "train_s": round(trained_s), "draft_load_s": round(draft_load_s, 2)}  # fmt: skip
+    best = max((key for key in med if key.startswith("gptkit_int8_draft") and "sampled" not in key), key=med.get)
     out["ratio_int8_vs_llamacpp_q8"] = round(med["gptkit_int8"] / med["llama.cpp_q8_0"], 2)
-    out["ratio_int8_draft_vs_llamacpp_q8"] = round(med["gptkit_int8_draft"] / med["llama.cpp_q8_0"], 2)
-    print(f"\n{shape}, trained target and draft: greedy decode tokens/s at batch 1, median of {rounds}")
+    out["ratio_int8_draft_vs_llamacpp_q8"] = round(med[best] / med["llama.cpp_q8_0"], 2)
+    print(f"\n{shape}, trained target and draft: decode tokens/s at batch 1 (greedy unless sampled), median of {rounds}")
     for key, v in med.items():
-        print(f"  {key:28s} {v:8.1f} tok/s   {v / med['llama.cpp_q8_0']:.2f}x llama.cpp q8_0")
+        print(f"  {key:34s} {v:8.1f} tok/s   {v / med['llama.cpp_q8_0']:.2f}x llama.cpp q8_0")
     print(f"  {json.dumps(out)}")
     return out
 
@@ -341,11 +356,15 @@ def main() -> None:
     ap.add_argument("--parts", nargs="+", default=parts, choices=parts)
     ap.add_argument("--spec-train-minutes", type=float, default=8.0, help="minutes of training for each target (drafts: half)")
     ap.add_argument("--draft-tokens", type=int, default=4)
+    ap.add_argument("--draft-p-min", type=float, nargs="+", default=[0.0, 0.5, 0.8],
+                    help="the first for every target, the others for fp32 and int8")  # fmt: skip
+    ap.add_argument("--keep", type=Path, help="keep the trained targets and drafts here, and reuse them")
     a = ap.parse_args()
     result: dict = {"new_tokens": a.new_tokens}
     if "speculative" in a.parts:
         for shape in a.shape:
-            result[f"{shape}_speculative"] = speculative(shape, a.rounds, a.new_tokens, a.spec_train_minutes, a.draft_tokens)
+            result[f"{shape}_speculative"] = speculative(shape, a.rounds, a.new_tokens, a.spec_train_minutes, a.draft_tokens,
+                                                         a.draft_p_min, a.keep)  # fmt: skip
     if "speed" not in a.parts or "quality" not in a.parts:
         print(json.dumps(result))
         return

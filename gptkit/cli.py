@@ -147,7 +147,14 @@ def _add_draft(p: argparse.ArgumentParser) -> None:
         help="decode speculatively: this small run (the model's tokenizer) guesses tokens that "
         "the model checks in one pass; the same greedy text, the same distribution sampled",
     )
-    _opt(p, "--draft-tokens", 4, "with --draft: tokens the draft guesses a round")
+    _opt(p, "--draft-tokens", 4, "with --draft: tokens the draft guesses a round, at most")
+    p.add_argument(
+        "--draft-p-min",
+        type=float,
+        default=None,
+        help="with --draft: the draft stops guessing for the round when its best next token is "
+        "less likely than this (0: always k guesses; default: see docs/performance.md)",
+    )
 
 
 def _speculator(a: argparse.Namespace, model: Any, tok: Any) -> Any:
@@ -156,7 +163,8 @@ def _speculator(a: argparse.Namespace, model: Any, tok: Any) -> Any:
         return None
     from gptkit.inference.speculative import load_speculator
 
-    return load_speculator(a.draft, model, tok, a.draft_tokens, next(model.parameters()).device)
+    device = next(model.parameters()).device
+    return load_speculator(a.draft, model, tok, a.draft_tokens, device, a.draft_p_min)
 
 
 def _check_cuda_graph(a: argparse.Namespace) -> None:
@@ -882,6 +890,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         max_classify_inputs=a.max_classify_inputs,
         draft=a.draft or "",
         draft_tokens=a.draft_tokens,
+        draft_p_min=a.draft_p_min,
     )
     if a.index:
         from gptkit.retrieval import Index

@@ -113,10 +113,12 @@ def joint(model: GPT, prompt: list[int], params: SamplingParams, n: int) -> dict
     return out
 
 
-def test_sampled_tokens_are_distributed_as_the_targets() -> None:
+@pytest.mark.parametrize("p_min", [0.0, 0.5])
+def test_sampled_tokens_are_distributed_as_the_targets(p_min: float) -> None:
     """4 tokens a sample, k = 2: rounds end in kept guesses, in refusals at either position and
     in the bonus token. The penalty makes each position's distribution depend on the guesses
-    before it. 2,000 seeds; chi-square against the target's exact joint distribution."""
+    before it. 2,000 seeds; chi-square against the target's exact joint distribution. With
+    p_min the draft also stops early in some rounds (at the first guess or the second)."""
     target = random_gpt(0, 24, std=0.5, layers=1)
     draft = copy.deepcopy(target)  # alike but not the same: guesses both kept and refused
     with torch.no_grad():
@@ -124,7 +126,7 @@ def test_sampled_tokens_are_distributed_as_the_targets() -> None:
             p.add_(torch.randn_like(p), alpha=0.1)
     prompt = [3, 1, 4]
     params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=3, repetition_penalty=1.5)
-    spec = Speculator(draft, k=2)
+    spec = Speculator(draft, k=2, p_min=p_min)
     counts: dict[tuple, int] = {}
     n = 2000
     for seed in range(n):
@@ -142,6 +144,8 @@ def test_sampled_tokens_are_distributed_as_the_targets() -> None:
     # (at 20,000 seeds the same test gives p = 0.60)
     assert chisquare(seen, want).pvalue > 1e-3
     assert 0.2 < spec.acceptance_rate < 0.8  # guesses both kept and refused
+    if p_min:  # some rounds stopped short, and not every one
+        assert spec.rounds < spec.proposed < 2 * spec.rounds
     # The test can tell a wrong distribution: the draft's own is 4x as far from the samples.
     draft_probs = joint(draft, prompt, params, 4)
 
@@ -166,6 +170,11 @@ def test_engine_speculates_a_lone_row_and_batches_several(bpe_runs: dict[str, Pa
     sampled = SamplingParams(max_new_tokens=30, temperature=0.9, seed=5)
     once = generate_many(target, tok, prompts[:1], [sampled], 4, speculator=spec)
     assert generate_many(target, tok, prompts[:1], [sampled], 4, speculator=spec) == once
+    # a draft that stops guessing when unsure: fewer guesses a round, the same text
+    unsure = load_speculator(bpe_runs["gpt2"], target, tok, k=4, p_min=0.1)
+    assert generate_many(target, tok, prompts[:1], [params], 4, speculator=unsure) == alone[:1]
+    assert 0 < unsure.proposed < 4 * unsure.rounds, unsure.stats()
+    assert unsure.acceptance_rate > spec.acceptance_rate, (unsure.stats(), spec.stats())  # better guesses
 
 
 def test_cli_generate_and_chat_with_a_draft(
@@ -191,6 +200,8 @@ def test_cli_generate_and_chat_with_a_draft(
     assert code == 2 and "another tokenizer" in err and "Traceback" not in err
     code, _, err = cli(capsys, *args, "--draft", draft, "--draft-tokens", "0")
     assert code == 2 and "--draft-tokens must be in 1..16" in err
+    code, _, err = cli(capsys, *args, "--draft", draft, "--draft-p-min", "1.5")
+    assert code == 2 and "--draft-p-min must be in [0, 1)" in err
 
 
 def test_server_reports_acceptance(bpe_runs: dict[str, Path]) -> None:

@@ -17,6 +17,13 @@ and q the target's and the draft's distributions after the request's sampling se
 
 The draft only proposes, so any model sharing the target's tokenizer works, of any size,
 quantized or not; a better draft means more tokens kept a round, never different output.
+
+A guess the draft itself is unsure of is usually refused, and costs a draft step and a row of
+the checking pass for nothing. So the draft stops guessing for the round once its most likely
+next token has probability below `p_min` (`--draft-p-min`, as llama.cpp's draft p-min and
+transformers' assistant confidence threshold do); at the first position that makes the round a
+plain decoding step. The decision reads only the draft's distribution, never the token it would
+draw, so the sampled output stays distributed as the target's.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import Tokenizer, fingerprint
 
 MAX_DRAFT_TOKENS = 16
+DEFAULT_P_MIN = 0.0
 
 
 @dataclass
@@ -46,6 +54,7 @@ class Speculator:
     k: int = 4
     name: str = ""  # where the draft came from, for /health
     vocab: int = 0  # the target's vocabulary, when the draft's differs (padded rows); 0: the same
+    p_min: float = DEFAULT_P_MIN  # stop guessing when the draft's best token is less likely
     proposed: int = 0
     accepted: int = 0
     rounds: int = 0
@@ -122,6 +131,7 @@ class Speculator:
         return {
             "draft": self.name,
             "draft_tokens": self.k,
+            "draft_p_min": self.p_min,
             "rounds": self.rounds,
             "proposed": self.proposed,
             "accepted": self.accepted,
@@ -152,8 +162,9 @@ class Drafter:
         gen: torch.Generator | None,
         prompt_len: int,
     ) -> tuple[list[int], list[torch.Tensor]]:
-        """k guesses after context (every token so far), and the (1, V) processed logits each
-        was drawn from."""
+        """Up to k guesses after context (every token so far), and the (1, V) processed logits
+        each was drawn from: fewer where the draft's best next token has probability below
+        p_min (none at all, possibly)."""
         draft = self.spec.draft
         block = draft.config.block_size
         param = next(draft.parameters())
@@ -173,6 +184,9 @@ class Drafter:
         dists: list[torch.Tensor] = []
         for i in range(k):
             q = process_history(logits, p, context + guesses, prompt_len)
+            if self.spec.p_min > 0 and float(q.softmax(-1).amax()) < self.spec.p_min:
+                self.tokens = want + guesses  # each guess made went through the draft
+                return guesses, dists
             token = int(choose_next(q, p, gen)[0])
             guesses.append(token)
             dists.append(q)
@@ -199,7 +213,7 @@ class Drafter:
         guesses, draft_dists = self.propose(context, k, p, gen, prompt_len)
         logits = check(model, context[-1:] + guesses, cache, pad)
         tokens, dists = verify(logits[0], guesses, draft_dists, p, gen, context, prompt_len)
-        self.spec.record(k, len(tokens))
+        self.spec.record(len(guesses), len(tokens))
         return tokens, dists
 
     def _next(self, x: torch.Tensor) -> torch.Tensor:
@@ -259,14 +273,23 @@ def verify(
 
 
 def load_speculator(
-    run: str | Path, model: GPT, tok: Tokenizer, k: int = 4, device: torch.device | str = "cpu"
+    run: str | Path,
+    model: GPT,
+    tok: Tokenizer,
+    k: int = 4,
+    device: torch.device | str = "cpu",
+    p_min: float | None = None,
 ) -> Speculator:
     """A Speculator over the draft run at `run` for `model` (whose tokenizer is tok): refused,
-    in one line, when the draft reads text with another tokenizer or k is out of range."""
+    in one line, when the draft reads text with another tokenizer or k or p_min is out of
+    range."""
     from gptkit.loader import load_model
 
     if not 1 <= k <= MAX_DRAFT_TOKENS:
         raise GptkitError(f"--draft-tokens must be in 1..{MAX_DRAFT_TOKENS}, got {k}")
+    p_min = DEFAULT_P_MIN if p_min is None else p_min
+    if not 0.0 <= p_min < 1.0:
+        raise GptkitError(f"--draft-p-min must be in [0, 1), got {p_min}")
     draft, draft_tok, _ = load_model(run, device, merge_adapters=True)
     if fingerprint(draft_tok) != fingerprint(tok) or draft_tok.eot_id != tok.eot_id:
         raise GptkitError(
@@ -279,4 +302,4 @@ def load_speculator(
             f"the draft's context ({draft.config.block_size}) is too short for --draft-tokens "
             f"{k}; use at most {(draft.config.block_size - 2) // 2}"
         )
-    return Speculator(draft, k, name=str(run), vocab=model.config.vocab_size)
+    return Speculator(draft, k, name=str(run), vocab=model.config.vocab_size, p_min=p_min)

@@ -34,7 +34,8 @@ class ServeConfig:
     index: str = ""  # a `gptkit index` folder: chat questions are answered from its passages
     passages: int = 3  # with index: the best passages put into each question's prompt
     draft: str = ""  # a draft run: a row decoding alone is decoded speculatively with it
-    draft_tokens: int = 4  # with draft: tokens it guesses a round
+    draft_tokens: int = 4  # with draft: tokens it guesses a round, at most
+    draft_p_min: float | None = None  # with draft: stop guessing below it (None: the default)
     max_classify_inputs: int = 64  # texts one /v1/classify request may send
 
 
