@@ -365,13 +365,15 @@ def main() -> None:
         for shape in a.shape:
             result[f"{shape}_speculative"] = speculative(shape, a.rounds, a.new_tokens, a.spec_train_minutes, a.draft_tokens,
                                                          a.draft_p_min, a.keep)  # fmt: skip
+    if "speed" in a.parts:
+        for shape in a.shape:
+            result[shape] = speed(shape, a.rounds, a.new_tokens)
+    if "quality" in a.parts:
+        result["quality"] = quality(a.train_minutes)
     if "speed" not in a.parts or "quality" not in a.parts:
         print(json.dumps(result))
         return
-    for shape in a.shape:
-        result[shape] = speed(shape, a.rounds, a.new_tokens)
-    q = quality(a.train_minutes)
-    result["quality"] = q
+    q = result["quality"]
     first = result[a.shape[0]]
     result["ratio_int8_vs_llamacpp_q8_b1"] = round(first["gptkit_int8_b1"] / first["llama.cpp_q8_0_b1"], 2)
     result["ratio_int8_vs_fp32_b8"] = round(first["gptkit_int8_b8"] / first["gptkit_fp32_b8"], 2)
