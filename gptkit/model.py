@@ -215,15 +215,18 @@ class CausalSelfAttention(nn.Module):
         elif cache is not None:
             past = cache.pos
             ck, cv = cache.layer_k[self.layer], cache.layer_v[self.layer]
-            ck[:, :, past : past + T] = k
-            cv[:, :, past : past + T] = v
-            k, v = ck[:, :, : past + T], cv[:, :, : past + T]
+            # narrow: one view each, where slicing [:, :, a:b] makes three (decoding runs four a
+            # layer per token)
+            ck.narrow(2, past, T).copy_(k)
+            cv.narrow(2, past, T).copy_(v)
+            k, v = ck.narrow(2, 0, past + T), cv.narrow(2, 0, past + T)
 
         # softmax(Q K^T / sqrt(d) + causal mask) V: the plain causal case needs no mask tensor;
         # otherwise GPT.forward built one for all layers (attention_mask).
-        if T == 1 and self.n_kv_head != self.n_head and not self.training:
-            # One query a head (decoding) with grouped keys: each key/value head's queries are
-            # its rows -- enable_gqa's numbers, without repeating the keys and values.
+        if T == 1 and not self.training:
+            # One query a head (decoding): with grouped keys each key/value head's queries are
+            # its rows -- enable_gqa's numbers, without repeating the keys and values -- and the
+            # output is already in (B, 1, C) order.
             group = self.n_head // self.n_kv_head
             q = q.reshape(B, self.n_kv_head, group, self.head_dim)
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
