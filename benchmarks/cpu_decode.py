@@ -15,7 +15,9 @@ prompts whose first 32 greedy tokens equal fp32's.
 Then speculative decoding (`--draft`): at each shape a target and a draft about a tenth its size are trained here on
 tiny Shakespeare (GPT-2's tokenizer), and batch-1 tokens/s with and without the draft (fp32, int8, int8 weight-only,
 int4 targets; the draft int8), greedy and sampled, are measured beside llama.cpp on the target's own GGUF files, with
-the acceptance rates, each round's cost in plain decoding steps and the acceptance it would need to pay off.
+the acceptance rates, each round's cost in plain decoding steps and the acceptance it would need to pay off. Every draft
+run uses the default --draft-min-acceptance (a sequence keeping too few guesses after 8 rounds goes plain); int8 and
+fp32 are measured without that switch too (_noswitch).
 
     python benchmarks/cpu_decode.py [--rounds 3] [--new-tokens 128] [--shape gpt2-124M smollm2-135M]
         [--parts speed quality speculative] [--spec-train-minutes 8] [--draft-tokens 4]
@@ -224,7 +226,7 @@ def speculative(shape: str, rounds: int, n: int, minutes: float, k: int, p_mins:
     greedy and sampled; the first of p_mins for every target, the others for fp32 and int8. Every
     greedy speculative sample is checked to equal the target's own. keep: a folder where the
     trained target and draft stay, and are reused by the next run."""
-    from gptkit.inference.speculative import load_speculator
+    from gptkit.inference.speculative import default_min_acceptance, load_speculator
 
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
@@ -257,8 +259,10 @@ def speculative(shape: str, rounds: int, n: int, minutes: float, k: int, p_mins:
         greedy = SamplingParams(max_new_tokens=n, temperature=0)
         reference: dict[str, list[list[int]]] = {}
 
-        def ours(kind: str, p_min: float | None, params: SamplingParams = greedy) -> float:
+        def ours(kind: str, p_min: float | None, params: SamplingParams = greedy, switch: bool = True) -> float:
             model, used = targets[kind], specs.get(p_min)
+            if used is not None:  # a sequence keeping too few guesses goes plain (--draft-min-acceptance)
+                used.min_acceptance = default_min_acceptance(model) if switch else 0.0
             t0 = time.perf_counter()
             outs = [[int(t) for t in generate_ids(model, p, params, seeded_generator(i), speculator=used)]
                     for i, p in enumerate(prompts)]  # fmt: skip
@@ -288,19 +292,26 @@ def speculative(shape: str, rounds: int, n: int, minutes: float, k: int, p_mins:
         for pm in [None, *p_mins]:
             runs[label("int8", pm, "_sampled")] = functools.partial(ours, "int8", pm, sampled)
             which[label("int8", pm, "_sampled")] = pm
+        for kind, params, sampled_label in (("int8", greedy, ""), ("fp32", greedy, ""), ("int8", sampled, "_sampled")):
+            key = label(kind, p_mins[0], "_noswitch" + sampled_label)  # every sequence speculates to its end
+            runs[key] = functools.partial(ours, kind, p_mins[0], params, False)
+            which[key] = p_mins[0]
         runs |= {f"llama.cpp_{t}": functools.partial(cpp, llm) for t, llm in llms.items()}
         torch.set_num_threads(THREADS)
         for fn in runs.values():  # warm-up (and the greedy references)
             fn()
         results: dict[str, list[float]] = {key: [] for key in runs}
         counts: dict[str, list[int]] = {key: [0, 0, 0] for key in runs if which.get(key) is not None}  # proposed, kept, rounds
+        switched = dict.fromkeys(counts, 0)  # sequences switched to plain decoding
         for _ in range(rounds):
             for key, fn in runs.items():
                 spec = specs.get(which.get(key))
-                before = (spec.proposed, spec.accepted, spec.rounds) if spec else ()
+                before = (spec.proposed, spec.accepted, spec.rounds, spec.switched_off) if spec else ()
                 results[key].append(fn())
                 for i, now in enumerate((spec.proposed, spec.accepted, spec.rounds) if spec else ()):
                     counts[key][i] += now - before[i]
+                if spec:
+                    switched[key] += spec.switched_off - before[3]
         for llm in llms.values():
             llm.close()
     med = {key: statistics.median(v) for key, v in results.items()}
@@ -311,8 +322,9 @@ def speculative(shape: str, rounds: int, n: int, minutes: float, k: int, p_mins:
         per_pass = (kept_guesses + n_rounds) / n_rounds
         out[f"tokens_per_pass_{key}"] = round(per_pass, 2)
         plain = med[label(key.split("_draft")[0].removeprefix("gptkit_"), None, "_sampled" if key.endswith("_sampled") else "")]
+        out[f"switched_off_{key}"] = switched[key]
         out[f"speedup_{key}"] = round(med[key] / plain, 2)
-        if which[key] == 0.0:  # a round's cost in plain decoding steps, and the acceptance that pays for it
+        if which[key] == 0.0 and not switched[key]:  # a round's cost in plain steps, and the acceptance that pays for it
             cost = per_pass * plain / med[key]
             out[f"round_cost_steps_{key}"] = round(cost, 2)
             out[f"break_even_acceptance_{key}"] = acceptance_for(cost, k)

@@ -155,6 +155,13 @@ def _add_draft(p: argparse.ArgumentParser) -> None:
         help="with --draft: the draft stops guessing for the round when its best next token is "
         "less likely than this (0: always k guesses; default: see docs/performance.md)",
     )
+    p.add_argument(
+        "--draft-min-acceptance",
+        type=float,
+        default=None,
+        help="with --draft: a sequence keeping a smaller share of its guesses after 8 rounds "
+        "decodes without the draft (default: 0.35 for a float model, 0.6 for a quantized one)",
+    )
 
 
 def _speculator(a: argparse.Namespace, model: Any, tok: Any) -> Any:
@@ -164,7 +171,9 @@ def _speculator(a: argparse.Namespace, model: Any, tok: Any) -> Any:
     from gptkit.inference.speculative import load_speculator
 
     device = next(model.parameters()).device
-    return load_speculator(a.draft, model, tok, a.draft_tokens, device, a.draft_p_min)
+    return load_speculator(
+        a.draft, model, tok, a.draft_tokens, device, a.draft_p_min, a.draft_min_acceptance
+    )
 
 
 def _check_cuda_graph(a: argparse.Namespace) -> None:
@@ -853,6 +862,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         "max_connections",
         "passages",
         "max_classify_inputs",
+        "prefill_chunk",
     ):
         if getattr(a, name) < 1:
             raise GptkitError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -866,8 +876,6 @@ def cmd_serve(a: argparse.Namespace) -> None:
     _check_cuda_graph(a)
     if a.prefix_cache_tokens is not None and a.prefix_cache_tokens < 0:
         raise GptkitError(f"--prefix-cache-tokens must be >= 0, got {a.prefix_cache_tokens}")
-    if a.prefill_chunk < 1:
-        raise GptkitError(f"--prefill-chunk must be >= 1, got {a.prefill_chunk}")
     if a.cuda_graph and a.scheduler == "static":
         raise GptkitError("--cuda-graph is for the continuous scheduler; drop --scheduler static")
     sc = ServeConfig(
@@ -891,6 +899,7 @@ def cmd_serve(a: argparse.Namespace) -> None:
         draft=a.draft or "",
         draft_tokens=a.draft_tokens,
         draft_p_min=a.draft_p_min,
+        draft_min_acceptance=a.draft_min_acceptance,
     )
     if a.index:
         from gptkit.retrieval import Index

@@ -64,6 +64,10 @@ def test_greedy_tokens_are_the_targets_own(arch: str, scheme: str) -> None:
         assert [int(t) for t in generate_ids(target, prompt, params, speculator=other)] == alone
     # a random draft rarely guesses right, but it was asked every round
     assert draft.rounds > 0 and draft.proposed >= draft.rounds and 0 <= draft.accepted <= draft.proposed
+    # switched off after 8 rounds for keeping too few: the rest decoded plainly, the same tokens
+    strict = Speculator(random_gpt(1, 200), k=3, min_acceptance=0.9)
+    assert [int(t) for t in generate_ids(target, prompt, params, speculator=strict)] == alone
+    assert strict.switched_off == 1 and strict.rounds == 8
 
 
 @pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
@@ -113,12 +117,16 @@ def joint(model: GPT, prompt: list[int], params: SamplingParams, n: int) -> dict
     return out
 
 
-@pytest.mark.parametrize("p_min", [0.0, 0.5])
-def test_sampled_tokens_are_distributed_as_the_targets(p_min: float) -> None:
+@pytest.mark.parametrize(
+    "options", [{}, {"p_min": 0.5}, {"min_acceptance": 0.75, "warmup": 1}], ids=["plain", "p_min", "switch_off"]
+)
+def test_sampled_tokens_are_distributed_as_the_targets(options: dict) -> None:
     """4 tokens a sample, k = 2: rounds end in kept guesses, in refusals at either position and
     in the bonus token. The penalty makes each position's distribution depend on the guesses
     before it. 2,000 seeds; chi-square against the target's exact joint distribution. With
-    p_min the draft also stops early in some rounds (at the first guess or the second)."""
+    p_min the draft also stops early in some rounds (at the first guess or the second); with
+    min_acceptance the sequences that kept fewer than 3/4 of their first round's guesses
+    decode their remaining tokens plainly."""
     target = random_gpt(0, 24, std=0.5, layers=1)
     draft = copy.deepcopy(target)  # alike but not the same: guesses both kept and refused
     with torch.no_grad():
@@ -126,7 +134,7 @@ def test_sampled_tokens_are_distributed_as_the_targets(p_min: float) -> None:
             p.add_(torch.randn_like(p), alpha=0.1)
     prompt = [3, 1, 4]
     params = SamplingParams(max_new_tokens=4, temperature=1.0, top_k=3, repetition_penalty=1.5)
-    spec = Speculator(draft, k=2, p_min=p_min)
+    spec = Speculator(draft, k=2, **options)
     counts: dict[tuple, int] = {}
     n = 2000
     for seed in range(n):
@@ -144,8 +152,10 @@ def test_sampled_tokens_are_distributed_as_the_targets(p_min: float) -> None:
     # (at 20,000 seeds the same test gives p = 0.60)
     assert chisquare(seen, want).pvalue > 1e-3
     assert 0.2 < spec.acceptance_rate < 0.8  # guesses both kept and refused
-    if p_min:  # some rounds stopped short, and not every one
+    if "p_min" in options:  # some rounds stopped short, and not every one
         assert spec.rounds < spec.proposed < 2 * spec.rounds
+    if "min_acceptance" in options:  # some sequences switched off after their first round
+        assert 0.1 * n < spec.switched_off < 0.9 * n
     # The test can tell a wrong distribution: the draft's own is 4x as far from the samples.
     draft_probs = joint(draft, prompt, params, 4)
 
@@ -175,6 +185,10 @@ def test_engine_speculates_a_lone_row_and_batches_several(bpe_runs: dict[str, Pa
     assert generate_many(target, tok, prompts[:1], [params], 4, speculator=unsure) == alone[:1]
     assert 0 < unsure.proposed < 4 * unsure.rounds, unsure.stats()
     assert unsure.acceptance_rate > spec.acceptance_rate, (unsure.stats(), spec.stats())  # better guesses
+    # a draft switched off for a row that keeps less than all of its guesses: the same text
+    strict = load_speculator(bpe_runs["gpt2"], target, tok, k=4, min_acceptance=1.0)
+    assert generate_many(target, tok, prompts[:1], [params], 4, speculator=strict) == alone[:1]
+    assert strict.switched_off == 1 and strict.rounds == 8 and strict.stats()["sequences_switched_off"] == 1
 
 
 def test_cli_generate_and_chat_with_a_draft(
@@ -202,6 +216,8 @@ def test_cli_generate_and_chat_with_a_draft(
     assert code == 2 and "--draft-tokens must be in 1..16" in err
     code, _, err = cli(capsys, *args, "--draft", draft, "--draft-p-min", "1.5")
     assert code == 2 and "--draft-p-min must be in [0, 1)" in err
+    code, _, err = cli(capsys, *args, "--draft", draft, "--draft-min-acceptance", "2")
+    assert code == 2 and "--draft-min-acceptance must be in [0, 1]" in err
 
 
 def test_server_reports_acceptance(bpe_runs: dict[str, Path]) -> None:

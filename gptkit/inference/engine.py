@@ -691,11 +691,11 @@ class Engine:
         block = self.model.config.block_size
         left = job.params.max_new_tokens - job.detok.completion_tokens
         k = min(spec.k, left - 1, block - pool.pos - 1)
-        if k < 1:
-            self._step()
-            return
         if row.drafter is None:
             row.drafter = spec.sequence()
+        if k < 1 or row.drafter.off:  # one token left, or a draft this row switched off
+            self._step()
+            return
         view = KVCache(pool.k[:, :1], pool.v[:, :1], pool.pos)
         pad = torch.tensor([row.start], device=self.device) if row.start else None
         tokens, dists = row.drafter.speculate(self.model, row.context, k, job.params, row.gen,

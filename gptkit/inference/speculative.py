@@ -24,6 +24,14 @@ next token has probability below `p_min` (`--draft-p-min`, as llama.cpp's draft 
 transformers' assistant confidence threshold do); at the first position that makes the round a
 plain decoding step. The decision reads only the draft's distribution, never the token it would
 draw, so the sampled output stays distributed as the target's.
+
+A draft that is mostly wrong for a sequence makes it slower than plain decoding, since a round
+costs more than a step. So once a sequence has had `warmup` rounds and the share of its guesses
+kept is below `min_acceptance` (`--draft-min-acceptance`), it decodes plainly from then on. By
+default that share is about where a round stops paying for itself, as measured on this project's
+benchmark: 0.35 for a float target, 0.6 for a quantized one (its checking rows cost more). The
+switch depends on counts only, so a seeded sample repeats; and whichever way each token is
+made, it is drawn from the target's distribution given the tokens before it.
 """
 
 from __future__ import annotations
@@ -37,12 +45,13 @@ import torch.nn.functional as F
 
 from gptkit.errors import GptkitError
 from gptkit.inference.generate import SamplingParams, choose_next, process_history
-from gptkit.inference.qlinear import rows_alone
+from gptkit.inference.qlinear import QuantizedLinear, rows_alone
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import Tokenizer, fingerprint
 
 MAX_DRAFT_TOKENS = 16
 DEFAULT_P_MIN = 0.0
+WARMUP_ROUNDS = 8
 
 
 @dataclass
@@ -55,9 +64,12 @@ class Speculator:
     name: str = ""  # where the draft came from, for /health
     vocab: int = 0  # the target's vocabulary, when the draft's differs (padded rows); 0: the same
     p_min: float = DEFAULT_P_MIN  # stop guessing when the draft's best token is less likely
+    min_acceptance: float = 0.0  # a sequence keeping fewer of its guesses decodes plainly
+    warmup: int = WARMUP_ROUNDS  # rounds a sequence has before min_acceptance is applied
     proposed: int = 0
     accepted: int = 0
     rounds: int = 0
+    switched_off: int = 0  # sequences that went back to plain decoding
 
     @property
     def acceptance_rate(self) -> float:
@@ -109,7 +121,7 @@ class Speculator:
             # guesses only up to the full context, so the rebuilds fall where generate_ids' do
             k = min(self.k, params.max_new_tokens - made - 1, block - cache.pos - 1)
             before = cache.pos
-            if k > 0:
+            if k > 0 and not drafter.off:
                 tokens, dists = drafter.speculate(model, context, k, params, gen, prompt_len, cache)
             else:  # one token left to make, or one position left in the context: a plain step
                 logits, _ = model(torch.tensor([context[-1:]], device=device), cache=cache)
@@ -132,6 +144,8 @@ class Speculator:
             "draft": self.name,
             "draft_tokens": self.k,
             "draft_p_min": self.p_min,
+            "draft_min_acceptance": self.min_acceptance,
+            "sequences_switched_off": self.switched_off,
             "rounds": self.rounds,
             "proposed": self.proposed,
             "accepted": self.accepted,
@@ -153,6 +167,10 @@ class Drafter:
     cache: KVCache | None = None
     tokens: list[int] = field(default_factory=list)
     start: int = 0
+    proposed: int = 0  # this sequence's own counts, for min_acceptance
+    accepted: int = 0
+    rounds: int = 0
+    off: bool = False  # switched to plain decoding
 
     def propose(
         self,
@@ -214,6 +232,13 @@ class Drafter:
         logits = check(model, context[-1:] + guesses, cache, pad)
         tokens, dists = verify(logits[0], guesses, draft_dists, p, gen, context, prompt_len)
         self.spec.record(len(guesses), len(tokens))
+        self.rounds += 1
+        self.proposed += len(guesses)
+        self.accepted += len(tokens) - 1
+        spec = self.spec
+        if self.rounds >= spec.warmup and self.accepted < spec.min_acceptance * self.proposed:
+            self.off = True
+            spec.switched_off += 1
         return tokens, dists
 
     def _next(self, x: torch.Tensor) -> torch.Tensor:
@@ -279,10 +304,11 @@ def load_speculator(
     k: int = 4,
     device: torch.device | str = "cpu",
     p_min: float | None = None,
+    min_acceptance: float | None = None,
 ) -> Speculator:
     """A Speculator over the draft run at `run` for `model` (whose tokenizer is tok): refused,
-    in one line, when the draft reads text with another tokenizer or k or p_min is out of
-    range."""
+    in one line, when the draft reads text with another tokenizer or k, p_min or
+    min_acceptance is out of range. min_acceptance None: default_min_acceptance(model)."""
     from gptkit.loader import load_model
 
     if not 1 <= k <= MAX_DRAFT_TOKENS:
@@ -290,6 +316,10 @@ def load_speculator(
     p_min = DEFAULT_P_MIN if p_min is None else p_min
     if not 0.0 <= p_min < 1.0:
         raise GptkitError(f"--draft-p-min must be in [0, 1), got {p_min}")
+    if min_acceptance is None:
+        min_acceptance = default_min_acceptance(model)
+    if not 0.0 <= min_acceptance <= 1.0:
+        raise GptkitError(f"--draft-min-acceptance must be in [0, 1], got {min_acceptance}")
     draft, draft_tok, _ = load_model(run, device, merge_adapters=True)
     if fingerprint(draft_tok) != fingerprint(tok) or draft_tok.eot_id != tok.eot_id:
         raise GptkitError(
@@ -302,4 +332,13 @@ def load_speculator(
             f"the draft's context ({draft.config.block_size}) is too short for --draft-tokens "
             f"{k}; use at most {(draft.config.block_size - 2) // 2}"
         )
-    return Speculator(draft, k, name=str(run), vocab=model.config.vocab_size, p_min=p_min)
+    return Speculator(draft, k, name=str(run), vocab=model.config.vocab_size, p_min=p_min,
+                      min_acceptance=min_acceptance)  # fmt: skip
+
+
+def default_min_acceptance(model: GPT) -> float:
+    """About the share of guesses kept below which a round costs more than the tokens it yields
+    (benchmarks/cpu_decode.py --parts speculative, k = 4: 0.35-0.44 for fp32 targets, 0.58-0.82
+    for int8 and int4 ones, whose checking rows cost more; docs/performance.md)."""
+    quantized = any(isinstance(m, QuantizedLinear) for m in model.modules())
+    return 0.6 if quantized else 0.35

@@ -36,6 +36,7 @@ class ServeConfig:
     draft: str = ""  # a draft run: a row decoding alone is decoded speculatively with it
     draft_tokens: int = 4  # with draft: tokens it guesses a round, at most
     draft_p_min: float | None = None  # with draft: stop guessing below it (None: the default)
+    draft_min_acceptance: float | None = None  # with draft: a row keeping less decodes plainly
     max_classify_inputs: int = 64  # texts one /v1/classify request may send
 
 

@@ -75,9 +75,8 @@ def serve(
     labels = cfg.finetune.labels if cfg.finetune.task == "classify" else None
     spec = None
     if sc.draft:
-        spec = load_speculator(
-            sc.draft, model, tok, sc.draft_tokens, resolve_device(device), sc.draft_p_min
-        )
+        spec = load_speculator(sc.draft, model, tok, sc.draft_tokens, resolve_device(device),
+                               sc.draft_p_min, sc.draft_min_acceptance)  # fmt: skip
     app = create_app(model, tok, sc, labels, spec)
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
