@@ -57,7 +57,8 @@ WARMUP_ROUNDS = 8
 @dataclass
 class Speculator:
     """A draft model and how many tokens it guesses a round, with the counts of guesses made and
-    kept (the acceptance rate) over every sequence it has served."""
+    kept (the acceptance rate) over every sequence it has served. Built directly, it never
+    switches a sequence off (min_acceptance 0); load_speculator sets the target's default."""
 
     draft: GPT
     k: int = 4
