@@ -86,6 +86,11 @@ def _opt(p: argparse.ArgumentParser, flag: str, default: float, help: str) -> No
     p.add_argument(flag, type=type(default), default=default, help=help)
 
 
+def _opt_unset(p: argparse.ArgumentParser, flag: str, kind: type, help: str) -> None:
+    """A numeric option whose default (None) is decided where it is used."""
+    p.add_argument(flag, type=kind, default=None, help=help)
+
+
 def _choice(p: argparse.ArgumentParser, flag: str, choices: list[str], help: str) -> None:
     """An option with a fixed set of values; the first is the default."""
     p.add_argument(flag, default=choices[0], choices=choices, help=help)
@@ -148,20 +153,11 @@ def _add_draft(p: argparse.ArgumentParser) -> None:
         "the model checks in one pass; the same greedy text, the same distribution sampled",
     )
     _opt(p, "--draft-tokens", 4, "with --draft: tokens the draft guesses a round, at most")
-    p.add_argument(
-        "--draft-p-min",
-        type=float,
-        default=None,
-        help="with --draft: the draft stops guessing for the round when its best next token is "
-        "less likely than this (0: always k guesses; default: see docs/performance.md)",
-    )
-    p.add_argument(
-        "--draft-min-acceptance",
-        type=float,
-        default=None,
-        help="with --draft: a sequence keeping a smaller share of its guesses after 8 rounds "
-        "decodes without the draft (default: 0.35 for a float model, 0.6 for a quantized one)",
-    )
+    p_min = "the draft stops guessing for the round when its best next token is less likely"
+    _opt_unset(p, "--draft-p-min", float, f"with --draft: {p_min} than this (default 0)")
+    switch = "a sequence keeping a smaller share of its guesses after 8 rounds decodes plainly"
+    _opt_unset(p, "--draft-min-acceptance", float, f"with --draft: {switch} (default: 0.35 for "
+               "a float model, 0.6 for a quantized one)")  # fmt: skip
 
 
 def _speculator(a: argparse.Namespace, model: Any, tok: Any) -> Any:
@@ -182,6 +178,8 @@ def _check_cuda_graph(a: argparse.Namespace) -> None:
     device = resolve_device(a.device)
     if a.cuda_graph and a.draft:
         raise GptkitError("--draft and --cuda-graph cannot be combined yet; drop one of them")
+    if a.cuda_graph and getattr(a, "scheduler", "") == "static":  # serve's
+        raise GptkitError("--cuda-graph is for the continuous scheduler; drop --scheduler static")
     if a.cuda_graph and device.type != "cuda":
         raise GptkitError(
             f"--cuda-graph needs a CUDA GPU, and this runs on {device}; drop --cuda-graph "
@@ -388,13 +386,9 @@ def build_parser() -> argparse.ArgumentParser:
         "requests that arrived together (for comparison)",
     )
     _opt(p, "--queue-limit", 64, "samples queued or running before requests get 429")
-    p.add_argument(
-        "--prefix-cache-tokens",
-        type=int,
-        default=None,
-        help="positions of keys and values kept for prompts that begin alike (the same system "
-        "prompt, the next turn of a chat); default: as many as the KV pool, 0: off",
-    )
+    _opt_unset(p, "--prefix-cache-tokens", int, "positions of keys and values kept for prompts "
+               "that begin alike (the same system prompt, the next turn of a chat); default: as "
+               "many as the KV pool, 0: off")  # fmt: skip
     _opt(
         p,
         "--prefill-chunk",
@@ -876,8 +870,6 @@ def cmd_serve(a: argparse.Namespace) -> None:
     _check_cuda_graph(a)
     if a.prefix_cache_tokens is not None and a.prefix_cache_tokens < 0:
         raise GptkitError(f"--prefix-cache-tokens must be >= 0, got {a.prefix_cache_tokens}")
-    if a.cuda_graph and a.scheduler == "static":
-        raise GptkitError("--cuda-graph is for the continuous scheduler; drop --scheduler static")
     sc = ServeConfig(
         model_name=a.model_name or Path(a.run).resolve().name,
         api_key=a.api_key or os.environ.get("GPTKIT_API_KEY") or None,
