@@ -130,12 +130,6 @@ class Speculator:
                 tokens = [int(choose_next(dists[0], params, gen)[0])]
             cache.pos = before + len(tokens)  # the last token and the guesses kept
 
-    def record(self, k: int, tokens: int) -> None:
-        """A round of k guesses that yielded `tokens` (the guesses kept and one of the target's)."""
-        self.rounds += 1
-        self.proposed += k
-        self.accepted += tokens - 1
-
     def sequence(self) -> Drafter:
         """A draft cache for one sequence."""
         return Drafter(self)
@@ -232,15 +226,20 @@ class Drafter:
         guesses, draft_dists = self.propose(context, k, p, gen, prompt_len)
         logits = check(model, context[-1:] + guesses, cache, pad)
         tokens, dists = verify(logits[0], guesses, draft_dists, p, gen, context, prompt_len)
-        self.spec.record(len(guesses), len(tokens))
-        self.rounds += 1
-        self.proposed += len(guesses)
-        self.accepted += len(tokens) - 1
+        self._count(len(guesses), len(tokens) - 1)
+        return tokens, dists
+
+    def _count(self, guessed: int, kept: int) -> None:
+        """A round's guesses made and kept, in this sequence's counts and the draft's; the
+        sequence goes plain once past warmup with too few kept (min_acceptance)."""
         spec = self.spec
+        for counts in (self, spec):
+            counts.rounds += 1
+            counts.proposed += guessed
+            counts.accepted += kept
         if self.rounds >= spec.warmup and self.accepted < spec.min_acceptance * self.proposed:
             self.off = True
             spec.switched_off += 1
-        return tokens, dists
 
     def _next(self, x: torch.Tensor) -> torch.Tensor:
         """The draft's (1, V) logits after x, cut or padded (never chosen) to the target's V."""
