@@ -4,7 +4,9 @@ transformers fp32, and llama.cpp (llama-cpp-python) on the f32, q8_0 and q4_0 GG
 random weights, a 16-token prompt then 128 greedy tokens (prefill included), batch 1 and 8
 (llama.cpp's Python API decodes one sequence: batch 1 only), 2 threads everywhere. Rounds are interleaved; medians.
 gptkit int8 at batch 1 quantizes each token's activations to int8 too (the default); int8_bf16act
-is the same weights with weight-only products (`gptkit quantize --activations bf16`).
+is the same weights with weight-only products (`gptkit quantize --activations bf16`). Batch-1 steps
+run natively (gptkit/inference/native.py, the default); the _eager rows are the same models with
+GPTKIT_NATIVE=0, and the native step's compile (once per machine) and load times are reported.
 
 Then the quality of int8 and int4: a byte-level BPE model trained here for a minute, its
 perplexity quantized against fp32 on tiny Shakespeare's validation split and on a held-out text (the responses of
@@ -35,7 +37,10 @@ import functools
 import itertools
 import json
 import math
+import os
 import statistics
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -71,10 +76,12 @@ def speed(shape: str, rounds: int, n: int) -> dict:
         vocab = min(cfg.model.vocab_size, 1000)
         prompts = {b: torch.randint(0, vocab, (b, PROMPT), generator=torch.Generator().manual_seed(b)) for b in (1, 8)}
 
-        def ours(model: torch.nn.Module, b: int) -> float:
+        def ours(model: torch.nn.Module, b: int, fast: bool = True) -> float:
+            os.environ["GPTKIT_NATIVE"] = "1" if fast else "0"  # eager: every step through PyTorch's ops
             t0 = time.perf_counter()
             count = sum(1 for _ in generate_ids(model, prompts[b], SamplingParams(max_new_tokens=n, temperature=0)))
             assert count == n
+            os.environ["GPTKIT_NATIVE"] = "1"
             return b * n / (time.perf_counter() - t0)
 
         def hf(b: int) -> float:
@@ -98,6 +105,9 @@ def speed(shape: str, rounds: int, n: int) -> dict:
             ("gptkit_int8", 1): lambda: ours(int8, 1),
             ("gptkit_int8_bf16act", 1): lambda: ours(int8w, 1),
             ("gptkit_int4", 1): lambda: ours(int4, 1),
+            ("gptkit_fp32_eager", 1): lambda: ours(fp32, 1, False),
+            ("gptkit_int8_eager", 1): lambda: ours(int8, 1, False),
+            ("gptkit_int4_eager", 1): lambda: ours(int4, 1, False),
             ("transformers_fp32", 1): lambda: hf(1),
             ("llama.cpp_f32", 1): lambda: cpp(llms["f32"]),
             ("llama.cpp_q8_0", 1): lambda: cpp(llms["q8_0"]),
@@ -120,7 +130,34 @@ def speed(shape: str, rounds: int, n: int) -> dict:
     print(f"\n{shape}: decode tokens/s, {n} new tokens, {THREADS} threads, median of {rounds}")
     for (name, b), v in med.items():
         print(f"  {name:18s} batch {b}: {v:8.1f} tok/s   {v / med[('gptkit_fp32', b)]:.2f}x gptkit fp32")
-    return {f"{name}_b{b}": round(v, 1) for (name, b), v in med.items()}
+    out = {f"{name}_b{b}": round(v, 1) for (name, b), v in med.items()}
+    for s in ("fp32", "int8", "int4"):
+        out[f"native_vs_eager_{s}_b1"] = round(med[(f"gptkit_{s}", 1)] / med[(f"gptkit_{s}_eager", 1)], 2)
+    return out
+
+
+def native_start() -> dict:
+    """The native decode step's start-up: compiled from scratch (once per machine; in a fresh
+    process and build folder) and loaded from the compiled cache (every later process)."""
+    from gptkit.inference import native
+
+    code = (f"import sys; from torch.utils.cpp_extension import load; sys.path.insert(0, {str(ROOT)!r}); "
+            "from gptkit.inference.native import SOURCE, FLAGS; "
+            "load('gptkit_decode_cold', [str(SOURCE)], extra_cflags=FLAGS, build_directory=sys.argv[1])")  # fmt: skip
+    with tempfile.TemporaryDirectory() as build:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-c", code, build], check=True)
+        cold = time.perf_counter() - t0
+    native.extension()
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "from gptkit.inference import native; assert native.extension()"], check=True)
+    warm = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    subprocess.run([sys.executable, "-c", "import gptkit.inference.native"], check=True)
+    base = time.perf_counter() - t0
+    out = {"native_build_s": round(cold, 1), "native_load_s": round(warm - base, 2)}
+    print(f"\nnative decode step: compiled in {cold:.1f} s (once per machine), loaded in {warm - base:.2f} s")
+    return out
 
 
 def held_out_text() -> str:
@@ -378,6 +415,7 @@ def main() -> None:
             result[f"{shape}_speculative"] = speculative(shape, a.rounds, a.new_tokens, a.spec_train_minutes, a.draft_tokens,
                                                          a.draft_p_min, a.keep)  # fmt: skip
     if "speed" in a.parts:
+        result |= native_start()
         for shape in a.shape:
             result[shape] = speed(shape, a.rounds, a.new_tokens)
     if "quality" in a.parts:

@@ -14,6 +14,7 @@ import psutil
 import pytest
 import torch
 
+from gptkit.inference import native
 from gptkit.inference.engine import Engine, Job
 from gptkit.inference.generate import SamplingParams, generate_ids, seeded_generator
 from gptkit.loader import load_model
@@ -86,6 +87,8 @@ def test_requests_joining_at_any_step_get_their_solo_tokens(
         assert solo[i] == want, i
     assert engine.active == 0 and not engine.rows_live  # every slot given back
     assert (engine.decoder is not None) == static
+    # a row decoding alone went through the native step (gptkit.inference.native) on the CPU
+    assert (engine.fast is not None) == (DEVICE.type == "cpu" and native.extension() is not None)
 
 
 def test_memory_stays_bounded_over_rounds_of_64_streams(trained_run: Path) -> None:

@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from gptkit.errors import GptkitError
+from gptkit.inference import native
 from gptkit.inference.generate import (
     Detokenizer,
     SamplingParams,
@@ -231,6 +232,8 @@ class Engine:
         self.prefill_tokens = 0  # prompt positions computed (not copied from the prefix cache)
         self.static = static and continuous
         self.decoder: StaticDecoder | None = None
+        # a row decoding alone: one native call a step (native.py), where it covers the model
+        self.fast = native.decoder(model, 1)
         self.max_batch, self.queue_limit = max_batch, queue_limit
         self.continuous = continuous
         self.device = next(model.parameters()).device
@@ -674,6 +677,10 @@ class Engine:
             pad = [r.start for r in rows] + [pool.pos] * (width - n)
             x, p = (torch.tensor(v, device=self.device) for v in (tokens, pad))
             return self.decoder.step(x, p)[:n, -1]
+        if self.fast is not None and hi - lo == 1:
+            r = rows[lo]
+            k, v = pool.k[:, lo:hi], pool.v[:, lo:hi]
+            return self.fast.step_at(r.context[-1], pool.pos - r.start, pool.pos, r.start, k, v)[0]
         view = KVCache(pool.k[:, lo:hi], pool.v[:, lo:hi], pool.pos)
         x = torch.tensor([[r.context[-1]] for r in rows[lo:hi]], device=self.device)
         pad = torch.tensor([r.start for r in rows[lo:hi]], device=self.device)

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 import torch
 
 from gptkit.errors import GptkitError, check_number
+from gptkit.inference import native
 from gptkit.model import GPT, KVCache
 from gptkit.tokenizer import Tokenizer
 
@@ -280,11 +281,13 @@ def generate_ids(
     if ids.size(1) == 0:
         raise GptkitError("the prompt is empty; give at least one token")
     context = ids  # everything so far, for the repetition penalty
+    fast = None  # batch-1 steps in one native call each (native.py), where it covers the model
     if static:
         decoder = StaticDecoder(model, ids.size(0), device, dtype)
         cache = decoder.cache
     else:
         cache = KVCache.empty(model.config, ids.size(0), block, device, dtype)
+        fast = native.decoder(model, ids.size(0)) if pad is None else None
     if ids.size(1) > block and pad is not None:
         pad = (pad - (ids.size(1) - block)).clamp(min=0)
     logits, _ = model(ids[:, -block:], cache=cache, last_only=on_prompt is None, pad=pad)
@@ -308,6 +311,8 @@ def generate_ids(
         elif static:
             logits = decoder.step(nxt, pad)
             cache.pos += 1
+        elif fast is not None:
+            logits = fast.step(nxt, cache)
         else:
             logits, _ = model(nxt[:, None], cache=cache, last_only=True, pad=pad)
 

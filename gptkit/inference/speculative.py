@@ -39,11 +39,13 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from gptkit.errors import GptkitError
+from gptkit.inference import native
 from gptkit.inference.generate import SamplingParams, choose_next, process_history
 from gptkit.inference.qlinear import QuantizedLinear, rows_alone
 from gptkit.model import GPT, KVCache
@@ -103,6 +105,7 @@ class Speculator:
         if on_prompt is not None:
             on_prompt(logits)
         drafter = self.sequence()
+        fast = native.decoder(model, 1)  # plain steps in native calls, where it covers the target
         dists = [process_history(logits[:, -1], params, context, prompt_len)]
         tokens = [int(choose_next(dists[0], params, gen)[0])]
         made = 0
@@ -125,7 +128,8 @@ class Speculator:
             if k > 0 and not drafter.off:
                 tokens, dists = drafter.speculate(model, context, k, params, gen, prompt_len, cache)
             else:  # one token left to make, or one position left in the context: a plain step
-                logits, _ = model(torch.tensor([context[-1:]], device=device), cache=cache)
+                x = torch.tensor([context[-1:]], device=device)
+                logits = fast.step(x, cache) if fast else model(x, cache=cache)[0]
                 dists = [process_history(logits[:, -1], params, context, prompt_len)]
                 tokens = [int(choose_next(dists[0], params, gen)[0])]
             cache.pos = before + len(tokens)  # the last token and the guesses kept
@@ -166,6 +170,7 @@ class Drafter:
     accepted: int = 0
     rounds: int = 0
     off: bool = False  # switched to plain decoding
+    fast: Any = None  # the draft's batch-1 steps in native calls (native.py), where it covers it
 
     def propose(
         self,
@@ -183,6 +188,7 @@ class Drafter:
         param = next(draft.parameters())
         if self.cache is None:
             self.cache = KVCache.empty(draft.config, 1, block, param.device, param.dtype)
+            self.fast = native.decoder(draft, 1)
         if len(context) - self.start + k > block:  # the draft's context is full: keep 3/4
             self.start = len(context) - max(1, (block - k) * 3 // 4)
             self.tokens = []
@@ -243,7 +249,10 @@ class Drafter:
 
     def _next(self, x: torch.Tensor) -> torch.Tensor:
         """The draft's (1, V) logits after x, cut or padded (never chosen) to the target's V."""
-        logits = self.spec.draft(x, cache=self.cache, last_only=True)[0][:, -1].float()
+        if self.fast is not None and x.size(1) == 1:
+            logits = self.fast.step(x, self.cache)[:, -1]
+        else:
+            logits = self.spec.draft(x, cache=self.cache, last_only=True)[0][:, -1].float()
         extra = (self.spec.vocab or logits.size(-1)) - logits.size(-1)
         return F.pad(logits, (0, extra), value=float("-inf")) if extra else logits
 

@@ -1,0 +1,294 @@
+// One decoding step of a gptkit GPT at batch 1, in one call: the products run in the same
+// PyTorch kernels as eager decoding (MKL for fp32, fbgemm's int8 x int8, the int8/int4
+// weight-only kernels); everything between them -- norms, rotary, the cache write, one query's
+// attention, activations, residuals -- is plain loops over a few hundred floats. Eager
+// PyTorch pays 1-3 us of dispatch and allocation for each of ~50 such operations a layer;
+// here they cost what their arithmetic does.
+//
+// Built on first use by torch.utils.cpp_extension (gptkit/inference/native.py). Compiled
+// with -ffp-contract=off, so elementwise steps round as eager PyTorch's do; reductions
+// (norms, softmax) and the transcendental functions may differ from ATen's in the last bit.
+#include <torch/extension.h>
+#include <ATen/native/quantized/PackedParams.h>
+#include <torch/csrc/jit/api/object.h>
+
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+namespace {
+
+enum Kind { FP32 = 0, INT8 = 1, INT8_WEIGHT_ONLY = 2, INT4 = 3 };
+enum Mlp { GELU_TANH = 0, GELU_EXACT = 1, RELU2 = 2, SWIGLU = 3 };
+
+struct Linear {
+  int kind = FP32;
+  int64_t in = 0, out = 0, pad = 0;  // pad: zero columns the weight-only kernels need
+  at::Tensor weight, bias, extra;    // extra: int8 scales, or int4 scales and zeros
+  c10::intrusive_ptr<LinearPackedParamsBase> packed;
+
+  // x: (1, 1, in) -> (1, 1, out), with the numbers eager QuantizedLinear / F.linear give
+  at::Tensor operator()(const at::Tensor& x) const {
+    if (kind == FP32) return at::linear(x, weight, bias.defined() ? c10::optional<at::Tensor>(bias) : c10::nullopt);
+    if (kind == INT8) return packed->apply_dynamic(x, false);
+    at::Tensor rows = x.reshape({-1, in});
+    if (pad) rows = at::constant_pad_nd(rows, {0, pad});
+    rows = rows.to(at::kBFloat16).contiguous();
+    at::Tensor y = kind == INT8_WEIGHT_ONLY
+        ? at::_weight_int8pack_mm(rows, weight, extra)
+        : at::_weight_int4pack_mm_for_cpu(rows, weight, 32, extra).slice(1, 0, out);
+    y = y.to(at::kFloat);
+    if (bias.defined()) y = y + bias;
+    return y.view({1, 1, out});
+  }
+};
+
+struct Layer {
+  at::Tensor ln1_w, ln1_b, ln2_w, ln2_b, q_norm, k_norm;
+  Linear qkv, proj, fc, down;
+};
+
+inline float dot(const float* a, const float* b, int64_t n) {
+  float s = 0.f;
+#pragma omp simd reduction(+ : s)
+  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
+  return s;
+}
+
+// an absent gain or bias comes as an empty tensor
+inline const float* ptr(const at::Tensor& t) { return t.defined() && t.numel() ? t.data_ptr<float>() : nullptr; }
+
+class Decoder {
+ public:
+  // ints: n_layer, n_head, n_kv_head, head_dim, n_embd, vocab, rmsnorm, mlp, qk_norm (0 none,
+  // 1 plain, 2 with gains), rope, learned positions, mlp_hidden
+  Decoder(std::vector<int64_t> ints, double eps, double softcap, std::vector<at::Tensor> tables)
+      : eps_(eps), softcap_(softcap) {
+    TORCH_CHECK(ints.size() == 12, "gptkit decode: 12 ints expected");
+    n_layer_ = ints[0]; n_head_ = ints[1]; n_kv_ = ints[2]; hd_ = ints[3]; d_ = ints[4];
+    vocab_ = ints[5]; rms_ = ints[6]; mlp_ = ints[7]; qk_norm_ = ints[8]; rope_ = ints[9];
+    learned_ = ints[10]; hidden_ = ints[11];
+    TORCH_CHECK(tables.size() == 6, "gptkit decode: 6 tables expected");
+    wte_ = tables[0]; wpe_ = tables[1]; cos_ = tables[2]; sin_ = tables[3];
+    lnf_w_ = tables[4]; lnf_b_ = tables[5];
+    cos_len_ = learned_ ? wpe_.size(0) : (rope_ ? cos_.size(0) : INT64_MAX);
+    layers_.resize(n_layer_);
+    auto opts = at::TensorOptions().dtype(at::kFloat);
+    x_ = at::empty({d_}, opts);
+    xn_ = at::empty({1, 1, d_}, opts);
+    att_ = at::empty({1, 1, n_head_ * hd_}, opts);
+    act_ = at::empty({1, 1, hidden_}, opts);
+    qk_ = at::empty({(n_head_ + n_kv_) * hd_}, opts);
+    scores_ = at::empty({1}, opts);
+  }
+
+  void set_norms(int64_t layer, std::vector<at::Tensor> t) {
+    TORCH_CHECK(t.size() == 6, "gptkit decode: 6 norm tensors expected");
+    Layer& l = layers_.at(layer);
+    l.ln1_w = t[0]; l.ln1_b = t[1]; l.ln2_w = t[2]; l.ln2_b = t[3]; l.q_norm = t[4]; l.k_norm = t[5];
+  }
+
+  // which: 0 qkv, 1 attention out, 2 mlp in, 3 mlp out; layer -1: the LM head
+  void set_linear(int64_t layer, int64_t which, int64_t kind, int64_t in, int64_t out, int64_t pad,
+                  c10::optional<at::Tensor> weight, c10::optional<at::Tensor> bias,
+                  c10::optional<at::Tensor> extra, py::object packed) {
+    Linear lin;
+    lin.kind = kind; lin.in = in; lin.out = out; lin.pad = pad;
+    if (weight) lin.weight = *weight;
+    if (bias) lin.bias = *bias;
+    if (extra) lin.extra = *extra;
+    if (kind == INT8) {
+      auto obj = py::cast<torch::jit::Object>(packed);
+      lin.packed = c10::IValue(obj._ivalue()).toCustomClass<LinearPackedParamsBase>();
+    }
+    if (layer < 0) { head_ = lin; return; }
+    Layer& l = layers_.at(layer);
+    Linear* slot[4] = {&l.qkv, &l.proj, &l.fc, &l.down};
+    TORCH_CHECK(which >= 0 && which < 4, "gptkit decode: linear slot out of range");
+    *slot[which] = lin;
+  }
+
+  // The logits (1, 1, vocab) after token, at position pos of its sequence, whose key and value
+  // go to slot `slot` of k and v, and which attends to slots first..slot: k and v are
+  // (n_layer, 1, n_kv_head, max_len, head_dim) fp32, contiguous but for the layer stride (a row
+  // of the serving engine's pool). Plain decoding: slot == pos, first == 0.
+  at::Tensor step(int64_t token, int64_t pos, int64_t slot, int64_t first, at::Tensor k, at::Tensor v) {
+    TORCH_CHECK(k.dim() == 5 && k.size(0) == n_layer_ && k.size(1) == 1 && k.sizes() == v.sizes() &&
+                    k.stride(0) == v.stride(0) && k.scalar_type() == at::kFloat &&
+                    v.scalar_type() == at::kFloat && k[0].is_contiguous() && v[0].is_contiguous(),
+                "gptkit decode: the cache must be one fp32 row, contiguous within each layer");
+    TORCH_CHECK(token >= 0 && token < vocab_, "gptkit decode: token out of range");
+    const int64_t max_len = k.size(3);
+    TORCH_CHECK(0 <= first && first <= slot && slot < max_len && 0 <= pos && pos < cos_len_,
+                "gptkit decode: position past the cache or the context");
+    if (scores_.numel() < max_len) scores_ = at::empty({max_len}, scores_.options());
+    float* x = x_.data_ptr<float>();
+    const float* e = wte_.data_ptr<float>() + token * d_;
+    if (learned_) {
+      const float* p = wpe_.data_ptr<float>() + pos * d_;
+      for (int64_t i = 0; i < d_; ++i) x[i] = e[i] + p[i];
+    } else {
+      std::copy(e, e + d_, x);
+    }
+    const int64_t layer_stride = k.stride(0);
+    for (int64_t i = 0; i < n_layer_; ++i) {
+      const Layer& l = layers_[i];
+      norm(x, xn_.data_ptr<float>(), ptr(l.ln1_w), ptr(l.ln1_b));
+      attention(l, l.qkv(xn_), pos, slot, first, k.data_ptr<float>() + i * layer_stride,
+                v.data_ptr<float>() + i * layer_stride, max_len);
+      add(x, l.proj(att_));
+      norm(x, xn_.data_ptr<float>(), ptr(l.ln2_w), ptr(l.ln2_b));
+      add(x, l.down(activation(l.fc(xn_))));
+    }
+    norm(x, xn_.data_ptr<float>(), ptr(lnf_w_), ptr(lnf_b_));
+    at::Tensor logits = head_(xn_);
+    if (softcap_ > 0) {
+      float* z = logits.data_ptr<float>();
+      const float c = static_cast<float>(softcap_);
+      for (int64_t i = 0; i < logits.numel(); ++i) z[i] = c * std::tanh(z[i] / c);
+    }
+    return logits;
+  }
+
+ private:
+  void add(float* x, const at::Tensor& y) const {
+    const float* p = y.data_ptr<float>();
+    for (int64_t i = 0; i < d_; ++i) x[i] += p[i];
+  }
+
+  // LayerNorm (with optional bias) or RMSNorm of n values, into y
+  void norm_n(const float* x, float* y, int64_t n, const float* w, const float* b, bool rms, float eps) const {
+    float mean = 0.f;
+    if (!rms) {
+      float s = 0.f;
+#pragma omp simd reduction(+ : s)
+      for (int64_t i = 0; i < n; ++i) s += x[i];
+      mean = s / n;
+    }
+    float ss = 0.f;
+#pragma omp simd reduction(+ : ss)
+    for (int64_t i = 0; i < n; ++i) ss += (x[i] - mean) * (x[i] - mean);
+    const float r = 1.f / std::sqrt(ss / n + eps);
+    for (int64_t i = 0; i < n; ++i) {
+      float t = (x[i] - mean) * r;
+      if (w) t = t * w[i];
+      if (b) t = t + b[i];
+      y[i] = t;
+    }
+  }
+
+  void norm(const float* x, float* y, const float* w, const float* b) const {
+    norm_n(x, y, d_, w, b, rms_, static_cast<float>(eps_));
+  }
+
+  // qkv (1, 1, (H + 2 H_kv) D): queries and keys normalised and rotated to position pos, the key
+  // and value written to `slot`, one query a head attending to slots first..slot, into att_.
+  void attention(const Layer& l, const at::Tensor& qkv, int64_t pos, int64_t slot, int64_t first,
+                 float* kc, float* vc, int64_t max_len) {
+    const float* in = qkv.data_ptr<float>();
+    float* qk = qk_.data_ptr<float>();
+    const int64_t heads = n_head_ + n_kv_;
+    for (int64_t h = 0; h < heads; ++h) {
+      const float* src = in + h * hd_;
+      float* dst = qk + h * hd_;
+      if (qk_norm_ == 0) {
+        std::copy(src, src + hd_, dst);
+      } else {
+        // learned gains: the model's eps; plain QK-norm: F.rms_norm's default, fp32's epsilon
+        const float* g = qk_norm_ == 2 ? ptr(h < n_head_ ? l.q_norm : l.k_norm) : nullptr;
+        const float eps = qk_norm_ == 2 ? static_cast<float>(eps_) : std::numeric_limits<float>::epsilon();
+        norm_n(src, dst, hd_, g, nullptr, true, eps);
+      }
+      if (rope_) rotate(dst, pos);
+    }
+    const float* vin = in + heads * hd_;
+    for (int64_t g = 0; g < n_kv_; ++g) {
+      std::copy(qk + (n_head_ + g) * hd_, qk + (n_head_ + g + 1) * hd_, kc + (g * max_len + slot) * hd_);
+      std::copy(vin + g * hd_, vin + (g + 1) * hd_, vc + (g * max_len + slot) * hd_);
+    }
+    const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
+    const int64_t group = n_head_ / n_kv_;
+    float* s = scores_.data_ptr<float>();
+    float* out = att_.data_ptr<float>();
+    for (int64_t h = 0; h < n_head_; ++h) {
+      const float* q = qk + h * hd_;
+      const float* keys = kc + (h / group) * max_len * hd_;
+      const float* values = vc + (h / group) * max_len * hd_;
+      float top = -INFINITY;
+      for (int64_t t = first; t <= slot; ++t) {
+        s[t] = dot(q, keys + t * hd_, hd_) * scale;
+        top = std::max(top, s[t]);
+      }
+      float sum = 0.f;
+      for (int64_t t = first; t <= slot; ++t) {
+        s[t] = std::exp(s[t] - top);
+        sum += s[t];
+      }
+      float* y = out + h * hd_;
+      std::fill(y, y + hd_, 0.f);
+      for (int64_t t = first; t <= slot; ++t) {
+        const float p = s[t] / sum;
+        const float* vt = values + t * hd_;
+#pragma omp simd
+        for (int64_t j = 0; j < hd_; ++j) y[j] += p * vt[j];
+      }
+    }
+  }
+
+  // x * cos + roll(x, D/2) * sin, with the model's tables (sin signed per half)
+  void rotate(float* x, int64_t pos) const {
+    const float* c = cos_.data_ptr<float>() + pos * hd_;
+    const float* s = sin_.data_ptr<float>() + pos * hd_;
+    const int64_t half = hd_ / 2;
+    for (int64_t i = 0; i < half; ++i) {
+      const float a = x[i], b = x[i + half];
+      x[i] = a * c[i] + b * s[i];
+      x[i + half] = b * c[i + half] + a * s[i + half];
+    }
+  }
+
+  const at::Tensor& activation(const at::Tensor& h) {
+    const float* z = h.data_ptr<float>();
+    float* a = act_.data_ptr<float>();
+    const int64_t n = hidden_;
+    if (mlp_ == SWIGLU) {
+      for (int64_t i = 0; i < n; ++i) {
+        const float g = z[i];
+        a[i] = (g / (1.f + std::exp(-g))) * z[n + i];
+      }
+    } else if (mlp_ == GELU_TANH) {
+      const float k = std::sqrt(2.f / static_cast<float>(M_PI));
+      for (int64_t i = 0; i < n; ++i) {
+        const float u = z[i];
+        a[i] = 0.5f * u * (1.f + std::tanh(k * (u + 0.044715f * u * u * u)));
+      }
+    } else if (mlp_ == GELU_EXACT) {
+      for (int64_t i = 0; i < n; ++i) a[i] = 0.5f * z[i] * (1.f + std::erf(z[i] * static_cast<float>(M_SQRT1_2)));
+    } else {
+      for (int64_t i = 0; i < n; ++i) {
+        const float r = z[i] > 0.f ? z[i] : 0.f;
+        a[i] = r * r;
+      }
+    }
+    return act_;
+  }
+
+  int64_t n_layer_, n_head_, n_kv_, hd_, d_, vocab_, rms_, mlp_, qk_norm_, rope_, learned_, hidden_;
+  int64_t cos_len_;  // positions the model has tables for (its context)
+  double eps_, softcap_;
+  at::Tensor wte_, wpe_, cos_, sin_, lnf_w_, lnf_b_;
+  std::vector<Layer> layers_;
+  Linear head_;
+  at::Tensor x_, xn_, att_, act_, qk_, scores_;  // working buffers, reused every step
+};
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  py::class_<Decoder>(m, "Decoder")
+      .def(py::init<std::vector<int64_t>, double, double, std::vector<at::Tensor>>())
+      .def("set_norms", &Decoder::set_norms)
+      .def("set_linear", &Decoder::set_linear)
+      .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
+}

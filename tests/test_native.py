@@ -1,0 +1,167 @@
+"""The native batch-1 decode step (gptkit/inference/native.py) against eager decoding: the same
+logits, keys and values at every architecture switch, the same greedy tokens from a trained model
+in fp32, int8 and int4, and eager decoding wherever it does not apply."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gptkit.config import ModelConfig
+from gptkit.inference import native
+from gptkit.inference.generate import SamplingParams, generate_ids
+from gptkit.inference.qlinear import swap_linears
+from gptkit.loader import load_model
+from gptkit.model import GPT, KVCache
+
+pytestmark = pytest.mark.skipif(native.extension() is None, reason=f"native step not built: {native.build_info}")
+
+
+def steps(model: GPT, tokens: list[int], fast: bool) -> tuple[torch.Tensor, KVCache]:
+    """The (T, V) logits after each token decoded one at a time, and the cache they filled."""
+    cfg = model.config
+    cache = KVCache.empty(cfg, 1, cfg.block_size, torch.device("cpu"), torch.float32)
+    dec = native.decoder(model, 1) if fast else None
+    out = []
+    with torch.inference_mode():
+        for t in tokens:
+            x = torch.tensor([[t]])
+            out.append(dec.step(x, cache) if dec else model(x, cache=cache, last_only=True)[0])
+    return torch.cat(out, dim=1)[0], cache
+
+
+def random_model(seed: int, **kw: object) -> GPT:
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=97, block_size=64, **kw)  # type: ignore[arg-type]
+    model = GPT(cfg).eval()
+    with torch.no_grad():  # weights far from GPT-2's tiny init, so every part of a step counts
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    return model
+
+
+ARCHS = {
+    "gpt2": dict(n_layer=2, n_head=4, n_embd=64),
+    "llama_gqa": dict(n_layer=2, n_head=6, n_kv_head=2, n_embd=96, pos_embedding="rope",
+                      norm="rmsnorm", mlp="swiglu", bias=False, tie_embeddings=False),
+    "qwen3": dict(n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_size=32, pos_embedding="rope",
+                  norm="rmsnorm", mlp="swiglu", bias=False, qkv_bias=True, qk_norm=True,
+                  qk_norm_weight=True),
+    "plain_qk_norm_relu2": dict(n_layer=3, n_head=2, n_embd=32, mlp="relu2", qk_norm=True,
+                                logit_softcap=15.0, pos_embedding="rope"),
+    "gelu_exact": dict(n_layer=1, n_head=1, n_embd=16, mlp="gelu_exact", norm_eps=1e-3),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_fp32_logits_and_cache_equal_eager(arch: str) -> None:
+    model = random_model(0, **ARCHS[arch])
+    tokens = torch.randint(0, 97, (40,), generator=torch.Generator().manual_seed(1)).tolist()
+    want, want_cache = steps(model, tokens, fast=False)
+    got, got_cache = steps(model, tokens, fast=True)
+    scale = want.abs().max()
+    assert scale > 1.0  # logits of a size where a wrong step would show
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * float(scale))
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    filled = (slice(None), slice(None), slice(None), slice(0, len(tokens)))
+    torch.testing.assert_close(got_cache.k[filled], want_cache.k[filled], rtol=0, atol=1e-5)
+    torch.testing.assert_close(got_cache.v[filled], want_cache.v[filled], rtol=0, atol=1e-5)
+    assert got_cache.pos == want_cache.pos == len(tokens)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    kv=st.sampled_from([1, 2, 4]),
+    group=st.sampled_from([1, 2, 3]),
+    head_dim=st.sampled_from([8, 16, 24]),
+    layers=st.integers(1, 3),
+    norm=st.sampled_from(["layernorm", "rmsnorm"]),
+    mlp=st.sampled_from(["gelu", "gelu_exact", "relu2", "swiglu"]),
+    rope=st.booleans(),
+    qk=st.sampled_from(["none", "plain", "weight"]),
+    bias=st.booleans(),
+    n=st.integers(1, 30),
+)
+def test_any_architecture_decodes_as_eager(
+    kv: int, group: int, head_dim: int, layers: int, norm: str, mlp: str, rope: bool, qk: str,
+    bias: bool, n: int,
+) -> None:  # fmt: skip
+    heads = kv * group
+    model = random_model(
+        n, n_layer=layers, n_head=heads, n_kv_head=kv, n_embd=heads * head_dim, norm=norm, mlp=mlp,
+        pos_embedding="rope" if rope else "learned", qk_norm=qk != "none",
+        qk_norm_weight=qk == "weight", bias=bias,
+    )  # fmt: skip
+    tokens = torch.randint(0, 97, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+    want, _ = steps(model, tokens, fast=False)
+    got, _ = steps(model, tokens, fast=True)
+    torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * float(want.abs().max()))
+
+
+@pytest.fixture(scope="module")
+def prompts(trained_run: Path) -> list[torch.Tensor]:
+    _, tok, _ = load_model(trained_run)
+    texts = ["First Citizen:\n", "ROMEO:\nO", "KING RICHARD", "Be", "What say you"]
+    return [torch.tensor([tok.encode(t)]) for t in texts]
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "int8", "int8-weight-only", "int4"])
+def test_greedy_tokens_equal_eager(
+    trained_run: Path, prompts: list[torch.Tensor], scheme: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model, _, _ = load_model(trained_run)
+    if scheme != "fp32":
+        activations = "bf16" if scheme == "int8-weight-only" else "int8"
+        swap_linears(model, True, scheme[:4], activations)
+    assert native.decoder(model, 1) is not None
+    params = SamplingParams(max_new_tokens=48, temperature=0.0)
+    for prompt in prompts:
+        monkeypatch.setenv("GPTKIT_NATIVE", "1")
+        got = [int(t) for t in generate_ids(model, prompt, params)]
+        monkeypatch.setenv("GPTKIT_NATIVE", "0")
+        want = [int(t) for t in generate_ids(model, prompt, params)]
+        assert got == want
+
+
+def test_eager_where_the_step_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
+    model = random_model(0, **ARCHS["gpt2"])
+    assert native.decoder(model, 1) is not None
+    assert native.decoder(model, 2) is None  # several rows: the batched eager step
+    model.config.dropout = 0.1
+    assert native.decoder(model.train(), 1) is None  # dropout would be on
+    model.config.dropout = 0.0
+    model.eval()
+    handle = model.blocks[0].mlp.register_forward_hook(lambda *a: None)
+    assert native.decoder(model, 1) is None  # a hook changes what a module computes
+    handle.remove()
+    assert native.decoder(model.to(torch.bfloat16), 1) is None
+    monkeypatch.setenv("GPTKIT_NATIVE", "0")
+    assert native.decoder(random_model(0, **ARCHS["gpt2"]), 1) is None
+
+
+def test_a_left_padded_pool_row_decodes_as_eager() -> None:
+    """step_at, as the serving engine calls it for a row decoding alone: its sequence starts
+    `first` slots into the cache (left padding), so slot and position differ."""
+    model = random_model(3, **ARCHS["llama_gqa"])
+    dec = native.decoder(model, 1)
+    assert dec is not None
+    gen = torch.Generator().manual_seed(4)
+    first, prompt, tokens = 5, torch.randint(0, 97, (1, 12), generator=gen), torch.randint(0, 97, (20,), generator=gen)
+    ids = torch.cat([torch.zeros(1, first, dtype=torch.long), prompt], dim=1)
+    pad = torch.tensor([first])
+    caches = [KVCache.empty(model.config, 1, 64, torch.device("cpu"), torch.float32) for _ in range(2)]
+    got, want = [], []
+    with torch.inference_mode():
+        for cache in caches:
+            model(ids, cache=cache, pad=pad)
+        eager, fast = caches
+        for t in tokens.tolist():
+            want.append(model(torch.tensor([[t]]), cache=eager, last_only=True, pad=pad)[0])
+            got.append(dec.step_at(t, fast.pos - first, fast.pos, first, fast.k, fast.v))
+            fast.pos += 1
+    want_t, got_t = torch.cat(want, dim=1), torch.cat(got, dim=1)
+    torch.testing.assert_close(got_t, want_t, rtol=0, atol=2e-5 * float(want_t.abs().max()))
