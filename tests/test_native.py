@@ -54,6 +54,8 @@ ARCHS = {
     "plain_qk_norm_relu2": dict(n_layer=3, n_head=2, n_embd=32, mlp="relu2", qk_norm=True,
                                 logit_softcap=15.0, pos_embedding="rope"),
     "gelu_exact": dict(n_layer=1, n_head=1, n_embd=16, mlp="gelu_exact", norm_eps=1e-3),
+    # rows of 40 and 100 floats: no row but the first starts on a 64-byte line
+    "odd_widths": dict(n_layer=2, n_head=2, n_embd=40, mlp_size=100, mlp="swiglu", norm="rmsnorm"),
 }  # fmt: skip
 
 
@@ -161,7 +163,32 @@ def test_a_left_padded_pool_row_decodes_as_eager() -> None:
         eager, fast = caches
         for t in tokens.tolist():
             want.append(model(torch.tensor([[t]]), cache=eager, last_only=True, pad=pad)[0])
-            got.append(dec.step_at(t, fast.pos - first, fast.pos, first, fast.k, fast.v))
+            got.append(dec.step_at([t], fast.pos - first, fast.pos, first, fast.k, fast.v))
             fast.pos += 1
     want_t, got_t = torch.cat(want, dim=1), torch.cat(got, dim=1)
     torch.testing.assert_close(got_t, want_t, rtol=0, atol=2e-5 * float(want_t.abs().max()))
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "int8", "int8-weight-only", "int4"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa", "odd_widths"])
+def test_a_verification_gets_each_rows_own_logits_bit_for_bit(arch: str, scheme: str) -> None:
+    """Several rows in one call (a speculative verification) give exactly the logits, keys and
+    values those rows get decoded one at a time: speculation's greedy tokens are then the
+    target's own, bit for bit."""
+    model = random_model(5, **ARCHS[arch])
+    if scheme != "fp32":
+        swap_linears(model, True, scheme[:4], "bf16" if scheme == "int8-weight-only" else "int8")
+    dec = native.decoder(model, 1)
+    assert dec is not None
+    tokens = torch.randint(0, 97, (14,), generator=torch.Generator().manual_seed(6)).tolist()
+    one, many = (KVCache.empty(model.config, 1, 64, torch.device("cpu"), torch.float32) for _ in range(2))
+    with torch.inference_mode():
+        for t in tokens[:9]:  # the same prompt in both caches, a step at a time
+            dec.step(torch.tensor([t]), one)
+        many.k.copy_(one.k)
+        many.v.copy_(one.v)
+        alone = torch.cat([dec.step(torch.tensor([t]), one) for t in tokens[9:]], dim=1)
+        together = dec.step_at(tokens[9:], 9, 9, 0, many.k, many.v)
+    assert torch.equal(together, alone)
+    assert torch.equal(many.k[:, :, :, :14], one.k[:, :, :, :14])
+    assert torch.equal(many.v[:, :, :, :14], one.v[:, :, :, :14])

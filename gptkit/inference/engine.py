@@ -678,9 +678,9 @@ class Engine:
             x, p = (torch.tensor(v, device=self.device) for v in (tokens, pad))
             return self.decoder.step(x, p)[:n, -1]
         if self.fast is not None and hi - lo == 1:
-            r = rows[lo]
+            r, at = rows[lo], pool.pos
             k, v = pool.k[:, lo:hi], pool.v[:, lo:hi]
-            return self.fast.step_at(r.context[-1], pool.pos - r.start, pool.pos, r.start, k, v)[0]
+            return self.fast.step_at([r.context[-1]], at - r.start, at, r.start, k, v)[0]
         view = KVCache(pool.k[:, lo:hi], pool.v[:, lo:hi], pool.pos)
         x = torch.tensor([[r.context[-1]] for r in rows[lo:hi]], device=self.device)
         pad = torch.tensor([r.start for r in rows[lo:hi]], device=self.device)
@@ -706,7 +706,7 @@ class Engine:
         view = KVCache(pool.k[:, :1], pool.v[:, :1], pool.pos)
         pad = torch.tensor([row.start], device=self.device) if row.start else None
         tokens, dists = row.drafter.speculate(self.model, row.context, k, job.params, row.gen,
-                                          row.prompt_len, view, pad)  # fmt: skip
+                                          row.prompt_len, view, pad, self.fast)  # fmt: skip
         self.steps += 1
         self.step_rows += 1
         self.batches += 1

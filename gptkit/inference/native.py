@@ -169,17 +169,19 @@ class NativeDecoder:
     def step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
         """Logits (1, 1, V) after one token (a tensor of one id) at position cache.pos, whose
         keys and values go to that slot; advances cache.pos, as GPT.forward does."""
-        logits = self._d.step(int(token), cache.pos, cache.pos, 0, cache.k, cache.v)
+        logits = self._d.step([int(token)], cache.pos, cache.pos, 0, cache.k, cache.v)
         cache.pos += 1
         return logits
 
     def step_at(
-        self, token: int, pos: int, slot: int, first: int, k: torch.Tensor, v: torch.Tensor
+        self, tokens: list[int], pos: int, slot: int, first: int, k: torch.Tensor, v: torch.Tensor
     ) -> torch.Tensor:
-        """Logits (1, 1, V) after token at position pos of its sequence, whose keys and values go
-        to `slot` of k and v (n_layer, 1, n_kv_head, max_len, head_dim) and which sees slots
-        first..slot: a row of the serving engine's pool, left-padded by `first` slots."""
-        return self._d.step(token, pos, slot, first, k, v)
+        """Logits (1, T, V) after each of tokens, the first at position pos of its sequence,
+        their keys and values going to slots slot.. of k and v (n_layer, 1, n_kv_head, max_len,
+        head_dim), the first seeing slots first..slot and each next one more: a row of the
+        serving engine's pool left-padded by `first` slots, or a speculative verification (each
+        row's logits those it gets decoded alone). Does not move a cache's position."""
+        return self._d.step(tokens, pos, slot, first, k, v)
 
 
 def decoder(model: GPT, batch: int) -> NativeDecoder | None:

@@ -126,7 +126,9 @@ class Speculator:
             k = min(self.k, params.max_new_tokens - made - 1, block - cache.pos - 1)
             before = cache.pos
             if k > 0 and not drafter.off:
-                tokens, dists = drafter.speculate(model, context, k, params, gen, prompt_len, cache)
+                tokens, dists = drafter.speculate(
+                    model, context, k, params, gen, prompt_len, cache, fast=fast
+                )
             else:  # one token left to make, or one position left in the context: a plain step
                 x = torch.tensor([context[-1:]], device=device)
                 logits = fast.step(x, cache) if fast else model(x, cache=cache)[0]
@@ -154,6 +156,11 @@ class Speculator:
             if self.rounds
             else 0.0,
         }
+
+
+# The draft catches up on the tokens the target settled on (one or two a round) in one native
+# call; a prompt goes through the eager forward, whose batched products are faster at length.
+CATCH_UP_NATIVE = 8
 
 
 @dataclass
@@ -224,13 +231,14 @@ class Drafter:
         prompt_len: int,
         cache: KVCache,
         pad: torch.Tensor | None = None,
+        fast: native.NativeDecoder | None = None,
     ) -> tuple[list[int], list[torch.Tensor]]:
         """One round: k guesses after context, checked in one pass of the target over its cache
-        (which holds context but its last token; pad: a pool row's left padding). Returns the
-        tokens it yields and, for each, the target's processed (1, V) logits; the cache's
-        position is the caller's to set."""
+        (which holds context but its last token; pad: a pool row's left padding; fast: the
+        target's native decoder). Returns the tokens it yields and, for each, the target's
+        processed (1, V) logits; the cache's position is the caller's to set."""
         guesses, draft_dists = self.propose(context, k, p, gen, prompt_len)
-        logits = check(model, context[-1:] + guesses, cache, pad)
+        logits = check(model, context[-1:] + guesses, cache, pad, fast)
         tokens, dists = verify(logits[0], guesses, draft_dists, p, gen, context, prompt_len)
         self._count(len(guesses), len(tokens) - 1)
         return tokens, dists
@@ -249,8 +257,11 @@ class Drafter:
 
     def _next(self, x: torch.Tensor) -> torch.Tensor:
         """The draft's (1, V) logits after x, cut or padded (never chosen) to the target's V."""
-        if self.fast is not None and x.size(1) == 1:
-            logits = self.fast.step(x, self.cache)[:, -1]
+        if self.fast is not None and x.size(1) <= CATCH_UP_NATIVE:
+            assert self.cache is not None
+            pos, k, v = self.cache.pos, self.cache.k, self.cache.v
+            logits = self.fast.step_at(x[0].tolist(), pos, pos, 0, k, v)[:, -1]
+            self.cache.pos += x.size(1)
         else:
             logits = self.spec.draft(x, cache=self.cache, last_only=True)[0][:, -1].float()
         extra = (self.spec.vocab or logits.size(-1)) - logits.size(-1)
@@ -258,10 +269,19 @@ class Drafter:
 
 
 def check(
-    model: GPT, tokens: list[int], cache: KVCache, pad: torch.Tensor | None = None
+    model: GPT,
+    tokens: list[int],
+    cache: KVCache,
+    pad: torch.Tensor | None = None,
+    fast: native.NativeDecoder | None = None,
 ) -> torch.Tensor:
     """The target's (1, T, V) logits after each of tokens (its last token and the guesses), in
-    one forward pass that computes what T decoding steps would (qlinear.rows_alone)."""
+    one forward pass that computes what T decoding steps would: through the native step where
+    the target decodes natively (each row what it gets alone, the weights read once), else
+    eagerly (qlinear.rows_alone)."""
+    if fast is not None:
+        first = 0 if pad is None else int(pad[0])
+        return fast.step_at(tokens, cache.pos - first, cache.pos, first, cache.k, cache.v)
     x = torch.tensor([tokens], device=cache.k.device)
     with rows_alone():
         return model(x, cache=cache, pad=pad)[0]

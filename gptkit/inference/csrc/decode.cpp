@@ -23,7 +23,9 @@ namespace {
 enum Kind { FP32 = 0, INT8 = 1, INT8_WEIGHT_ONLY = 2, INT4 = 3 };
 enum Mlp { GELU_TANH = 0, GELU_EXACT = 1, RELU2 = 2, SWIGLU = 3 };
 
-inline float dot(const float* a, const float* b, int64_t n) {
+// Not inlined: one compiled loop for every caller, so a sum adds in the same order whether its
+// row is decoded alone or among a verification's rows.
+__attribute__((noinline)) float dot(const float* a, const float* b, int64_t n) {
   float s = 0.f;
 #pragma omp simd reduction(+ : s)
   for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
@@ -36,37 +38,46 @@ struct Linear {
   at::Tensor weight, bias, extra;    // extra: int8 scales, or int4 scales and zeros
   c10::intrusive_ptr<LinearPackedParamsBase> packed;
 
-  // x: (1, 1, in) -> (1, 1, out), with the numbers eager QuantizedLinear gives (fp32: F.linear's
-  // up to the order of each row's sum)
+  // x: (1, T, in) -> (1, T, out), each row with the numbers eager QuantizedLinear gives it
+  // alone (fp32: F.linear's, up to the order of each row's sum)
   at::Tensor operator()(const at::Tensor& x) const {
+    const int64_t rows = x.size(1);
     if (kind == FP32) return gemv(x);
-    if (kind == INT8) return packed->apply_dynamic(x, false);
-    at::Tensor rows = x.reshape({-1, in});
-    if (pad) rows = at::constant_pad_nd(rows, {0, pad});
-    rows = rows.to(at::kBFloat16).contiguous();
+    if (kind == INT8) {
+      // fbgemm quantizes its whole input over one range: a row at a time, as decoding does
+      if (rows == 1) return packed->apply_dynamic(x, false);
+      std::vector<at::Tensor> ys;
+      for (int64_t t = 0; t < rows; ++t) ys.push_back(packed->apply_dynamic(x.narrow(1, t, 1), false));
+      return at::cat(ys, 1);
+    }
+    at::Tensor flat = x.reshape({-1, in});
+    if (pad) flat = at::constant_pad_nd(flat, {0, pad});
+    flat = flat.to(at::kBFloat16).contiguous();
     at::Tensor y = kind == INT8_WEIGHT_ONLY
-        ? at::_weight_int8pack_mm(rows, weight, extra)
-        : at::_weight_int4pack_mm_for_cpu(rows, weight, 32, extra).slice(1, 0, out);
+        ? at::_weight_int8pack_mm(flat, weight, extra)
+        : at::_weight_int4pack_mm_for_cpu(flat, weight, 32, extra).slice(1, 0, out);
     y = y.to(at::kFloat);
     if (bias.defined()) y = y + bias;
-    return y.view({1, 1, out});
+    return y.view({1, rows, out});
   }
 
-  // y = W x + b for one row. MKL's single-row product streams a matrix larger than the cache at
-  // about half this machine's memory bandwidth; W's rows read in order, split over ATen's
-  // threads, come near it (measured: 28 against 11-14 GB/s at 49,152 x 576 with 2 threads).
+  // y = W x + b for T rows, W read once. MKL's single-row product streams a matrix larger than
+  // the cache at about half this machine's memory bandwidth; W's rows read in order, split over
+  // ATen's threads, come near it (measured: 28 against 11-14 GB/s at 49,152 x 576, 2 threads).
   at::Tensor gemv(const at::Tensor& x) const {
-    at::Tensor y = at::empty({1, 1, out}, x.options());
+    const int64_t rows = x.size(1), n = in, m = out;
+    at::Tensor y = at::empty({1, rows, m}, x.options());
     const float* w = weight.data_ptr<float>();
     const float* v = x.data_ptr<float>();
     float* o = y.data_ptr<float>();
-    const int64_t n = in;
-    at::parallel_for(0, out, 64, [&](int64_t lo, int64_t hi) {
-      for (int64_t j = lo; j < hi; ++j) o[j] = dot(w + j * n, v, n);
+    at::parallel_for(0, m, 64, [&](int64_t lo, int64_t hi) {
+      for (int64_t j = lo; j < hi; ++j)
+        for (int64_t t = 0; t < rows; ++t) o[t * m + j] = dot(w + j * n, v + t * n, n);
     });
     if (bias.defined()) {
       const float* b = bias.data_ptr<float>();
-      for (int64_t j = 0; j < out; ++j) o[j] += b[j];
+      for (int64_t t = 0; t < rows; ++t)
+        for (int64_t j = 0; j < m; ++j) o[t * m + j] += b[j];
     }
     return y;
   }
@@ -95,13 +106,7 @@ class Decoder {
     lnf_w_ = tables[4]; lnf_b_ = tables[5];
     cos_len_ = learned_ ? wpe_.size(0) : (rope_ ? cos_.size(0) : INT64_MAX);
     layers_.resize(n_layer_);
-    auto opts = at::TensorOptions().dtype(at::kFloat);
-    x_ = at::empty({d_}, opts);
-    xn_ = at::empty({1, 1, d_}, opts);
-    att_ = at::empty({1, 1, n_head_ * hd_}, opts);
-    act_ = at::empty({1, 1, hidden_}, opts);
-    qk_ = at::empty({(n_head_ + n_kv_) * hd_}, opts);
-    scores_ = at::empty({1}, opts);
+    scores_ = at::empty({1}, at::TensorOptions().dtype(at::kFloat));
   }
 
   void set_norms(int64_t layer, std::vector<at::Tensor> t) {
@@ -130,39 +135,51 @@ class Decoder {
     *slot[which] = lin;
   }
 
-  // The logits (1, 1, vocab) after token, at position pos of its sequence, whose key and value
-  // go to slot `slot` of k and v, and which attends to slots first..slot: k and v are
+  // The logits (1, T, vocab) after each of T tokens, the first at position pos of its sequence
+  // and the rest after it, whose keys and values go to slots slot.. of k and v, and the first of
+  // which attends to slots first..slot (each next one to one more): k and v are
   // (n_layer, 1, n_kv_head, max_len, head_dim) fp32, contiguous but for the layer stride (a row
-  // of the serving engine's pool). Plain decoding: slot == pos, first == 0.
-  at::Tensor step(int64_t token, int64_t pos, int64_t slot, int64_t first, at::Tensor k, at::Tensor v) {
+  // of the serving engine's pool). Plain decoding: one token, slot == pos, first == 0; a
+  // speculative verification: the last token and the guesses, each row computed as it would
+  // be decoded alone.
+  at::Tensor step(std::vector<int64_t> tokens, int64_t pos, int64_t slot, int64_t first, at::Tensor k,
+                  at::Tensor v) {
     TORCH_CHECK(k.dim() == 5 && k.size(0) == n_layer_ && k.size(1) == 1 && k.sizes() == v.sizes() &&
                     k.stride(0) == v.stride(0) && k.scalar_type() == at::kFloat &&
                     v.scalar_type() == at::kFloat && k[0].is_contiguous() && v[0].is_contiguous(),
                 "gptkit decode: the cache must be one fp32 row, contiguous within each layer");
-    TORCH_CHECK(token >= 0 && token < vocab_, "gptkit decode: token out of range");
-    const int64_t max_len = k.size(3);
-    TORCH_CHECK(0 <= first && first <= slot && slot < max_len && 0 <= pos && pos < cos_len_,
+    const int64_t rows = static_cast<int64_t>(tokens.size()), max_len = k.size(3);
+    TORCH_CHECK(rows >= 1, "gptkit decode: no tokens");
+    for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < vocab_, "gptkit decode: token out of range");
+    TORCH_CHECK(0 <= first && first <= slot && slot + rows <= max_len && 0 <= pos && pos + rows <= cos_len_,
                 "gptkit decode: position past the cache or the context");
     if (scores_.numel() < max_len) scores_ = at::empty({max_len}, scores_.options());
+    buffers(rows);
     float* x = x_.data_ptr<float>();
-    const float* e = wte_.data_ptr<float>() + token * d_;
-    if (learned_) {
-      const float* p = wpe_.data_ptr<float>() + pos * d_;
-      for (int64_t i = 0; i < d_; ++i) x[i] = e[i] + p[i];
-    } else {
-      std::copy(e, e + d_, x);
+    float* xn = xn_.data_ptr<float>();
+    for (int64_t t = 0; t < rows; ++t) {
+      const float* e = wte_.data_ptr<float>() + tokens[t] * d_;
+      float* xt = x + t * d_;
+      if (learned_) {
+        const float* p = wpe_.data_ptr<float>() + (pos + t) * d_;
+        for (int64_t i = 0; i < d_; ++i) xt[i] = e[i] + p[i];
+      } else {
+        std::copy(e, e + d_, xt);
+      }
     }
     const int64_t layer_stride = k.stride(0);
     for (int64_t i = 0; i < n_layer_; ++i) {
       const Layer& l = layers_[i];
-      norm(x, xn_.data_ptr<float>(), ptr(l.ln1_w), ptr(l.ln1_b));
-      attention(l, l.qkv(xn_), pos, slot, first, k.data_ptr<float>() + i * layer_stride,
-                v.data_ptr<float>() + i * layer_stride, max_len);
+      for (int64_t t = 0; t < rows; ++t) norm(x + t * d_, xn + t * d_, ptr(l.ln1_w), ptr(l.ln1_b));
+      at::Tensor qkv = l.qkv(xn_);
+      for (int64_t t = 0; t < rows; ++t)
+        attention(l, qkv, t, pos + t, slot + t, first, k.data_ptr<float>() + i * layer_stride,
+                  v.data_ptr<float>() + i * layer_stride, max_len);
       add(x, l.proj(att_));
-      norm(x, xn_.data_ptr<float>(), ptr(l.ln2_w), ptr(l.ln2_b));
+      for (int64_t t = 0; t < rows; ++t) norm(x + t * d_, xn + t * d_, ptr(l.ln2_w), ptr(l.ln2_b));
       add(x, l.down(activation(l.fc(xn_))));
     }
-    norm(x, xn_.data_ptr<float>(), ptr(lnf_w_), ptr(lnf_b_));
+    for (int64_t t = 0; t < rows; ++t) norm(x + t * d_, xn + t * d_, ptr(lnf_w_), ptr(lnf_b_));
     at::Tensor logits = head_(xn_);
     if (softcap_ > 0) {
       float* z = logits.data_ptr<float>();
@@ -173,9 +190,20 @@ class Decoder {
   }
 
  private:
+  // working buffers for `rows` rows, reused while the row count stays
+  void buffers(int64_t rows) {
+    if (x_.defined() && x_.size(0) == rows) return;
+    auto opts = at::TensorOptions().dtype(at::kFloat);
+    x_ = at::empty({rows, d_}, opts);
+    xn_ = at::empty({1, rows, d_}, opts);
+    att_ = at::empty({1, rows, n_head_ * hd_}, opts);
+    act_ = at::empty({1, rows, hidden_}, opts);
+    qk_ = at::empty({(n_head_ + n_kv_) * hd_}, opts);
+  }
+
   void add(float* x, const at::Tensor& y) const {
     const float* p = y.data_ptr<float>();
-    for (int64_t i = 0; i < d_; ++i) x[i] += p[i];
+    for (int64_t i = 0; i < y.numel(); ++i) x[i] += p[i];
   }
 
   // LayerNorm (with optional bias) or RMSNorm of n values, into y
@@ -203,11 +231,12 @@ class Decoder {
     norm_n(x, y, d_, w, b, rms_, static_cast<float>(eps_));
   }
 
-  // qkv (1, 1, (H + 2 H_kv) D): queries and keys normalised and rotated to position pos, the key
-  // and value written to `slot`, one query a head attending to slots first..slot, into att_.
-  void attention(const Layer& l, const at::Tensor& qkv, int64_t pos, int64_t slot, int64_t first,
-                 float* kc, float* vc, int64_t max_len) {
-    const float* in = qkv.data_ptr<float>();
+  // Row `row` of qkv (1, T, (H + 2 H_kv) D): its queries and keys normalised and rotated to
+  // position pos, its key and value written to `slot`, one query a head attending to slots
+  // first..slot, into row `row` of att_.
+  void attention(const Layer& l, const at::Tensor& qkv, int64_t row, int64_t pos, int64_t slot,
+                 int64_t first, float* kc, float* vc, int64_t max_len) {
+    const float* in = qkv.data_ptr<float>() + row * qkv.size(2);
     float* qk = qk_.data_ptr<float>();
     const int64_t heads = n_head_ + n_kv_;
     for (int64_t h = 0; h < heads; ++h) {
@@ -231,7 +260,7 @@ class Decoder {
     const float scale = 1.f / std::sqrt(static_cast<float>(hd_));
     const int64_t group = n_head_ / n_kv_;
     float* s = scores_.data_ptr<float>();
-    float* out = att_.data_ptr<float>();
+    float* out = att_.data_ptr<float>() + row * n_head_ * hd_;
     for (int64_t h = 0; h < n_head_; ++h) {
       const float* q = qk + h * hd_;
       const float* keys = kc + (h / group) * max_len * hd_;
@@ -270,8 +299,11 @@ class Decoder {
   }
 
   const at::Tensor& activation(const at::Tensor& h) {
-    const float* z = h.data_ptr<float>();
-    float* a = act_.data_ptr<float>();
+    for (int64_t t = 0; t < h.size(1); ++t) activate(h.data_ptr<float>() + t * h.size(2), act_.data_ptr<float>() + t * hidden_);
+    return act_;
+  }
+
+  void activate(const float* z, float* a) const {
     const int64_t n = hidden_;
     if (mlp_ == SWIGLU) {
       for (int64_t i = 0; i < n; ++i) {
@@ -292,7 +324,6 @@ class Decoder {
         a[i] = r * r;
       }
     }
-    return act_;
   }
 
   int64_t n_layer_, n_head_, n_kv_, hd_, d_, vocab_, rms_, mlp_, qk_norm_, rope_, learned_, hidden_;
