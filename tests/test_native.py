@@ -4,6 +4,9 @@ in fp32, int8 and int4, and eager decoding wherever it does not apply."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +195,27 @@ def test_a_verification_gets_each_rows_own_logits_bit_for_bit(arch: str, scheme:
     assert torch.equal(together, alone)
     assert torch.equal(many.k[:, :, :, :14], one.k[:, :, :, :14])
     assert torch.equal(many.v[:, :, :, :14], one.v[:, :, :, :14])
+
+
+def test_without_a_build_toolchain_decoding_stays_eager(tmp_path: Path) -> None:
+    """No ninja or compiler on PATH and no cached build: one line on stderr says so, and the
+    same tokens come from eager decoding."""
+    code = (
+        "import torch\n"
+        "from gptkit.config import ModelConfig\n"
+        "from gptkit.model import GPT\n"
+        "from gptkit.inference import native\n"
+        "from gptkit.inference.generate import SamplingParams, generate_ids\n"
+        "torch.manual_seed(0)\n"
+        "model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()\n"
+        "assert native.decoder(model, 1) is None and native.decoder(model, 1) is None\n"
+        "p = SamplingParams(max_new_tokens=5, temperature=0)\n"
+        "print([int(t) for t in generate_ids(model, torch.tensor([[1, 2]]), p)])\n"
+    )
+    env = {**os.environ, "PATH": str(tmp_path), "TORCH_EXTENSIONS_DIR": str(tmp_path / "ext")}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    lines = [line for line in done.stderr.splitlines() if "gptkit:" in line]
+    assert len(lines) == 1 and "could not be built" in lines[0] and "decoding eagerly" in lines[0]
+    assert "Traceback" not in done.stderr
+    assert done.stdout.startswith("[")

@@ -56,14 +56,17 @@ def extension() -> Any:
         try:
             from torch.utils.cpp_extension import load
 
+            # -march=native: a build per instruction set, for a home folder shared by machines
+            isa = torch.backends.cpu.get_cpu_capability().lower()
             module = load(
-                "gptkit_decode",
+                f"gptkit_decode_{isa}",
                 [str(SOURCE)],
                 extra_cflags=FLAGS,
                 verbose=False,
             )
         except Exception as e:  # no compiler, no ninja, a failed build: decode eagerly
-            build_info.update(error=f"{type(e).__name__}: {str(e).strip().splitlines()[-1:]}")
+            last = (str(e).strip().splitlines() or [""])[-1]  # a build log ends in the reason
+            build_info.update(error=f"{type(e).__name__}: {last}")
             print(
                 f"gptkit: the native decode step could not be built ({build_info['error']}); "
                 "decoding eagerly",
