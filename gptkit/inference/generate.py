@@ -248,6 +248,31 @@ class StaticDecoder:
         self.graph = graph
 
 
+Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
+
+
+def _stepper(
+    model: GPT, batch: int, static: bool, unpadded: bool, device: torch.device, dtype: torch.dtype
+) -> tuple[KVCache, Step]:
+    """The cache decoding writes in, and the step that decodes one token a row into it at its
+    position (advancing it), returning the (B, 1, V) logits: a StaticDecoder's, the native
+    step's (one row, unpadded, where native.py covers the model), or the model's forward."""
+    if static:
+        decoder = StaticDecoder(model, batch, device, dtype)
+
+        def static_step(nxt: torch.Tensor, pad: torch.Tensor | None) -> torch.Tensor:
+            logits = decoder.step(nxt, pad)
+            decoder.cache.pos += 1
+            return logits
+
+        return decoder.cache, static_step
+    cache = KVCache.empty(model.config, batch, model.config.block_size, device, dtype)
+    fast = native.decoder(model, batch) if unpadded else None
+    if fast is not None:
+        return cache, lambda nxt, pad: fast.step(nxt, cache)
+    return cache, lambda nxt, pad: model(nxt[:, None], cache=cache, last_only=True, pad=pad)[0]
+
+
 # inference_mode rather than no_grad: no version counters or view tracking on the hundreds of
 # small tensors a token makes (measured: 5-7 % of a batch-1 CPU decoding step).
 @torch.inference_mode()
@@ -281,13 +306,7 @@ def generate_ids(
     if ids.size(1) == 0:
         raise GptkitError("the prompt is empty; give at least one token")
     context = ids  # everything so far, for the repetition penalty
-    fast = None  # batch-1 steps in one native call each (native.py), where it covers the model
-    if static:
-        decoder = StaticDecoder(model, ids.size(0), device, dtype)
-        cache = decoder.cache
-    else:
-        cache = KVCache.empty(model.config, ids.size(0), block, device, dtype)
-        fast = native.decoder(model, ids.size(0)) if pad is None else None
+    cache, step = _stepper(model, ids.size(0), static, pad is None, device, dtype)
     if ids.size(1) > block and pad is not None:
         pad = (pad - (ids.size(1) - block)).clamp(min=0)
     logits, _ = model(ids[:, -block:], cache=cache, last_only=on_prompt is None, pad=pad)
@@ -308,13 +327,8 @@ def generate_ids(
                 pad = (pad - (cache.pos + 1 - keep)).clamp(min=0)
             cache.pos = 0
             logits, _ = model(context[:, -keep:], cache=cache, last_only=True, pad=pad)
-        elif static:
-            logits = decoder.step(nxt, pad)
-            cache.pos += 1
-        elif fast is not None:
-            logits = fast.step(nxt, cache)
         else:
-            logits, _ = model(nxt[:, None], cache=cache, last_only=True, pad=pad)
+            logits = step(nxt, pad)
 
 
 class Detokenizer:
