@@ -1,11 +1,14 @@
-"""Batch-1 decoding in one native call a token (csrc/decode.cpp).
+"""Batch-1 decoding in one native call a step (csrc/decode.cpp).
 
 Eager PyTorch spends 1-3 us of dispatch and allocation on each small operation, and a decode
 step has about fifty of them a layer around its four products (norms, rotary, the cache write,
 attention for one query, activations, residuals). At batch 1 on a CPU those add up to as much
 time as the products themselves at SmolLM2-135M's 30 narrow layers. The native step runs the
-same products in the same PyTorch kernels (MKL for fp32, fbgemm's int8 x int8, the int8/int4
-weight-only ones) and everything between them as plain C++ loops.
+int8 and int4 products in the PyTorch kernels eager decoding calls (fbgemm's int8 x int8, the
+int8/int4 weight-only ones), fp32 products as a row-parallel GEMV (MKL's single-row product
+reads a large matrix at half the memory bandwidth here), and everything between them as plain
+C++ loops. Several rows in one call -- a speculative verification -- give each row bit for bit
+the numbers it gets alone, with each fp32 weight read once for all of them.
 
 The extension is compiled once per machine at its first use (about 30 s on 2 cores; cached by
 `torch.utils.cpp_extension` under ~/.cache/torch_extensions) and loaded in a fraction of a second
@@ -13,9 +16,10 @@ after that. Where it cannot be built or a model has something it does not cover 
 the weights, dropout in training mode, another device or dtype), decoding stays eager.
 `GPTKIT_NATIVE=0` keeps every step eager.
 
-Its numbers are eager decoding's up to the last bit of a norm's or softmax's sum (the products
-are the same kernels, and the elementwise steps round the same way): greedy tokens equal the
-eager ones on the test models (tests/test_native.py), and logits agree to ~1e-5.
+Its numbers are eager decoding's up to the order of a sum (norms, softmax, attention, an fp32
+product's row; the quantized products are the same kernels, and the elementwise steps round the
+same way): logits agree to ~1e-5 and greedy tokens equal the eager ones on the test models
+(tests/test_native.py).
 """
 
 from __future__ import annotations

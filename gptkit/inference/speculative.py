@@ -39,7 +39,6 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -177,7 +176,7 @@ class Drafter:
     accepted: int = 0
     rounds: int = 0
     off: bool = False  # switched to plain decoding
-    fast: Any = None  # the draft's batch-1 steps in native calls (native.py), where it covers it
+    fast: native.NativeDecoder | None = None  # the draft's steps in native calls, where it can
 
     def propose(
         self,
