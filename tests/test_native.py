@@ -219,3 +219,30 @@ def test_without_a_build_toolchain_decoding_stays_eager(tmp_path: Path) -> None:
     assert len(lines) == 1 and "could not be built" in lines[0] and "decoding eagerly" in lines[0]
     assert "Traceback" not in done.stderr
     assert done.stdout.startswith("[")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_int8_rows_in_one_product_are_each_rows_own(seed: int) -> None:
+    """Wider int8 layers, where rows quantized the way fbgemm quantizes a row alone go through
+    one product with a second packing of the weights (Linear::int8_rows): each row's logits
+    are still bit for bit its own, and the second packing was made."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=2999, block_size=64, n_layer=2, n_head=6, n_kv_head=2, n_embd=384,
+                      mlp_size=1000, pos_embedding="rope", norm="rmsnorm", mlp="swiglu", bias=False)  # fmt: skip
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    swap_linears(model, True, "int8")
+    dec = native.decoder(model, 1)
+    assert dec is not None
+    tokens = torch.randint(0, 2999, (40,), generator=torch.Generator().manual_seed(seed)).tolist()
+    one = KVCache.empty(cfg, 1, 64, torch.device("cpu"), torch.float32)
+    with torch.inference_mode():
+        for t in tokens[:30]:
+            dec.step(torch.tensor([t]), one)
+        many = KVCache(one.k.clone(), one.v.clone(), one.pos)
+        alone = torch.cat([dec.step(torch.tensor([t]), one) for t in tokens[30:]], dim=1)
+        together = dec.step_at(tokens[30:], 30, 30, 0, many.k, many.v)
+    assert torch.equal(together, alone)
+    assert all(m._kernel[2][0] is not False for m in model.modules() if type(m).__name__ == "Int8Linear")

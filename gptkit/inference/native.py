@@ -108,8 +108,9 @@ def supported(model: GPT) -> bool:
     return all(p.dtype == torch.float32 for p in model.parameters())
 
 
-def _linear(decoder: Any, layer: int, which: int, m: nn.Module) -> None:
-    """Hand one Linear to the native decoder, with the kernel eager decoding would run."""
+def _linear(decoder: Any, layer: int, which: int, m: nn.Module, int8: list) -> None:
+    """Hand one Linear to the native decoder, with the kernel eager decoding would run; an
+    int8 x int8 one is also listed in int8."""
     empty = None
     if isinstance(m, Int8Linear):
         if m._kernel is None:
@@ -118,6 +119,7 @@ def _linear(decoder: Any, layer: int, which: int, m: nn.Module) -> None:
             m._kernel[1] = _fbgemm_pack(m.weight, m.scale, m.bias)
         if m.int8_activations and m._kernel[1] is not False:
             args = (1, m.in_features, m.out_features, 0, empty, empty, empty, m._kernel[1])
+            int8.append((layer, which, m))
         else:
             args = (2, m.in_features, m.out_features, m.pad, m._kernel[0], m.bias, m.scale, None)
     elif isinstance(m, Int4Linear):
@@ -164,13 +166,15 @@ class NativeDecoder:
             *_norm(model.ln_f),
         ]
         self._d = ext.Decoder(ints, cfg.norm_eps, cfg.logit_softcap, tables)
+        self._int8: list[tuple[int, int, Int8Linear]] = []  # int8 x int8 Linears, for _rows
+        self._rows = False  # whether they have their several-row packing
         for i, b in enumerate(model.blocks):
             a = b.attn
             gains = [_norm(a.q_norm)[0], _norm(a.k_norm)[0]]
             self._d.set_norms(i, _norm(b.ln_1) + _norm(b.ln_2) + gains)
             for which, m in enumerate((a.c_attn, a.c_proj, b.mlp.c_fc, b.mlp.c_proj)):
-                _linear(self._d, i, which, m)
-        _linear(self._d, -1, 0, model.lm_head)
+                _linear(self._d, i, which, m, self._int8)
+        _linear(self._d, -1, 0, model.lm_head, self._int8)
         self.block_size = cfg.block_size
 
     def step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
@@ -188,7 +192,25 @@ class NativeDecoder:
         head_dim), the first seeing slots first..slot and each next one more: a row of the
         serving engine's pool left-padded by `first` slots, or a speculative verification (each
         row's logits those it gets decoded alone). Does not move a cache's position."""
+        if len(tokens) > 1 and not self._rows:
+            self._several_rows()
         return self._d.step(tokens, pos, slot, first, k, v)
+
+    def _several_rows(self) -> None:
+        """Give each int8 x int8 Linear a second packing of its weights (scale 1, a zero column),
+        made once per layer and kept with it, through which several rows take one product with
+        the numbers each gets alone (decode.cpp: Linear::int8_rows). A verification then reads
+        the weights once, not once a row; it costs a second copy of the int8 weights."""
+        for layer, which, m in self._int8:
+            if m._kernel[2] is None:
+                w = torch.cat([m.weight, torch.zeros(m.out_features, 1, dtype=torch.int8)], 1)
+                unit = _fbgemm_pack(w, torch.ones(m.out_features), None)
+                rowsum = m.weight.sum(1, dtype=torch.int32).float()
+                m._kernel[2] = (unit, rowsum, m.scale.float())
+            unit, rowsum, wscale = m._kernel[2]
+            if unit is not False:
+                self._d.set_rows(layer, which, unit, rowsum, wscale, _opt(m.bias))
+        self._rows = True
 
 
 def decoder(model: GPT, batch: int) -> NativeDecoder | None:

@@ -165,8 +165,9 @@ class Int8Linear(QuantizedLinear):
         return self.weight.float() * self.scale.float()[:, None]
 
     def _make_kernel(self) -> None:
-        # [padded weight, fbgemm's packed weight: made at the first single row, or False]
-        self._kernel = [F.pad(self.weight, (0, self.pad)) if self.pad else self.weight, None]
+        # [padded weight, fbgemm's packed weight: made at the first single row, or False, and
+        # native.py's second packing for several rows at once: made at the first verification]
+        self._kernel = [F.pad(self.weight, (0, self.pad)) if self.pad else self.weight, None, None]
 
     def _product(self, x: torch.Tensor) -> torch.Tensor:
         if self._kernel is None:

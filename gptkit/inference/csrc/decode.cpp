@@ -37,6 +37,10 @@ struct Linear {
   int64_t in = 0, out = 0, pad = 0;  // pad: zero columns the weight-only kernels need
   at::Tensor weight, bias, extra;    // extra: int8 scales, or int4 scales and zeros
   c10::intrusive_ptr<LinearPackedParamsBase> packed;
+  // int8, several rows at once (set_rows): the weights packed again with scale 1 and a zero
+  // column, their row sums and scales
+  c10::intrusive_ptr<LinearPackedParamsBase> unit;
+  at::Tensor rowsum, wscale;
 
   // x: (1, T, in) -> (1, T, out), each row with the numbers eager QuantizedLinear gives it
   // alone (fp32: F.linear's, up to the order of each row's sum)
@@ -46,6 +50,10 @@ struct Linear {
     if (kind == INT8) {
       // fbgemm quantizes its whole input over one range: a row at a time, as decoding does
       if (rows == 1) return packed->apply_dynamic(x, false);
+      if (unit) {
+        at::Tensor y = int8_rows(x);
+        if (y.defined()) return y;
+      }
       std::vector<at::Tensor> ys;
       for (int64_t t = 0; t < rows; ++t) ys.push_back(packed->apply_dynamic(x.narrow(1, t, 1), false));
       return at::cat(ys, 1);
@@ -59,6 +67,63 @@ struct Linear {
     y = y.to(at::kFloat);
     if (bias.defined()) y = y + bias;
     return y.view({1, rows, out});
+  }
+
+  // fbgemm's single-row products of T rows, bit for bit, in one product that reads the weights
+  // once. Each row is quantized as fbgemm quantizes a row alone (its range with 0 in it, scale
+  // and zero point chosen as fbgemm chooses them, round half to even); the integers, with a
+  // column of 255 that pins the whole input's range to 0..255, go through a copy of the weights
+  // packed with scale 1, so fbgemm quantizes them to themselves and returns the exact integer
+  // sums; fbgemm's own output scaling is then applied in its order of operations. Undefined
+  // (the caller goes a row at a time) for a row of near-zero range or a sum past float's exact
+  // integers.
+  at::Tensor int8_rows(const at::Tensor& x) const {
+    const int64_t rows = x.size(1), n = in, m = out;
+    at::Tensor q = at::empty({rows, n + 1}, x.options());
+    std::vector<float> zero(rows), scale(rows);
+    const float* xp = x.data_ptr<float>();
+    float* qp = q.data_ptr<float>();
+    for (int64_t t = 0; t < rows; ++t) {
+      const float* r = xp + t * n;
+      float lo = 0.f, hi = 0.f;
+      for (int64_t i = 0; i < n; ++i) {
+        lo = std::min(lo, r[i]);
+        hi = std::max(hi, r[i]);
+      }
+      const float sc = static_cast<float>((static_cast<double>(hi) - lo) / 255.0);
+      if (!(sc >= 6.1e-5f)) return at::Tensor();
+      // the zero point from whichever end of the range has the smaller error, as fbgemm picks it
+      const double s = sc;
+      double z = std::fabs(lo / s) < 255.0 + std::fabs(hi / s) ? -lo / s : 255.0 - hi / s;
+      const float zf = static_cast<float>(std::nearbyint(std::min(std::max(z, 0.0), 255.0)));
+      const float inv = 1.f / sc;
+      float* qr = qp + t * (n + 1);
+      // fbgemm's quantization: x / scale + zero point as one fused multiply-add, then rounded
+      for (int64_t i = 0; i < n; ++i) qr[i] = std::min(std::max(std::nearbyint(std::fma(r[i], inv, zf)), 0.f), 255.f);
+      qr[n] = 255.f;
+      zero[t] = zf;
+      scale[t] = sc;
+    }
+    at::Tensor acc = unit->apply_dynamic(q, false);
+    const float* a = acc.data_ptr<float>();
+    for (int64_t k = 0; k < rows * m; ++k)
+      if (!(std::fabs(a[k]) < 16777216.f)) return at::Tensor();
+    at::Tensor y = at::empty({1, rows, m}, x.options());
+    float* o = y.data_ptr<float>();
+    const float* rs = rowsum.data_ptr<float>();
+    const float* ws = wscale.data_ptr<float>();
+    const float* b = bias.defined() ? bias.data_ptr<float>() : nullptr;
+    for (int64_t t = 0; t < rows; ++t)
+      for (int64_t j = 0; j < m; ++j) {
+        // fbgemm subtracts the zero point's share in int32, then converts: so here
+        const int64_t raw = static_cast<int64_t>(a[t * m + j]) -
+                            static_cast<int64_t>(zero[t]) * static_cast<int64_t>(rs[j]);
+        const float v = static_cast<float>(static_cast<int32_t>(raw));
+        double d = static_cast<double>(v) * static_cast<double>(scale[t] * ws[j]);
+        if (b) d = d + static_cast<double>(b[j]);
+        o[t * m + j] = static_cast<float>(d);
+      }
+    return y;
   }
 
   // y = W x + b for T rows, W read once. MKL's single-row product streams a matrix larger than
@@ -128,11 +193,27 @@ class Decoder {
       auto obj = py::cast<torch::jit::Object>(packed);
       lin.packed = c10::IValue(obj._ivalue()).toCustomClass<LinearPackedParamsBase>();
     }
-    if (layer < 0) { head_ = lin; return; }
+    *linear(layer, which) = lin;
+  }
+
+  // An int8 Linear's second packing, for several rows in one product (Linear::int8_rows); the
+  // bias stays the one set_linear gave
+  void set_rows(int64_t layer, int64_t which, py::object unit, at::Tensor rowsum, at::Tensor wscale,
+                c10::optional<at::Tensor> bias) {
+    Linear* lin = linear(layer, which);
+    TORCH_CHECK(lin->kind == INT8, "gptkit decode: set_rows on a Linear that is not int8");
+    lin->unit = c10::IValue(py::cast<torch::jit::Object>(unit)._ivalue()).toCustomClass<LinearPackedParamsBase>();
+    lin->rowsum = rowsum;
+    lin->wscale = wscale;
+    if (bias) lin->bias = *bias;
+  }
+
+  Linear* linear(int64_t layer, int64_t which) {
+    if (layer < 0) return &head_;
     Layer& l = layers_.at(layer);
     Linear* slot[4] = {&l.qkv, &l.proj, &l.fc, &l.down};
     TORCH_CHECK(which >= 0 && which < 4, "gptkit decode: linear slot out of range");
-    *slot[which] = lin;
+    return slot[which];
   }
 
   // The logits (1, T, vocab) after each of T tokens, the first at position pos of its sequence
@@ -342,5 +423,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def(py::init<std::vector<int64_t>, double, double, std::vector<at::Tensor>>())
       .def("set_norms", &Decoder::set_norms)
       .def("set_linear", &Decoder::set_linear)
+      .def("set_rows", &Decoder::set_rows)
       .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
 }
