@@ -8,7 +8,8 @@ int8 and int4 products in the PyTorch kernels eager decoding calls (fbgemm's int
 int8/int4 weight-only ones), fp32 products as a row-parallel GEMV (MKL's single-row product
 reads a large matrix at half the memory bandwidth here), and everything between them as plain
 C++ loops. Several rows in one call -- a speculative verification -- give each row bit for bit
-the numbers it gets alone, with each fp32 weight read once for all of them.
+the numbers it gets alone, with the weights read once for all of them (int8: through a second
+packing that reproduces fbgemm's single-row numbers, decode.cpp's Linear::int8_rows).
 
 The extension is compiled once per machine at its first use (about 30 s on 2 cores; cached by
 `torch.utils.cpp_extension` under ~/.cache/torch_extensions) and loaded in a fraction of a second
