@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from gptkit.config import ModelConfig
 from gptkit.inference import native
 from gptkit.inference.generate import SamplingParams, generate_ids
-from gptkit.inference.qlinear import swap_linears
+from gptkit.inference.qlinear import Int8Linear, swap_linears
 from gptkit.loader import load_model
 from gptkit.model import GPT, KVCache
 
@@ -245,4 +245,4 @@ def test_int8_rows_in_one_product_are_each_rows_own(seed: int) -> None:
         alone = torch.cat([dec.step(torch.tensor([t]), one) for t in tokens[30:]], dim=1)
         together = dec.step_at(tokens[30:], 30, 30, 0, many.k, many.v)
     assert torch.equal(together, alone)
-    assert all(m._kernel[2][0] is not False for m in model.modules() if type(m).__name__ == "Int8Linear")
+    assert all(m._kernel[2][0] is not False for m in model.modules() if isinstance(m, Int8Linear))

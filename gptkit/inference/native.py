@@ -124,7 +124,8 @@ def _linear(decoder: Any, layer: int, which: int, m: nn.Module, int8: list) -> N
         else:
             args = (2, m.in_features, m.out_features, m.pad, m._kernel[0], m.bias, m.scale, None)
     elif isinstance(m, Int4Linear):
-        m._product(torch.zeros(1, m.in_features))  # makes the kernel's packed copy
+        if m._kernel is None:
+            m._make_kernel()
         packed, sz = m._kernel
         pad = m.weight.size(1) * 2 - m.in_features
         args = (3, m.in_features, m.out_features, pad, packed, m.bias, sz, None)
@@ -152,7 +153,6 @@ class NativeDecoder:
 
     def __init__(self, model: GPT, ext: Any) -> None:
         cfg = model.config
-        self.vocab = cfg.vocab_size
         qk = 2 if cfg.qk_norm_weight else (1 if cfg.qk_norm else 0)
         rope = cfg.pos_embedding == "rope"
         ints = [cfg.n_layer, cfg.n_head, cfg.kv_heads, cfg.head_dim, cfg.n_embd, cfg.vocab_size,
@@ -176,13 +176,13 @@ class NativeDecoder:
             for which, m in enumerate((a.c_attn, a.c_proj, b.mlp.c_fc, b.mlp.c_proj)):
                 _linear(self._d, i, which, m, self._int8)
         _linear(self._d, -1, 0, model.lm_head, self._int8)
-        self.block_size = cfg.block_size
 
-    def step(self, token: torch.Tensor, cache: KVCache) -> torch.Tensor:
-        """Logits (1, 1, V) after one token (a tensor of one id) at position cache.pos, whose
-        keys and values go to that slot; advances cache.pos, as GPT.forward does."""
-        logits = self._d.step([int(token)], cache.pos, cache.pos, 0, cache.k, cache.v)
-        cache.pos += 1
+    def step(self, tokens: torch.Tensor, cache: KVCache) -> torch.Tensor:
+        """Logits (1, T, V) after tokens (a tensor of T ids) from position cache.pos on, whose
+        keys and values go to those slots; advances cache.pos, as GPT.forward does."""
+        ids = tokens.flatten().tolist()
+        logits = self.step_at(ids, cache.pos, cache.pos, 0, cache.k, cache.v)
+        cache.pos += len(ids)
         return logits
 
     def step_at(

@@ -251,14 +251,18 @@ class Int4Linear(QuantizedLinear):
         w = (groups - 8) * self.scale.float()[..., None] + self.zero.float()[..., None]
         return w.view(q.shape)[:, : self.in_features]
 
+    def _make_kernel(self) -> None:
+        # the kernel's packed weight and (groups, columns, 2) scales and zeros
+        pad = -self.out_features % 16
+        q = torch.stack([self.weight & 15, self.weight >> 4], dim=2).flatten(1)
+        q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        sz = torch.stack([self.scale, self.zero], dim=2).transpose(0, 1)
+        self._kernel = (packed, F.pad(sz, (0, 0, 0, pad)).contiguous())
+
     def _product(self, x: torch.Tensor) -> torch.Tensor:
-        if self._kernel is None:  # the kernel's packed weight and (groups, columns, 2) scales/zeros
-            pad = -self.out_features % 16
-            q = torch.stack([self.weight & 15, self.weight >> 4], dim=2).flatten(1)
-            q = F.pad(q.to(torch.int32), (0, 0, 0, pad))
-            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-            sz = torch.stack([self.scale, self.zero], dim=2).transpose(0, 1)
-            self._kernel = (packed, F.pad(sz, (0, 0, 0, pad)).contiguous())
+        if self._kernel is None:
+            self._make_kernel()
         packed, sz = self._kernel
         pad = self.weight.size(1) * 2 - self.in_features
         x = F.pad(x, (0, pad)) if pad else x

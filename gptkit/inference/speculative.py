@@ -256,11 +256,8 @@ class Drafter:
 
     def _next(self, x: torch.Tensor) -> torch.Tensor:
         """The draft's (1, V) logits after x, cut or padded (never chosen) to the target's V."""
-        if self.fast is not None and x.size(1) <= CATCH_UP_NATIVE:
-            assert self.cache is not None
-            pos, k, v = self.cache.pos, self.cache.k, self.cache.v
-            logits = self.fast.step_at(x[0].tolist(), pos, pos, 0, k, v)[:, -1]
-            self.cache.pos += x.size(1)
+        if self.fast is not None and self.cache is not None and x.size(1) <= CATCH_UP_NATIVE:
+            logits = self.fast.step(x, self.cache)[:, -1]
         else:
             logits = self.spec.draft(x, cache=self.cache, last_only=True)[0][:, -1].float()
         extra = (self.spec.vocab or logits.size(-1)) - logits.size(-1)
