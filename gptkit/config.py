@@ -234,6 +234,17 @@ class TrackConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation: the run learns a teacher's next-token distributions as well as the
+    data's tokens (a draft for speculative decoding that guesses what its target would say)."""
+
+    teacher: str = ""  # a run folder sharing this run's tokenizer ("": no teacher)
+    # the loss: (1 - weight) * cross-entropy + weight * temperature^2 * KL(teacher || student)
+    weight: float = 0.5
+    temperature: float = 1.0  # both distributions are softened by it before the KL
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -243,6 +254,7 @@ class Config:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     adalora: AdaLoraConfig = field(default_factory=AdaLoraConfig)
     track: TrackConfig = field(default_factory=TrackConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     lineage: Lineage = field(default_factory=Lineage)
 
     def to_dict(self) -> dict[str, Any]:
@@ -514,6 +526,8 @@ BOUNDS: list[tuple[str, str, str]] = [
     ("train.max_time_s", ">= 0", "0 = no limit"),
     ("train.threads", ">= 0", ""),
     ("data.val_fraction", "(0, 1)", ""),
+    ("distill.weight", "[0, 1]", "1 = the teacher alone"),
+    ("distill.temperature", "> 0", "1 = the teacher's own distribution"),
     ("finetune.val_fraction", "[0, 1)", ""),
     ("finetune.epochs", ">= 0", "0 = train.max_steps decides"),
     ("finetune.block_size", ">= 0", "0 = the base's context"),

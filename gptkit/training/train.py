@@ -55,6 +55,7 @@ from gptkit.runtime import (
 )
 from gptkit.tokenizer import Tokenizer
 from gptkit.training import distributed
+from gptkit.training.distill import distill_loss, load_teacher, resolved_teacher
 from gptkit.training.distributed import DistContext
 from gptkit.training.optim import build_optimizers, lr_factor
 from gptkit.training.trackers import Trackers
@@ -763,6 +764,8 @@ class Trainer:
         else:
             data = opts.data
         data.bind(ctx)
+        if cfg.distill.teacher:  # saved absolute: a resume from another folder finds it
+            cfg = cfg.updated({"distill.teacher": resolved_teacher(cfg.distill)})
         self.cfg, self.tc, self.data = cfg, cfg.train, data  # from here on the config is read-only
         _configure_process(self.tc, device)
         # On one CPU process, what is faster here is measured (several processes keep the rules:
@@ -776,6 +779,7 @@ class Trainer:
         if alone_on_cpu and self.tc.dtype == "auto" and cpu_has_fast_bf16():
             self.dtype, self.dtype_note = measure_cpu_dtype(cfg)
         self.model = self._initial_model().to(device)
+        self.teacher = load_teacher(cfg.distill, data.tokenizer, cfg.model.block_size, device)
         adapters = self.model.adapters
         self.step_hooks = adapters.step_hooks if adapters is not None else None
         self.resumed = opts.resume and has_checkpoint(run_dir)
@@ -807,6 +811,7 @@ class Trainer:
             opts.progress and not self.quiet, self.tc, self.state.step, self.clock.train_s
         )
         self.loss_sum = torch.zeros((), device=device)  # summed on the device: no sync per step
+        self.kl_sum = torch.zeros((), device=device)  # the KL from the teacher, when there is one
         self.grad_norm: torch.Tensor | None = None  # the latest step's, with train.grad_clip > 0
         self.loss_steps = 0
         self.tokens_since_log, self.train_s_at_log = 0, self.clock.train_s
@@ -919,9 +924,10 @@ class Trainer:
             x, y = x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             with distributed.sync_context(self.wrapped, self.ctx, micro == tc.grad_accum - 1):
                 with self.amp:
-                    _, loss = self.forward(x, y)
+                    objective, loss = self._losses(x, y)
                 # a method's own term (AdaLoRA's orthogonality), in fp32, not logged as loss
-                objective = loss if hooks is None else loss + hooks.regularizer()
+                if hooks is not None:
+                    objective = objective + hooks.regularizer()
                 scaler.scale(objective / tc.grad_accum).backward()
             self.loss_sum += loss.detach() / tc.grad_accum
         if tc.grad_clip > 0:
@@ -939,6 +945,24 @@ class Trainer:
             opt.zero_grad(set_to_none=True)
         self.loss_steps += 1
 
+    def _losses(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(what the step minimizes, the cross-entropy logged as its loss): the same, unless a
+        teacher is distilled from (training/distill.py)."""
+        if self.teacher is None:
+            _, loss = self.forward(x, y)
+            assert loss is not None
+            return loss, loss
+        with torch.no_grad():
+            teacher_logits, _ = self.teacher(x)
+        logits, _ = self.forward(x)
+        d = self.cfg.distill
+        assert logits is not None and teacher_logits is not None
+        objective, ce, kl = distill_loss(
+            logits, teacher_logits, y, d.weight, d.temperature, self.data.tokenizer.vocab_size
+        )
+        self.kl_sum += kl.detach() / self.tc.grad_accum
+        return objective, ce
+
     def _log(self, factor: float) -> None:
         """Every log_interval steps: the mean loss since the last log (one sync), tokens/s of
         training time, a metrics row; a non-finite loss ends the run with DivergedError."""
@@ -946,11 +970,15 @@ class Trainer:
         if step % tc.log_interval and step != tc.max_steps:
             self.bar.update(step, self.clock.train_s)
             return
-        loss = (
-            self.ctx.sum([(self.loss_sum / self.loss_steps).item()], self.device)[0]
-            / self.ctx.world
+        loss, kl = (
+            v / self.ctx.world
+            for v in self.ctx.sum(
+                [(self.loss_sum / self.loss_steps).item(), (self.kl_sum / self.loss_steps).item()],
+                self.device,
+            )
         )
         self.loss_sum.zero_()
+        self.kl_sum.zero_()
         self.loss_steps = 0
         if not math.isfinite(loss):
             raise DivergedError(
@@ -965,6 +993,8 @@ class Trainer:
                 row["lr_muon"] = tc.muon_lr * factor
             if self.grad_norm is not None:  # before clipping, as clip_grad_norm_ returns it
                 row["grad_norm"] = float(self.grad_norm)
+            if self.teacher is not None:
+                row["distill_kl"] = kl
             self.log.log(step, **row, elapsed_s=self.clock.elapsed_s)
         self.result.losses.append((step, loss))
         self.bar.update(step, train_s, loss, tps)
