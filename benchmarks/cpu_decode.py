@@ -19,11 +19,12 @@ tiny Shakespeare (GPT-2's tokenizer), and batch-1 tokens/s with and without the 
 int4 targets; the draft int8), greedy and sampled, are measured beside llama.cpp on the target's own GGUF files, with
 the acceptance rates, each round's cost in plain decoding steps and the acceptance it would need to pay off. Every draft
 run uses the default --draft-min-acceptance (a sequence keeping too few guesses after 8 rounds goes plain); int8 and
-fp32 are measured without that switch too (_noswitch).
+fp32 are measured without that switch too (_noswitch). With --distill-draft each draft is distilled from its target
+(`gptkit train --teacher TARGET`, distill.weight=1) rather than trained on the text's tokens alone.
 
     python benchmarks/cpu_decode.py [--rounds 3] [--new-tokens 128] [--shape gpt2-124M smollm2-135M]
         [--parts speed quality speculative] [--spec-train-minutes 8] [--draft-tokens 4]
-        [--draft-p-min 0 0.5 0.8] [--keep DIR]
+        [--draft-p-min 0 0.5 0.8] [--keep DIR] [--distill-draft]
 
 Ends with one JSON line including ratio_int8_vs_llamacpp_q8_b1 (GPT-2 124M shape),
 ratio_int8_vs_fp32_b8, int8_ppl_change (relative), and the same for int4 against llama.cpp's
@@ -115,6 +116,9 @@ def speed(shape: str, rounds: int, n: int) -> dict:
             ("gptkit_fp32", 8): lambda: ours(fp32, 8),
             ("gptkit_int8", 8): lambda: ours(int8, 8),
             ("gptkit_int4", 8): lambda: ours(int4, 8),
+            ("gptkit_fp32_eager", 8): lambda: ours(fp32, 8, False),
+            ("gptkit_int8_eager", 8): lambda: ours(int8, 8, False),
+            ("gptkit_int4_eager", 8): lambda: ours(int4, 8, False),
             ("transformers_fp32", 8): lambda: hf(8),
         }
         torch.set_num_threads(THREADS)
@@ -132,7 +136,8 @@ def speed(shape: str, rounds: int, n: int) -> dict:
         print(f"  {name:18s} batch {b}: {v:8.1f} tok/s   {v / med[('gptkit_fp32', b)]:.2f}x gptkit fp32")
     out = {f"{name}_b{b}": round(v, 1) for (name, b), v in med.items()}
     for s in ("fp32", "int8", "int4"):
-        out[f"native_vs_eager_{s}_b1"] = round(med[(f"gptkit_{s}", 1)] / med[(f"gptkit_{s}_eager", 1)], 2)
+        for b in (1, 8):
+            out[f"native_vs_eager_{s}_b{b}"] = round(med[(f"gptkit_{s}", b)] / med[(f"gptkit_{s}_eager", b)], 2)
     return out
 
 
@@ -246,6 +251,9 @@ DRAFTS = {  # ~11M parameters, most of them the embedding
 }  # fmt: skip
 
 
+DISTILL = ["distill.weight=1.0"]  # a draft distilled from its target: its distributions alone
+
+
 def trained(shape_sets: list[str], data: Path, out: Path, minutes: float) -> tuple[Path, dict]:
     """A run trained for `minutes`, and its steps and final validation loss."""
     sets = [*shape_sets, "model.block_size=256", "train.batch_size=4", f"train.max_time_s={minutes * 60}",
@@ -257,12 +265,14 @@ def trained(shape_sets: list[str], data: Path, out: Path, minutes: float) -> tup
     return out, {"steps": result.step, "val_loss": round(result.val.get("loss", float("nan")), 3)}
 
 
-def speculative(shape: str, rounds: int, n: int, minutes: float, k: int, p_mins: list[float], keep: Path | None) -> dict:
+def speculative(shape: str, rounds: int, n: int, minutes: float, k: int, p_mins: list[float], keep: Path | None,
+                distill: bool = False) -> dict:  # fmt: skip
     """Batch-1 greedy tokens/s with and without a draft (fp32 / int8 / int4 targets, the draft
     int8), beside llama.cpp on the same trained target's GGUF files, and the acceptance rates,
     greedy and sampled; the first of p_mins for every target, the others for fp32 and int8. Every
     greedy speculative sample is checked to equal the target's own. keep: a folder where the
-    trained target and draft stay, and are reused by the next run."""
+    trained target and draft stay, and are reused by the next run. distill: the draft learns the
+    target's distributions (distill.weight=1) instead of the data's tokens."""
     from gptkit.inference.speculative import default_min_acceptance, load_speculator
 
     with tempfile.TemporaryDirectory() as name:
@@ -270,12 +280,16 @@ def speculative(shape: str, rounds: int, n: int, minutes: float, k: int, p_mins:
         kept = (keep / shape) if keep else tmp
         text = (ROOT / "gptkit" / "data" / "tinyshakespeare.txt").read_text(encoding="utf-8")
         t0 = time.perf_counter()
-        if not (kept / "draft" / "checkpoint").is_dir():
+        if not (kept / "draft" / "checkpoint").is_dir():  # a kept target stays: a new draft learns from it
             (tmp / "corpus.txt").write_text(text)
             prepare([str(tmp / "corpus.txt")], tmp / "data", f"gpt2:{ROOT / 'tests' / 'data' / 'gpt2'}", progress=False)
-            training = {"target_training": trained(TARGETS[shape], tmp / "data", kept / "target", minutes)[1],
-                        "draft_training": trained(DRAFTS[shape], tmp / "data", kept / "draft", minutes / 2)[1]}  # fmt: skip
-            (kept / "training.json").write_text(json.dumps(training))
+            record = kept / "training.json"
+            training = json.loads(record.read_text()) if record.is_file() else {}
+            if not (kept / "target" / "checkpoint").is_dir():
+                training["target_training"] = trained(TARGETS[shape], tmp / "data", kept / "target", minutes)[1]
+            teacher = [*DISTILL, f"distill.teacher={kept / 'target'}"] if distill else []
+            training["draft_training"] = trained(DRAFTS[shape] + teacher, tmp / "data", kept / "draft", minutes / 2)[1]
+            record.write_text(json.dumps(training | {"draft_distilled": distill}))
         training = json.loads((kept / "training.json").read_text())
         target_run, draft_run = kept / "target", kept / "draft"
         trained_s = time.perf_counter() - t0
@@ -408,12 +422,13 @@ def main() -> None:
     ap.add_argument("--draft-p-min", type=float, nargs="+", default=[0.0, 0.5, 0.8],
                     help="the first for every target, the others for fp32 and int8")  # fmt: skip
     ap.add_argument("--keep", type=Path, help="keep the trained targets and drafts here, and reuse them")
+    ap.add_argument("--distill-draft", action="store_true", help="train each draft on its target's distributions (--teacher)")
     a = ap.parse_args()
     result: dict = {"new_tokens": a.new_tokens}
     if "speculative" in a.parts:
         for shape in a.shape:
             result[f"{shape}_speculative"] = speculative(shape, a.rounds, a.new_tokens, a.spec_train_minutes, a.draft_tokens,
-                                                         a.draft_p_min, a.keep)  # fmt: skip
+                                                         a.draft_p_min, a.keep, a.distill_draft)  # fmt: skip
     if "speed" in a.parts:
         result |= native_start()
         for shape in a.shape:

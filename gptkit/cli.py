@@ -9,6 +9,7 @@ import errno
 import json
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -104,10 +105,20 @@ def _add_training_flags(p: argparse.ArgumentParser) -> None:
         help="under torchrun: shard the model with FSDP instead of DDP",
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument(
+        "--teacher",
+        metavar="RUN_DIR",
+        help="distil this run into the one trained (same tokenizer): learn its next-token "
+        "distributions too (distill.weight, distill.temperature)",
+    )
     _add_tracker(p)
 
 
 TRACKER_NAMES = ("tensorboard", "wandb", "mlflow", "none")
+
+
+def teacher_override(teacher: str | None) -> list[str]:
+    return [f"distill.teacher={teacher}"] if teacher else []
 
 
 def _add_tracker(p: argparse.ArgumentParser) -> None:
@@ -674,7 +685,7 @@ def _sampler(cfg: Any) -> Callable[[Path], str] | None:
 
 
 def cmd_train(a: argparse.Namespace) -> None:
-    a.set = [*a.set, *tracker_overrides(a.tracker)]
+    a.set = [*a.set, *tracker_overrides(a.tracker), *teacher_override(a.teacher)]
     from gptkit.training.train import new_run_config, resume_config, train
 
     if a.resume and a.init_from:
@@ -745,7 +756,7 @@ def _load_for_sampling(a: argparse.Namespace) -> tuple:
 
 
 def cmd_finetune(a: argparse.Namespace) -> None:
-    a.set = [*a.set, *tracker_overrides(a.tracker)]
+    a.set = [*a.set, *tracker_overrides(a.tracker), *teacher_override(a.teacher)]
     from gptkit.finetune.instruct import finetune, finetune_config, resume_finetune
     from gptkit.training.train import resume_config
 
@@ -1249,6 +1260,20 @@ def os_error_message(e: OSError) -> str:
     return f"{path}: {e.strerror or e}"
 
 
+def _wait_for_rank_zero(seconds: float = 5.0) -> None:
+    """Under torchrun, let rank 0 report an error that every rank meets.
+
+    torchrun stops the other workers as soon as one exits, so a rank that exits first can cut
+    rank 0 off before it prints. The other ranks wait instead: when rank 0 met the same error it
+    prints, exits, and torchrun stops them here; when it did not, they print their own after the
+    wait, so an error one rank alone meets is not lost.
+    """
+    if int(os.environ.get("RANK", "0")) == 0:
+        return
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a training run's handler would keep us alive
+    time.sleep(seconds)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     try:
@@ -1257,9 +1282,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(0)
     except (GptkitError, OSError) as e:
         msg = os_error_message(e) if isinstance(e, OSError) else str(e)
-        # under torchrun, rank 0 reports; every rank exits
-        if int(os.environ.get("RANK", "0")) == 0:
-            print(f"gptkit: error: {msg}", file=sys.stderr)
+        _wait_for_rank_zero()
+        print(f"gptkit: error: {msg}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print("gptkit: interrupted", file=sys.stderr)

@@ -28,7 +28,7 @@ def steps(model: GPT, tokens: list[int], fast: bool) -> tuple[torch.Tensor, KVCa
     """The (T, V) logits after each token decoded one at a time, and the cache they filled."""
     cfg = model.config
     cache = KVCache.empty(cfg, 1, cfg.block_size, torch.device("cpu"), torch.float32)
-    dec = native.decoder(model, 1) if fast else None
+    dec = native.decoder(model) if fast else None
     out = []
     with torch.inference_mode():
         for t in tokens:
@@ -122,7 +122,7 @@ def test_greedy_tokens_equal_eager(
     if scheme != "fp32":
         activations = "bf16" if scheme == "int8-weight-only" else "int8"
         swap_linears(model, True, scheme[:4], activations)
-    assert native.decoder(model, 1) is not None
+    assert native.decoder(model) is not None
     params = SamplingParams(max_new_tokens=48, temperature=0.0)
     for prompt in prompts:
         monkeypatch.setenv("GPTKIT_NATIVE", "1")
@@ -134,25 +134,24 @@ def test_greedy_tokens_equal_eager(
 
 def test_eager_where_the_step_does_not_apply(monkeypatch: pytest.MonkeyPatch) -> None:
     model = random_model(0, **ARCHS["gpt2"])
-    assert native.decoder(model, 1) is not None
-    assert native.decoder(model, 2) is None  # several rows: the batched eager step
+    assert native.decoder(model) is not None
     model.config.dropout = 0.1
-    assert native.decoder(model.train(), 1) is None  # dropout would be on
+    assert native.decoder(model.train()) is None  # dropout would be on
     model.config.dropout = 0.0
     model.eval()
     handle = model.blocks[0].mlp.register_forward_hook(lambda *a: None)
-    assert native.decoder(model, 1) is None  # a hook changes what a module computes
+    assert native.decoder(model) is None  # a hook changes what a module computes
     handle.remove()
-    assert native.decoder(model.to(torch.bfloat16), 1) is None
+    assert native.decoder(model.to(torch.bfloat16)) is None
     monkeypatch.setenv("GPTKIT_NATIVE", "0")
-    assert native.decoder(random_model(0, **ARCHS["gpt2"]), 1) is None
+    assert native.decoder(random_model(0, **ARCHS["gpt2"])) is None
 
 
 def test_a_left_padded_pool_row_decodes_as_eager() -> None:
     """step_at, as the serving engine calls it for a row decoding alone: its sequence starts
     `first` slots into the cache (left padding), so slot and position differ."""
     model = random_model(3, **ARCHS["llama_gqa"])
-    dec = native.decoder(model, 1)
+    dec = native.decoder(model)
     assert dec is not None
     gen = torch.Generator().manual_seed(4)
     first, prompt, tokens = 5, torch.randint(0, 97, (1, 12), generator=gen), torch.randint(0, 97, (20,), generator=gen)
@@ -181,7 +180,7 @@ def test_a_verification_gets_each_rows_own_logits_bit_for_bit(arch: str, scheme:
     model = random_model(5, **ARCHS[arch])
     if scheme != "fp32":
         swap_linears(model, True, scheme[:4], "bf16" if scheme == "int8-weight-only" else "int8")
-    dec = native.decoder(model, 1)
+    dec = native.decoder(model)
     assert dec is not None
     tokens = torch.randint(0, 97, (14,), generator=torch.Generator().manual_seed(6)).tolist()
     one, many = (KVCache.empty(model.config, 1, 64, torch.device("cpu"), torch.float32) for _ in range(2))
@@ -197,6 +196,90 @@ def test_a_verification_gets_each_rows_own_logits_bit_for_bit(arch: str, scheme:
     assert torch.equal(many.v[:, :, :, :14], one.v[:, :, :, :14])
 
 
+def left_padded(model: GPT, prompts: list[list[int]]) -> tuple[list[KVCache], list[int]]:
+    """Each prompt prefilled alone into a one-row cache, left-padded to the longest (the serving
+    engine's pool layout), and each row's padding."""
+    width = max(map(len, prompts))
+    caches, firsts = [], []
+    for p in prompts:
+        first = width - len(p)
+        cache = KVCache.empty(model.config, 1, 64, torch.device("cpu"), torch.float32)
+        model(torch.tensor([[0] * first + p]), cache=cache, pad=torch.tensor([first]) if first else None)
+        caches.append(cache)
+        firsts.append(first)
+    return caches, firsts
+
+
+@pytest.mark.parametrize("scheme", ["fp32", "int8", "int4"])
+@pytest.mark.parametrize("arch", ["gpt2", "llama_gqa", "odd_widths"])
+def test_a_batch_of_sequences_gets_each_ones_own_logits_bit_for_bit(arch: str, scheme: str) -> None:
+    """step_rows: one token for each of several left-padded sequences in one call gives each
+    exactly the logits and cache it gets decoded alone, so a request's tokens do not depend on
+    what else is in the batch (int8 too: each row is quantized as it would be alone)."""
+    model = random_model(7, **ARCHS[arch])
+    if scheme != "fp32":
+        swap_linears(model, True, scheme, "int8")
+    dec = native.decoder(model)
+    assert dec is not None
+    gen = torch.Generator().manual_seed(8)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (3, 9, 1, 6)]
+    nexts = torch.randint(0, 97, (len(prompts), 7), generator=gen).tolist()
+    with torch.inference_mode():
+        alone, firsts = left_padded(model, prompts)
+        pool = KVCache(torch.cat([c.k for c in alone], 1), torch.cat([c.v for c in alone], 1), alone[0].pos)
+        for step in range(7):
+            at = pool.pos
+            together = dec.step_rows([n[step] for n in nexts], [at - f for f in firsts], firsts, at, pool.k, pool.v)
+            pool.pos += 1
+            for b, cache in enumerate(alone):
+                one = dec.step_at([nexts[b][step]], at - firsts[b], at, firsts[b], cache.k, cache.v)[0, 0]
+                cache.pos += 1
+                assert torch.equal(together[b], one), (step, b)
+    n = pool.pos  # slots past it were never written
+    assert torch.equal(pool.k[..., :n, :], torch.cat([c.k[..., :n, :] for c in alone], 1))
+    assert torch.equal(pool.v[..., :n, :], torch.cat([c.v[..., :n, :] for c in alone], 1))
+
+
+def test_a_batch_matches_eager_batched_decoding() -> None:
+    """fp32 step_rows against GPT.forward on the same left-padded batch: the same logits up to the
+    order of a sum."""
+    model = random_model(9, **ARCHS["qwen3"])
+    dec = native.decoder(model)
+    assert dec is not None
+    gen = torch.Generator().manual_seed(10)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 2, 8)]
+    width = max(map(len, prompts))
+    firsts = [width - len(p) for p in prompts]
+    ids = torch.tensor([[0] * f + p for f, p in zip(firsts, prompts)])
+    pad = torch.tensor(firsts)
+    eager, fast = (KVCache.empty(model.config, 3, 64, torch.device("cpu"), torch.float32) for _ in range(2))
+    with torch.inference_mode():
+        model(ids, cache=eager, pad=pad)
+        fast.k.copy_(eager.k)
+        fast.v.copy_(eager.v)
+        fast.pos = eager.pos
+        for t in torch.randint(0, 97, (10, 3), generator=gen):
+            want = model(t[:, None], cache=eager, last_only=True, pad=pad)[0][:, -1]
+            got = dec.step_batch(t, fast, pad)[:, -1]
+            torch.testing.assert_close(got, want, rtol=0, atol=2e-5 * float(want.abs().max()))
+
+
+def test_batched_generation_decodes_natively_as_eager(trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """generate_ids over a left-padded batch takes the native step (step_batch): the same greedy
+    tokens as eager batched decoding from the same prefill."""
+    model, tok, _ = load_model(trained_run)
+    encoded = [tok.encode(t) for t in ["ROMEO:", "First Citizen:\nWe are", "O"]]
+    width = max(map(len, encoded))
+    batch = torch.tensor([[0] * (width - len(e)) + e for e in encoded])
+    pad = torch.tensor([width - len(e) for e in encoded])
+    params = SamplingParams(max_new_tokens=40, temperature=0.0)
+    runs = []
+    for flag in ("1", "0"):
+        monkeypatch.setenv("GPTKIT_NATIVE", flag)
+        runs.append(torch.stack(list(generate_ids(model, batch, params, pad=pad)), 1))
+    assert torch.equal(runs[0], runs[1])
+
+
 def test_without_a_build_toolchain_decoding_stays_eager(tmp_path: Path) -> None:
     """No ninja or compiler on PATH and no cached build: one line on stderr says so, and the
     same tokens come from eager decoding."""
@@ -208,7 +291,7 @@ def test_without_a_build_toolchain_decoding_stays_eager(tmp_path: Path) -> None:
         "from gptkit.inference.generate import SamplingParams, generate_ids\n"
         "torch.manual_seed(0)\n"
         "model = GPT(ModelConfig(vocab_size=50, block_size=16, n_layer=1, n_head=2, n_embd=16)).eval()\n"
-        "assert native.decoder(model, 1) is None and native.decoder(model, 1) is None\n"
+        "assert native.decoder(model) is None and native.decoder(model) is None\n"
         "p = SamplingParams(max_new_tokens=5, temperature=0)\n"
         "print([int(t) for t in generate_ids(model, torch.tensor([[1, 2]]), p)])\n"
     )
@@ -234,7 +317,7 @@ def test_int8_rows_in_one_product_are_each_rows_own(seed: int) -> None:
         for p in model.parameters():
             p.add_(torch.randn_like(p) * 0.05)
     swap_linears(model, True, "int8")
-    dec = native.decoder(model, 1)
+    dec = native.decoder(model)
     assert dec is not None
     tokens = torch.randint(0, 2999, (40,), generator=torch.Generator().manual_seed(seed)).tolist()
     one = KVCache.empty(cfg, 1, 64, torch.device("cpu"), torch.float32)

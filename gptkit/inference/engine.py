@@ -232,8 +232,8 @@ class Engine:
         self.prefill_tokens = 0  # prompt positions computed (not copied from the prefix cache)
         self.static = static and continuous
         self.decoder: StaticDecoder | None = None
-        # a row decoding alone: one native call a step (native.py), where it covers the model
-        self.fast = native.decoder(model, 1)
+        # decode steps in one native call (native.py), where it covers the model
+        self.fast = native.decoder(model)
         self.max_batch, self.queue_limit = max_batch, queue_limit
         self.continuous = continuous
         self.device = next(model.parameters()).device
@@ -677,10 +677,11 @@ class Engine:
             pad = [r.start for r in rows] + [pool.pos] * (width - n)
             x, p = (torch.tensor(v, device=self.device) for v in (tokens, pad))
             return self.decoder.step(x, p)[:n, -1]
-        if self.fast is not None and hi - lo == 1:
-            r, at = rows[lo], pool.pos
+        if self.fast is not None:
+            at, first = pool.pos, [r.start for r in rows[lo:hi]]
+            tokens = [r.context[-1] for r in rows[lo:hi]]
             k, v = pool.k[:, lo:hi], pool.v[:, lo:hi]
-            return self.fast.step_at([r.context[-1]], at - r.start, at, r.start, k, v)[0]
+            return self.fast.step_rows(tokens, [at - f for f in first], first, at, k, v)
         view = KVCache(pool.k[:, lo:hi], pool.v[:, lo:hi], pool.pos)
         x = torch.tensor([[r.context[-1]] for r in rows[lo:hi]], device=self.device)
         pad = torch.tensor([r.start for r in rows[lo:hi]], device=self.device)

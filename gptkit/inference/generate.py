@@ -252,11 +252,11 @@ Step = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
 def _stepper(
-    model: GPT, batch: int, static: bool, unpadded: bool, device: torch.device, dtype: torch.dtype
+    model: GPT, batch: int, static: bool, device: torch.device, dtype: torch.dtype
 ) -> tuple[KVCache, Step]:
     """The cache decoding writes in, and the step that decodes one token a row into it at its
     position (advancing it), returning the (B, 1, V) logits: a StaticDecoder's, the native
-    step's (one row, unpadded, where native.py covers the model), or the model's forward."""
+    step's (where native.py covers the model), or the model's forward."""
     if static:
         decoder = StaticDecoder(model, batch, device, dtype)
 
@@ -267,9 +267,9 @@ def _stepper(
 
         return decoder.cache, static_step
     cache = KVCache.empty(model.config, batch, model.config.block_size, device, dtype)
-    fast = native.decoder(model, batch) if unpadded else None
+    fast = native.decoder(model)
     if fast is not None:
-        return cache, lambda nxt, pad: fast.step(nxt, cache)
+        return cache, lambda nxt, pad: fast.step_batch(nxt, cache, pad)
     return cache, lambda nxt, pad: model(nxt[:, None], cache=cache, last_only=True, pad=pad)[0]
 
 
@@ -306,7 +306,7 @@ def generate_ids(
     if ids.size(1) == 0:
         raise GptkitError("the prompt is empty; give at least one token")
     context = ids  # everything so far, for the repetition penalty
-    cache, step = _stepper(model, ids.size(0), static, pad is None, device, dtype)
+    cache, step = _stepper(model, ids.size(0), static, device, dtype)
     if ids.size(1) > block and pad is not None:
         pad = (pad - (ids.size(1) - block)).clamp(min=0)
     logits, _ = model(ids[:, -block:], cache=cache, last_only=on_prompt is None, pad=pad)

@@ -1,4 +1,4 @@
-"""Batch-1 decoding in one native call a step (csrc/decode.cpp).
+"""Decoding in one native call a step (csrc/decode.cpp).
 
 Eager PyTorch spends 1-3 us of dispatch and allocation on each small operation, and a decode
 step has about fifty of them a layer around its four products (norms, rotary, the cache write,
@@ -7,9 +7,14 @@ time as the products themselves at SmolLM2-135M's 30 narrow layers. The native s
 int8 and int4 products in the PyTorch kernels eager decoding calls (fbgemm's int8 x int8, the
 int8/int4 weight-only ones), fp32 products as a row-parallel GEMV (MKL's single-row product
 reads a large matrix at half the memory bandwidth here), and everything between them as plain
-C++ loops. Several rows in one call -- a speculative verification -- give each row bit for bit
-the numbers it gets alone, with the weights read once for all of them (int8: through a second
-packing that reproduces fbgemm's single-row numbers, decode.cpp's Linear::int8_rows).
+C++ loops.
+
+Several rows in one call -- a speculative verification (rows of one sequence, `step_at`) or one
+token for each sequence of a batch (`step_rows`: generate's batches, the serving engine's pool)
+-- give each row bit for bit the numbers it gets alone, with the weights read once for all of
+them (int8: through a second packing that reproduces fbgemm's single-row numbers,
+decode.cpp's Linear::int8_rows). A request's tokens then do not depend on what else is in its
+batch; eager batched int8 quantizes the whole batch's activations with one scale.
 
 The extension is compiled once per machine at its first use (about 30 s on 2 cores; cached by
 `torch.utils.cpp_extension` under ~/.cache/torch_extensions) and loaded in a fraction of a second
@@ -149,7 +154,7 @@ def _norm(m: nn.Module | None) -> list[torch.Tensor]:
 
 
 class NativeDecoder:
-    """One decode step at batch 1 in a single native call; see the module's docstring."""
+    """One decode step in a single native call; see the module's docstring."""
 
     def __init__(self, model: GPT, ext: Any) -> None:
         cfg = model.config
@@ -197,6 +202,33 @@ class NativeDecoder:
             self._several_rows()
         return self._d.step(tokens, pos, slot, first, k, v)
 
+    def step_rows(
+        self, tokens: list[int], pos: list[int], first: list[int], slot: int,
+        k: torch.Tensor, v: torch.Tensor,
+    ) -> torch.Tensor:  # fmt: skip
+        """Logits (B, V) after one token for each of B sequences, the rows of k and v (n_layer,
+        B, n_kv_head, max_len, head_dim): sequence b's at position pos[b], its key and value
+        written to `slot` of its row, seeing slots first[b]..slot (a left-padded batch, the
+        serving engine's pool). Each row's logits are those it gets decoded alone, whatever
+        else is in the batch. Does not move a cache's position."""
+        if len(tokens) > 1 and not self._rows:
+            self._several_rows()
+        return self._d.step_rows(tokens, pos, first, slot, k, v)[0]
+
+    def step_batch(
+        self, tokens: torch.Tensor, cache: KVCache, pad: torch.Tensor | None
+    ) -> torch.Tensor:
+        """Logits (B, 1, V) after one token a row (tokens: (B,)) at cache.pos, rows left-padded
+        by pad[b] slots; advances cache.pos, as GPT.forward does."""
+        ids, at = tokens.flatten().tolist(), cache.pos
+        if len(ids) == 1 and pad is None:
+            logits = self._d.step(ids, at, at, 0, cache.k, cache.v)
+        else:
+            first = pad.tolist() if pad is not None else [0] * len(ids)
+            logits = self.step_rows(ids, [at - f for f in first], first, at, cache.k, cache.v)
+        cache.pos += 1
+        return logits.view(len(ids), 1, -1)
+
     def _several_rows(self) -> None:
         """Give each int8 x int8 Linear a second packing of its weights (scale 1, a zero column),
         made once per layer and kept with it, through which several rows take one product with
@@ -214,10 +246,10 @@ class NativeDecoder:
         self._rows = True
 
 
-def decoder(model: GPT, batch: int) -> NativeDecoder | None:
-    """A native decoder for this model's batch-1 steps, or None where decoding stays eager (a
-    batch of several rows, GPTKIT_NATIVE=0, a model it does not cover, no compiler)."""
-    if batch != 1 or not enabled() or not supported(model):
+def decoder(model: GPT) -> NativeDecoder | None:
+    """A native decoder for this model's decode steps, or None where decoding stays eager
+    (GPTKIT_NATIVE=0, a model it does not cover, no compiler)."""
+    if not enabled() or not supported(model):
         return None
     ext = extension()
     return None if ext is None else NativeDecoder(model, ext)

@@ -104,7 +104,7 @@ class Speculator:
         if on_prompt is not None:
             on_prompt(logits)
         drafter = self.sequence()
-        fast = native.decoder(model, 1)  # plain steps in native calls, where it covers the target
+        fast = native.decoder(model)  # plain steps in native calls, where it covers the target
         dists = [process_history(logits[:, -1], params, context, prompt_len)]
         tokens = [int(choose_next(dists[0], params, gen)[0])]
         made = 0
@@ -194,7 +194,7 @@ class Drafter:
         param = next(draft.parameters())
         if self.cache is None:
             self.cache = KVCache.empty(draft.config, 1, block, param.device, param.dtype)
-            self.fast = native.decoder(draft, 1)
+            self.fast = native.decoder(draft)
         if len(context) - self.start + k > block:  # the draft's context is full: keep 3/4
             self.start = len(context) - max(1, (block - k) * 3 // 4)
             self.tokens = []

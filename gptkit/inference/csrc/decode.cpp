@@ -1,6 +1,7 @@
-// One decoding step of a gptkit GPT at batch 1, in one call: the products run in the same
-// PyTorch kernels as eager decoding (MKL for fp32, fbgemm's int8 x int8, the int8/int4
-// weight-only kernels); everything between them -- norms, rotary, the cache write, one query's
+// One decoding step of a gptkit GPT in one call -- one sequence, several rows of one sequence
+// (a speculative verification) or one token for each of several sequences (a batch): the
+// quantized products run in the same PyTorch kernels as eager decoding (fbgemm's int8 x int8,
+// the int8/int4 weight-only kernels), fp32 ones in a row-parallel GEMV; everything between them -- norms, rotary, the cache write, one query's
 // attention, activations, residuals -- is plain loops over a few hundred floats. Eager
 // PyTorch pays 1-3 us of dispatch and allocation for each of ~50 such operations a layer;
 // here they cost what their arithmetic does.
@@ -225,42 +226,79 @@ class Decoder {
   // be decoded alone.
   at::Tensor step(std::vector<int64_t> tokens, int64_t pos, int64_t slot, int64_t first, at::Tensor k,
                   at::Tensor v) {
-    TORCH_CHECK(k.dim() == 5 && k.size(0) == n_layer_ && k.size(1) == 1 && k.sizes() == v.sizes() &&
-                    k.stride(0) == v.stride(0) && k.scalar_type() == at::kFloat &&
+    check_cache(k, v, 1);
+    std::vector<Row> rows(tokens.size());
+    for (size_t t = 0; t < rows.size(); ++t) rows[t] = {pos + int64_t(t), slot + int64_t(t), first, 0};
+    return run(tokens, rows, k, v);
+  }
+
+  // One token for each of B sequences, the rows of k and v (n_layer, B, n_kv_head, max_len,
+  // head_dim): sequence b's token at position pos[b], its key and value to `slot` of its row,
+  // attending to slots first[b]..slot (the serving engine's left-padded pool). Logits (1, B,
+  // vocab), each row the numbers that sequence gets decoded alone.
+  at::Tensor step_rows(std::vector<int64_t> tokens, std::vector<int64_t> pos, std::vector<int64_t> first,
+                       int64_t slot, at::Tensor k, at::Tensor v) {
+    const int64_t n = static_cast<int64_t>(tokens.size());
+    TORCH_CHECK(pos.size() == tokens.size() && first.size() == tokens.size(),
+                "gptkit decode: one position and one first slot per token");
+    check_cache(k, v, n);
+    std::vector<Row> rows(n);
+    for (int64_t b = 0; b < n; ++b) rows[b] = {pos[b], slot, first[b], b};
+    return run(tokens, rows, k, v);
+  }
+
+ private:
+  // where one row of a step reads and writes: its position, its cache slot, the first slot it
+  // attends to, and its sequence's row of the cache
+  struct Row {
+    int64_t pos, slot, first, seq;
+  };
+
+  void check_cache(const at::Tensor& k, const at::Tensor& v, int64_t seqs) const {
+    TORCH_CHECK(k.dim() == 5 && k.size(0) == n_layer_ && k.size(1) == seqs && k.sizes() == v.sizes() &&
+                    k.strides() == v.strides() && k.scalar_type() == at::kFloat &&
                     v.scalar_type() == at::kFloat && k[0].is_contiguous() && v[0].is_contiguous(),
-                "gptkit decode: the cache must be one fp32 row, contiguous within each layer");
-    const int64_t rows = static_cast<int64_t>(tokens.size()), max_len = k.size(3);
-    TORCH_CHECK(rows >= 1, "gptkit decode: no tokens");
+                "gptkit decode: the cache must be fp32 rows, one a sequence, contiguous within each layer");
+  }
+
+  at::Tensor run(const std::vector<int64_t>& tokens, const std::vector<Row>& rows, const at::Tensor& k,
+                 const at::Tensor& v) {
+    const int64_t n = static_cast<int64_t>(tokens.size()), max_len = k.size(3);
+    TORCH_CHECK(n >= 1, "gptkit decode: no tokens");
     for (int64_t t : tokens) TORCH_CHECK(t >= 0 && t < vocab_, "gptkit decode: token out of range");
-    TORCH_CHECK(0 <= first && first <= slot && slot + rows <= max_len && 0 <= pos && pos + rows <= cos_len_,
-                "gptkit decode: position past the cache or the context");
+    for (const Row& r : rows)
+      TORCH_CHECK(0 <= r.first && r.first <= r.slot && r.slot < max_len && 0 <= r.pos && r.pos < cos_len_,
+                  "gptkit decode: position past the cache or the context");
     if (scores_.numel() < max_len) scores_ = at::empty({max_len}, scores_.options());
-    buffers(rows);
+    buffers(n);
     float* x = x_.data_ptr<float>();
     float* xn = xn_.data_ptr<float>();
-    for (int64_t t = 0; t < rows; ++t) {
+    for (int64_t t = 0; t < n; ++t) {
       const float* e = wte_.data_ptr<float>() + tokens[t] * d_;
       float* xt = x + t * d_;
       if (learned_) {
-        const float* p = wpe_.data_ptr<float>() + (pos + t) * d_;
+        const float* p = wpe_.data_ptr<float>() + rows[t].pos * d_;
         for (int64_t i = 0; i < d_; ++i) xt[i] = e[i] + p[i];
       } else {
         std::copy(e, e + d_, xt);
       }
     }
-    const int64_t layer_stride = k.stride(0);
+    const int64_t layer_stride = k.stride(0), seq_stride = k.stride(1);
     for (int64_t i = 0; i < n_layer_; ++i) {
       const Layer& l = layers_[i];
-      for (int64_t t = 0; t < rows; ++t) norm(x + t * d_, xn + t * d_, ptr(l.ln1_w), ptr(l.ln1_b));
+      for (int64_t t = 0; t < n; ++t) norm(x + t * d_, xn + t * d_, ptr(l.ln1_w), ptr(l.ln1_b));
       at::Tensor qkv = l.qkv(xn_);
-      for (int64_t t = 0; t < rows; ++t)
-        attention(l, qkv, t, pos + t, slot + t, first, k.data_ptr<float>() + i * layer_stride,
-                  v.data_ptr<float>() + i * layer_stride, max_len);
+      // in order: a sequence's later rows attend to the keys its earlier ones wrote
+      for (int64_t t = 0; t < n; ++t) {
+        const Row& r = rows[t];
+        const int64_t at = i * layer_stride + r.seq * seq_stride;
+        attention(l, qkv, t, r.pos, r.slot, r.first, k.data_ptr<float>() + at, v.data_ptr<float>() + at, max_len);
+      }
       add(x, l.proj(att_));
-      for (int64_t t = 0; t < rows; ++t) norm(x + t * d_, xn + t * d_, ptr(l.ln2_w), ptr(l.ln2_b));
+      for (int64_t t = 0; t < n; ++t) norm(x + t * d_, xn + t * d_, ptr(l.ln2_w), ptr(l.ln2_b));
       add(x, l.down(activation(l.fc(xn_))));
     }
-    for (int64_t t = 0; t < rows; ++t) norm(x + t * d_, xn + t * d_, ptr(lnf_w_), ptr(lnf_b_));
+    for (int64_t t = 0; t < n; ++t) norm(x + t * d_, xn + t * d_, ptr(lnf_w_), ptr(lnf_b_));
     at::Tensor logits = head_(xn_);
     if (softcap_ > 0) {
       float* z = logits.data_ptr<float>();
@@ -270,7 +308,6 @@ class Decoder {
     return logits;
   }
 
- private:
   // working buffers for `rows` rows, reused while the row count stays
   void buffers(int64_t rows) {
     if (x_.defined() && x_.size(0) == rows) return;
@@ -424,5 +461,6 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
       .def("set_norms", &Decoder::set_norms)
       .def("set_linear", &Decoder::set_linear)
       .def("set_rows", &Decoder::set_rows)
-      .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>());
+      .def("step", &Decoder::step, py::call_guard<py::gil_scoped_release>())
+      .def("step_rows", &Decoder::step_rows, py::call_guard<py::gil_scoped_release>());
 }
