@@ -17,6 +17,7 @@ import torch
 from gptkit.inference import native
 from gptkit.inference.engine import Engine, Job
 from gptkit.inference.generate import SamplingParams, generate_ids, seeded_generator
+from gptkit.inference.qlinear import swap_linears
 from gptkit.loader import load_model
 from gptkit.model import KVCache
 
@@ -52,13 +53,16 @@ def _run(engine: Engine, prompts: list[list[int]], params: list[SamplingParams],
     return [[e.token for e in job.token_logprobs] for job in jobs]
 
 
-@pytest.mark.parametrize("static, chunk", [(False, 256), (True, 256), (False, 3)], ids=["eager", "static", "chunked"])
+@pytest.mark.parametrize("static, chunk, int8", [(False, 256, False), (True, 256, False), (False, 3, False),
+                                                (False, 256, True)], ids=["pool", "static", "chunked", "int8"])  # fmt: skip
 def test_requests_joining_at_any_step_get_their_solo_tokens(
-    trained_run: Path, monkeypatch: pytest.MonkeyPatch, static: bool, chunk: int
+    trained_run: Path, monkeypatch: pytest.MonkeyPatch, static: bool, chunk: int, int8: bool
 ) -> None:
     """static: every step at the pool's full width through a StaticDecoder (`serve --cuda-graph`;
     a CUDA graph on CUDA, eager here); chunk 3: prompts prefilled 3 positions per step, between
-    the others' decode steps -- the same tokens."""
+    the others' decode steps; int8: a quantized model, whose rows the native step quantizes one
+    at a time (eager batched int8 quantizes the batch with one scale: the tokens would differ)
+    -- the same tokens."""
     # Every new cache starts as NaN, as reused memory may: no result may depend on a position
     # that was never written (a masked one still enters the attention product with weight 0).
     allocate = KVCache.empty.__func__
@@ -73,6 +77,12 @@ def test_requests_joining_at_any_step_get_their_solo_tokens(
     monkeypatch.setattr(KVCache, "empty", classmethod(poisoned))
     model, tok, cfg = load_model(trained_run, DEVICE)
     assert cfg.model.block_size == 32
+    if int8:
+        if DEVICE.type != "cpu":
+            pytest.skip("int8 layers are for CPU decoding")
+        swap_linears(model, True, "int8")
+        if native.decoder(model) is None:
+            pytest.skip("int8 rows decode alone only in the native step (on the CPU, GPTKIT_NATIVE=1)")
     prompts = [tok.encode(t) for t in ("ROMEO:", "JULIET: O", "KING", "First Citizen:\nWe", "What")]
     engine = Engine(model, tok, max_batch=8, queue_limit=16, static=static, prefill_chunk=chunk)
     solo = [_run(engine, [p], [s], 0)[0] for p, s in zip(prompts, SETTINGS)]
