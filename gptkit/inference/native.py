@@ -13,8 +13,8 @@ Several rows in one call -- a speculative verification (rows of one sequence, `s
 token for each sequence of a batch (`step_rows`: generate's batches, the serving engine's pool)
 -- give each row bit for bit the numbers it gets alone, with the weights read once for all of
 them (int8: through a second packing that reproduces fbgemm's single-row numbers,
-decode.cpp's Linear::int8_rows). A request's tokens then do not depend on what else is in its
-batch; eager batched int8 quantizes the whole batch's activations with one scale.
+decode.cpp's Linear::int8_rows). What a step computes for a sequence then does not depend on
+the rest of its batch; eager batched int8 quantizes the whole batch's activations with one scale.
 
 The extension is compiled once per machine at its first use (about 30 s on 2 cores; cached by
 `torch.utils.cpp_extension` under ~/.cache/torch_extensions) and loaded in a fraction of a second
