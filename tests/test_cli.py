@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from .conftest import tiny_overrides
+from .conftest import cli, tiny_overrides
 
 
 def gptkit(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -115,11 +115,14 @@ def test_every_option_has_a_description() -> None:
         (["generate", "/nonexistent_run", "--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA GPU"),
     ],
 )
-def test_bad_input_is_one_clear_line(args: list[str], message: str, tmp_path: Path) -> None:
-    p = gptkit(*args, cwd=tmp_path)
-    assert p.returncode == 2
-    assert message in p.stderr
-    assert "Traceback" not in p.stderr and len(p.stderr.strip().splitlines()) == 1
+def test_bad_input_is_one_clear_line(
+    args: list[str], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture
+) -> None:
+    monkeypatch.chdir(tmp_path)  # the command line's main() in this process (a subprocess each: seconds)
+    code, _, err = cli(capsys, *args)
+    assert code == 2
+    assert message in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1
 
 
 def test_bad_corpora_on_the_command_line(tmp_path: Path) -> None:
@@ -255,7 +258,9 @@ def test_refused_resume_leaves_every_file_as_it_was(tmp_path: Path, small_text: 
         assert "truncated" in gptkit(*cmd).stderr
 
 
-def test_bad_sampling_and_eval_numbers_are_one_line(trained_run: Path, tmp_path: Path) -> None:
+def test_bad_sampling_and_eval_numbers_are_one_line(
+    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
     bad = [
         (["generate", str(trained_run), "--temperature", "nan"], "temperature must be a finite number"),
         (["generate", str(trained_run), "--repetition-penalty", "nan"], "repetition_penalty must be a finite number"),
@@ -266,9 +271,9 @@ def test_bad_sampling_and_eval_numbers_are_one_line(trained_run: Path, tmp_path:
         (["eval", str(trained_run), "--batch-size", "0"], "batch_size must be >= 1"),  # used the config's before
     ]
     for args, message in bad:
-        p = gptkit(*args)
-        assert p.returncode == 2 and message in p.stderr, (args, p.stderr)
-        assert len(p.stderr.strip().splitlines()) == 1
+        code, _, err = cli(capsys, *args)
+        assert code == 2 and message in err, (args, err)
+        assert len(err.strip().splitlines()) == 1
     # A temperature too small for float32 is greedy in effect, not a crash.
     tiny = gptkit("generate", str(trained_run), "--prompt", "ROMEO", "--temperature", "1e-40", "--max-new-tokens", "20")
     greedy = gptkit("generate", str(trained_run), "--prompt", "ROMEO", "--temperature", "0", "--max-new-tokens", "20")

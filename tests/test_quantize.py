@@ -24,6 +24,7 @@ from gptkit.loader import load_model
 from gptkit.training.train import train
 
 from .conftest import DATA, SHAKESPEARE, tiny_overrides
+from .conftest import cli as in_process
 from .test_serve import Server
 
 
@@ -154,7 +155,7 @@ def test_int8_run_generates_chats_evaluates_and_serves(runs: dict) -> None:
         server.stop()
 
 
-def test_quantized_runs_are_for_inference(runs: dict, tmp_path: Path) -> None:
+def test_quantized_runs_are_for_inference(runs: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     fp32_run, q = runs["gpt2"]
     for args, says in [
         (("quantize", str(q), "--out", str(tmp_path / "again")), "already quantized"),
@@ -170,8 +171,8 @@ def test_quantized_runs_are_for_inference(runs: dict, tmp_path: Path) -> None:
         (("quantize", str(fp32_run), "--out", str(tmp_path / "s"), "--activations", "fp8"), "invalid choice"),
         (("quantize", str(fp32_run), "--out", str(q)), "--overwrite"),
     ]:
-        r = cli(*args)
-        assert r.returncode == 2 and says in r.stderr and "Traceback" not in r.stderr, (args, r.stderr)
+        code, _, err = in_process(capsys, *args)  # the command line's main(): no start-up per case
+        assert code == 2 and says in err and "Traceback" not in err, (args, err)
     assert not any(tmp_path.iterdir())
     with pytest.raises(GptkitError, match="--device cpu"):
         load_model(q, "meta")  # a device without PyTorch's int8 CPU kernel
