@@ -258,9 +258,7 @@ def test_refused_resume_leaves_every_file_as_it_was(tmp_path: Path, small_text: 
         assert "truncated" in gptkit(*cmd).stderr
 
 
-def test_bad_sampling_and_eval_numbers_are_one_line(
-    trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture
-) -> None:
+def test_bad_sampling_and_eval_numbers_are_one_line(trained_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     bad = [
         (["generate", str(trained_run), "--temperature", "nan"], "temperature must be a finite number"),
         (["generate", str(trained_run), "--repetition-penalty", "nan"], "repetition_penalty must be a finite number"),
