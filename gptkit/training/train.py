@@ -768,16 +768,7 @@ class Trainer:
             cfg = cfg.updated({"distill.teacher": resolved_teacher(cfg.distill)})
         self.cfg, self.tc, self.data = cfg, cfg.train, data  # from here on the config is read-only
         _configure_process(self.tc, device)
-        # On one CPU process, what is faster here is measured (several processes keep the rules:
-        # every rank must agree without timing): the threads, then the precision.
-        alone_on_cpu = device.type == "cpu" and not ctx.enabled
-        self.dtype = resolve_dtype(self.tc.dtype, device)
-        self.threads_note = self.dtype_note = ""
-        if alone_on_cpu and not self.tc.threads and torch.get_num_threads() > 1:
-            threads, self.threads_note = measure_cpu_threads(cfg, self.dtype)
-            torch.set_num_threads(threads)
-        if alone_on_cpu and self.tc.dtype == "auto" and cpu_has_fast_bf16():
-            self.dtype, self.dtype_note = measure_cpu_dtype(cfg)
+        self._choose_threads_and_precision(device.type == "cpu" and not ctx.enabled)
         self.model = self._initial_model().to(device)
         self.teacher = load_teacher(cfg.distill, data.tokenizer, cfg.model.block_size, device)
         adapters = self.model.adapters
@@ -816,6 +807,18 @@ class Trainer:
         self.loss_steps = 0
         self.tokens_since_log, self.train_s_at_log = 0, self.clock.train_s
         self.last_eval_s = self.clock.train_s  # training time at the last periodic evaluation
+
+    def _choose_threads_and_precision(self, alone_on_cpu: bool) -> None:
+        """On one CPU process, what is faster here is measured (several processes keep the rules:
+        every rank must agree without timing): the threads, then the precision."""
+        cfg = self.cfg
+        self.dtype = resolve_dtype(self.tc.dtype, self.device)
+        self.threads_note = self.dtype_note = ""
+        if alone_on_cpu and not self.tc.threads and torch.get_num_threads() > 1:
+            threads, self.threads_note = measure_cpu_threads(cfg, self.dtype)
+            torch.set_num_threads(threads)
+        if alone_on_cpu and self.tc.dtype == "auto" and cpu_has_fast_bf16():
+            self.dtype, self.dtype_note = measure_cpu_dtype(cfg)
 
     def _initial_model(self) -> GPT:
         init = self.opts.init_from
