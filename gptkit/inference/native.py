@@ -198,8 +198,7 @@ class NativeDecoder:
         head_dim), the first seeing slots first..slot and each next one more: a row of the
         serving engine's pool left-padded by `first` slots, or a speculative verification (each
         row's logits those it gets decoded alone). Does not move a cache's position."""
-        if len(tokens) > 1 and not self._rows:
-            self._several_rows()
+        self._ready_for(len(tokens))
         return self._d.step(tokens, pos, slot, first, k, v)
 
     def step_rows(
@@ -211,8 +210,7 @@ class NativeDecoder:
         written to `slot` of its row, seeing slots first[b]..slot (a left-padded batch, the
         serving engine's pool). Each row's logits are those it gets decoded alone, whatever
         else is in the batch. Does not move a cache's position."""
-        if len(tokens) > 1 and not self._rows:
-            self._several_rows()
+        self._ready_for(len(tokens))
         return self._d.step_rows(tokens, pos, first, slot, k, v)[0]
 
     def step_batch(
@@ -220,14 +218,18 @@ class NativeDecoder:
     ) -> torch.Tensor:
         """Logits (B, 1, V) after one token a row (tokens: (B,)) at cache.pos, rows left-padded
         by pad[b] slots; advances cache.pos, as GPT.forward does."""
+        if tokens.numel() == 1 and pad is None:
+            return self.step(tokens, cache)
         ids, at = tokens.flatten().tolist(), cache.pos
-        if len(ids) == 1 and pad is None:
-            logits = self._d.step(ids, at, at, 0, cache.k, cache.v)
-        else:
-            first = pad.tolist() if pad is not None else [0] * len(ids)
-            logits = self.step_rows(ids, [at - f for f in first], first, at, cache.k, cache.v)
+        first = pad.tolist() if pad is not None else [0] * len(ids)
+        logits = self.step_rows(ids, [at - f for f in first], first, at, cache.k, cache.v)
         cache.pos += 1
         return logits.view(len(ids), 1, -1)
+
+    def _ready_for(self, rows: int) -> None:
+        """The several-row packing, made at the first call with more than one row."""
+        if rows > 1 and not self._rows:
+            self._several_rows()
 
     def _several_rows(self) -> None:
         """Give each int8 x int8 Linear a second packing of its weights (scale 1, a zero column),

@@ -1,8 +1,9 @@
 // One decoding step of a gptkit GPT in one call -- one sequence, several rows of one sequence
 // (a speculative verification) or one token for each of several sequences (a batch): the
 // quantized products run in the same PyTorch kernels as eager decoding (fbgemm's int8 x int8,
-// the int8/int4 weight-only kernels), fp32 ones in a row-parallel GEMV; everything between them -- norms, rotary, the cache write, one query's
-// attention, activations, residuals -- is plain loops over a few hundred floats. Eager
+// the int8/int4 weight-only kernels), fp32 ones in a row-parallel GEMV; everything between
+// them -- norms, rotary, the cache write, one query's attention, activations, residuals -- is
+// plain loops over a few hundred floats. Eager
 // PyTorch pays 1-3 us of dispatch and allocation for each of ~50 such operations a layer;
 // here they cost what their arithmetic does.
 //
